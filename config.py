@@ -1,0 +1,197 @@
+"""MITS-GAN configuration: one typed dataclass, presets, CLI overrides.
+
+    python train.py --preset demo --epochs 3 --out_dir runs/try1
+
+Every field is a `--name value` flag (booleans take true/false); unknown flags are rejected.
+The resolved config is written next to every run and inside every checkpoint.
+
+Presets:
+  paper      the published architecture and hyper-parameters (SPEC.md section 5) with our
+             engineering fixes (float32, scan in memory, counted attacker errors, exact 32^3
+             resampling, seeds, checkpoints). This is the default.
+  reference  the published code's behaviour, quirks included (float64, whole-scan re-read per
+             step, near-end rule, silent zero on attacker errors, HU mapping by slab min-max).
+  demo       small networks on CPU in minutes, on the real scans resampled to 2.5 mm.
+  default    our recommended model: U-Net on slabs, PatchGAN, tamper inside the slab.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from utils.errors import UsageError
+
+
+@dataclass
+class Config:
+    preset: str = "paper"
+    # --- data -------------------------------------------------------------------------------
+    data_dir: str = "data/z2.5"        # .mhd files and/or DICOM series folders
+    models_dir: str = "models"         # CT-GAN models: models/INJ, models/REM
+    out_dir: str = "runs/paper"        # config, checkpoints, samples, TensorBoard, exports
+    # --- networks ---------------------------------------------------------------------------
+    generator: str = "published"       # published (noise net + residual trunk) | unet
+    discriminator: str = "published"   # published (ndf 1, one probability per slice) | patch
+    slab: int = 4                      # slices per sub-batch (published 4)
+    g_width: int = 64                  # published G: 64 channels; U-Net: base width
+    g_blocks: int = 3                  # published G: residual blocks
+    d_width: int = 1                   # published D: ndf 1; PatchGAN: ndf
+    eps_hu: float = 0.0                # perturbation bound in HU for the U-Net (0 = none)
+    # --- optimisation (SPEC.md section 5) ---------------------------------------------------
+    epochs: int = 5
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    lambda_disrupt: float = 0.1        # L_G = adv - lambda * MSE(x_p, T)
+    max_steps: int = 0                 # stop after this many sub-batch steps (0 = all epochs)
+    dtype: str = "float32"             # float32 | float64 (published)
+    device: str = "auto"               # auto (CUDA when present) | cpu | cuda | cuda:N
+    seed: int = 0                      # -1 = unseeded (published)
+    # --- the frozen CT-GAN attacker during training -----------------------------------------
+    keras_backend: str = ""            # "" = tensorflow when installed, else torch
+    exact_resample: bool = True        # resample CT-GAN cubes to exactly 32^3 (SPEC section 9)
+    near_end_rule: bool = True         # published: term only when 32 < s and s + 32 < depth
+    tamper_z: str = "published"        # published: z = s + 8 | slab: the slab's middle slice
+    tamper_yx: str = "published"       # published: y, x uniform in [90, 410] (scaled to size)
+    hu_mapping: str = "published"      # published: slab min-max | volume: exact inverse of norm
+    attack_errors: str = "count"       # count (logged, step has no term) | silent (published)
+    reread_scan: bool = False          # published: re-read the scan from disk per eligible step
+    # --- logging / outputs ------------------------------------------------------------------
+    log_every: int = 10                # TensorBoard scalars every N steps
+    sample_every: int = 50             # sample grid PNG every N steps (0 = never)
+    ckpt_every: int = 200              # checkpoint every N steps (and always at the end)
+    save_img_result: bool = False      # export protected scans (HU, source geometry) at the end
+    resume: str = ""                   # checkpoint path, or "auto" = out_dir/checkpoint.pt
+    progress: bool = True              # tqdm bars
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path) -> None:
+        from utils.atomic import atomic_write_bytes
+        atomic_write_bytes(Path(path), (json.dumps(self.to_dict(), indent=2) + "\n").encode())
+
+
+PRESETS: dict[str, dict] = {
+    "paper": {},
+    "reference": dict(
+        out_dir="runs/reference", dtype="float64", seed=-1, exact_resample=False,
+        attack_errors="silent", reread_scan=True, hu_mapping="published",
+        near_end_rule=True, tamper_z="published", tamper_yx="published"),
+    "default": dict(
+        out_dir="runs/default", generator="unet", discriminator="patch", g_width=32, d_width=32,
+        eps_hu=0.0, tamper_z="slab", tamper_yx="lung", hu_mapping="volume", near_end_rule=False),
+    "demo": dict(
+        out_dir="runs/demo", generator="unet", discriminator="patch", g_width=8, d_width=8,
+        epochs=2, tamper_z="slab", tamper_yx="lung", hu_mapping="volume", near_end_rule=False,
+        sample_every=20, ckpt_every=50, save_img_result=True),
+}
+
+CHOICES = {
+    "generator": ("published", "unet"),
+    "discriminator": ("published", "patch"),
+    "dtype": ("float32", "float64"),
+    "tamper_z": ("published", "slab"),
+    "tamper_yx": ("published", "lung"),
+    "hu_mapping": ("published", "volume"),
+    "attack_errors": ("count", "silent"),
+    "keras_backend": ("", "tensorflow", "torch"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        raise UsageError(message)
+
+
+def _parse_bool(s: str) -> bool:
+    low = s.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def _field_type(f) -> type:
+    t = f.type
+    if isinstance(t, str):
+        t = {"str": str, "int": int, "float": float, "bool": bool}[t]
+    return t
+
+
+def build_parser(description: str = "") -> argparse.ArgumentParser:
+    p = _Parser(description=description or __doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(Config):
+        t = _field_type(f)
+        kw = dict(default=None, help=f"(default from preset; base {f.default!r})")
+        if t is bool:
+            kw["type"] = _parse_bool
+            kw["metavar"] = "BOOL"
+        else:
+            kw["type"] = t
+        if f.name in CHOICES:
+            kw["choices"] = CHOICES[f.name]
+        if f.name == "preset":
+            kw["choices"] = tuple(PRESETS)
+        p.add_argument(f"--{f.name}", **kw)
+    return p
+
+
+def make_config(preset: str = "paper", **overrides) -> Config:
+    if preset not in PRESETS:
+        raise UsageError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    values = {**PRESETS[preset], **overrides, "preset": preset}
+    names = {f.name for f in fields(Config)}
+    unknown = set(values) - names
+    if unknown:
+        raise UsageError(f"unknown config field(s): {', '.join(sorted(unknown))}")
+    cfg = Config(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise UsageError(f"--{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
+    for name in ("slab", "epochs", "g_width", "d_width"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name} must be >= 1")
+    if cfg.eps_hu < 0:
+        raise UsageError("--eps_hu must be >= 0")
+    if cfg.eps_hu > 0 and cfg.generator != "unet":
+        raise UsageError("--eps_hu needs --generator unet (the published generator is unbounded)")
+
+
+def given_flags(argv=None, description: str = "") -> dict:
+    """Only the flags written on the command line (preset included when given)."""
+    ns = build_parser(description).parse_args(argv)
+    return {k: v for k, v in vars(ns).items() if v is not None}
+
+
+def parse_args(argv=None, description: str = "") -> Config:
+    given = given_flags(argv, description)
+    preset = given.pop("preset", "paper")
+    return make_config(preset, **given)
+
+
+# Fields a resumed run may change: where and how long it runs, not what it trains.
+RESUMABLE_OVERRIDES = ("out_dir", "resume", "progress", "max_steps", "epochs", "device",
+                       "log_every", "sample_every", "ckpt_every", "save_img_result")
+
+
+def load_config_dict(d: dict) -> Config:
+    """Rebuild a Config saved in a checkpoint/run folder (unknown keys are an error)."""
+    names = {f.name for f in fields(Config)}
+    unknown = set(d) - names
+    if unknown:
+        raise UsageError(f"saved config has unknown field(s): {', '.join(sorted(unknown))}")
+    cfg = Config(**d)
+    validate(cfg)
+    return cfg

@@ -1,0 +1,1 @@
+"""Multi-step pipelines: CT-GAN attack and training, data preparation, protection, evaluation."""

@@ -1,0 +1,421 @@
+"""CT-GAN's scan manipulator: inject or remove a lung nodule at one location (SPEC.md section 2).
+
+Follows the arithmetic of CT-GAN's procedures/attack_pipeline.py (Mirsky et al. 2019), which
+MITS-GAN uses unchanged as its frozen attacker, with these deliberate differences:
+- `exact_resample=True` (default) zooms the cut cube to exactly 32^3 and back to exactly its
+  cut shape, so 5 mm scans work; `exact_resample=False` is the published zoom, which cannot
+  reach 32^3 for some slice spacings: we raise AttackShapeError where it crashed.
+- The >2000 HU overflow fix is vectorised (one uniform filter over the original values); the
+  published loop updated voxels one by one, so a bad voxel's mean could include a neighbour
+  that was already fixed. Identical whenever no two bad voxels are within 2 voxels.
+- The published code draws a 150x200x300 `randn` (inject) / 150x200x200 (remove) on every
+  tamper and uses it only in the Gaussian-noise mode; we draw noise only in that mode, only as
+  large as needed, from a caller's np.random.Generator (reproducible).
+- The published Gaussian-noise mode cannot run (it slices with the cube's shape tuple); ours
+  is the evident intent: N(0, sd) noise zoomed by rf = 1.3 * 60 / std(lung HU), cropped.
+- The published pasteCube returns a scan of the wrong shape when a non-cubic cube crosses the
+  scan border; we paste with utils.cubes.paste_cube (parts outside the scan are dropped).
+- A missing model is an error (ModelFileError) unless `published=True`, which, like the
+  published code, warns and leaves the scan unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.ndimage
+import scipy.stats
+
+from utils.cubes import cube_bounds, cut_cube, paste_cube
+from utils.equalizer import HistEqualizer
+from utils.errors import CoordinateError, MitsError, ModelFileError, UnsafeFileError, UsageError
+from utils.resample import resample_exact, scale_published, scaled_shape
+
+CUBE = np.array([32, 32, 32])             # z, y, x voxels at 1 mm (SPEC 2)
+MASK = (slice(6, 26),) * 3                # in-painting region, config mask_{z,y,x}lims
+REF_SCALE = 1.3                           # reference (touch-up) cube side = int(max(cube) * 1.3)
+KERNEL_SIGMA = {"inject": 3.0, "remove": 0.1}
+ACTIONS = ("inject", "remove")
+NOISE_MODES = ("copy", "gaussian")
+G_NAMES = ("G_model.h5", "G_model_inj.h5", "G_model_rem.h5")   # SPEC 3: code vs README names
+SUBDIR = {"inject": "INJ", "remove": "REM"}
+
+
+class AttackShapeError(MitsError):
+    """The published attack cannot tamper here: its zoom cannot bring the cube to 32^3
+    (e.g. 5 mm slices), or (AttackBorderError) a touch-up cube leaves the scan.
+
+    A property of the scan, not of the user's input: exit code of ScanFormatError."""
+
+    exit_code = 4
+
+
+class AttackBorderError(AttackShapeError):
+    """Published preset only: the reference cube or the copy-noise block leaves the scan.
+
+    The published touch-up cuts pass the cube shape as a tuple, and its cutCube pads with
+    `shape * 2`, which for a tuple repeats it: NumPy raises ValueError whenever padding is
+    needed (its test is start < 0 or centre + round(side / 2) + 1 > size)."""
+
+
+# --------------------------------------------------------------------------------------------
+# small numeric helpers (CT-GAN utils.utils)
+# --------------------------------------------------------------------------------------------
+def sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+@functools.lru_cache(maxsize=32)
+def kern01(kernlen: int, nsig: float) -> np.ndarray:
+    """CT-GAN's kern01: 2-D Gaussian kernel (gkern) of side `kernlen`, rescaled to [0, 1]."""
+    interval = (2 * nsig + 1.0) / kernlen
+    x = np.linspace(-nsig - interval / 2.0, nsig + interval / 2.0, kernlen + 1)
+    kern1d = np.diff(scipy.stats.norm.cdf(x))
+    k = np.sqrt(np.outer(kern1d, kern1d))
+    k = k / k.sum()
+    k = (k - k.min()) / (k.max() - k.min())
+    k.setflags(write=False)
+    return k
+
+
+def fix_overflow(cube: np.ndarray) -> np.ndarray:
+    """SPEC 2 step 6: voxels > 2000 HU -> mean of their 5x5x5 neighbourhood (outside = -1000),
+    then everything < -1000 -> -1000. Returns a new float64 array."""
+    cube = np.asarray(cube, dtype=np.float64)
+    bad = cube > 2000
+    if bad.any():
+        means = scipy.ndimage.uniform_filter(cube, size=5, mode="constant", cval=-1000.0)
+        cube = np.where(bad, means, cube)
+    else:
+        cube = cube.copy()
+    cube[cube < -1000] = -1000
+    return cube
+
+
+def _fmt(v: float) -> str:
+    return repr(float(v))
+
+
+def published_shape_error(spacing) -> str | None:
+    """Message when CT-GAN's zoom cannot give 32^3 at this spacing (SPEC 2 step 2), else None."""
+    spacing = np.asarray(spacing, dtype=np.float64)
+    cut = scaled_shape(CUBE, 1.0 / spacing)
+    got = scaled_shape(cut, spacing)
+    for ax in range(3):
+        if got[ax] != CUBE[ax]:
+            s = spacing[ax]
+            what = "slices" if ax == 0 else f"pixels (axis {'zyx'[ax]})"
+            return (f"round(round(32/{_fmt(s)})*{_fmt(s)})={got[ax]} != 32: the published attack cannot "
+                    f"tamper {_fmt(s)} mm {what}; use exact resampling or data/z2.5")
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# one frozen generator with its preprocessing files
+# --------------------------------------------------------------------------------------------
+class CTGANModel:
+    """One CT-GAN model folder: generator .h5, normalization.npy, equaliser (.npz or legacy .pkl).
+
+    With `missing_ok=True` (the published preset only) a missing folder/file leaves
+    `available` False instead of raising ModelFileError."""
+
+    def __init__(self, folder, *, backend: str | None = None, missing_ok: bool = False):
+        self.folder = Path(folder)
+        self.available = False
+        self.model = None
+        g_path, norm_path, eq_path = self._find_files(missing_ok)
+        if g_path is None:
+            return
+        self.g_path = g_path
+        self.norm = self._load_norm(norm_path)
+        self.eq = HistEqualizer.load(eq_path)
+        from procedures.keras_env import get_keras  # TensorFlow only when a model is really used
+        self.keras = get_keras(backend)
+        self.model = self._load_keras(g_path)
+        self.available = True
+
+    def _find_files(self, missing_ok):
+        def missing(msg):
+            if missing_ok:
+                return (None, None, None)
+            raise ModelFileError(msg)
+
+        if not self.folder.is_dir():
+            return missing(f"{self.folder}: model folder not found")
+        g = next((self.folder / n for n in G_NAMES if (self.folder / n).is_file()), None)
+        if g is None:
+            return missing(f"{self.folder}: no generator file ({' / '.join(G_NAMES)})")
+        norm = self.folder / "normalization.npy"
+        if not norm.is_file():
+            return missing(f"{norm}: normalization file not found")
+        eq = next((self.folder / n for n in ("equalization.npz", "equalization.pkl")
+                   if (self.folder / n).is_file()), None)
+        if eq is None:
+            return missing(f"{self.folder}: no equaliser (equalization.npz or equalization.pkl)")
+        return g, norm, eq
+
+    @staticmethod
+    def _load_norm(path) -> np.ndarray:
+        try:
+            a = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise ModelFileError(f"{path}: not a NumPy array file ({type(e).__name__})") from None
+        a = np.asarray(a, dtype=np.float64).ravel() if a.dtype.kind in "fiu" else None
+        if a is None or a.shape != (3,) or not np.all(np.isfinite(a)) or a[2] == a[1]:
+            raise ModelFileError(f"{path}: expected [mean, min, max] with max != min")
+        return a
+
+    def _load_keras(self, path):
+        try:
+            model = self.keras.models.load_model(str(path), compile=False, safe_mode=True)
+        except Exception as e:  # h5py/keras raise many types; one line, no traceback
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if "safe_mode" in str(e) or "Lambda" in str(e):
+                raise UnsafeFileError(f"{path}: refused, the model asks to run code ({msg[:200]})") from None
+            raise ModelFileError(f"{path}: cannot load the Keras generator ({type(e).__name__}: {msg[:200]})") from None
+        shape_in = tuple(model.inputs[0].shape[1:]) if getattr(model, "inputs", None) else None
+        if shape_in != (32, 32, 32, 1):
+            raise ModelFileError(f"{path}: generator input is {shape_in}, expected (32, 32, 32, 1)")
+        return model
+
+    def generate(self, x: np.ndarray) -> np.ndarray:
+        """Run the generator (inference mode) on (N, 32, 32, 32, 1) float32 -> NumPy float32.
+
+        predict_on_batch: on one cube with TensorFlow on CPU it took 36 ms vs 110 ms for an
+        eager model(x, training=False) and 230 ms for predict() (gf=2; its traced function
+        is reused across calls)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        y = self.model.predict_on_batch(x)
+        return np.asarray(self.keras.ops.convert_to_numpy(y), dtype=np.float32)
+
+    # SPEC 2 steps 3 and 5
+    def to_net(self, cube_hu: np.ndarray) -> np.ndarray:
+        return (self.eq.equalize(cube_hu) - self.norm[0]) / (self.norm[2] - self.norm[1])
+
+    def from_net(self, x: np.ndarray) -> np.ndarray:
+        x = np.clip(np.asarray(x, dtype=np.float64), -0.5, 0.5)
+        return self.eq.dequalize(x * (self.norm[2] - self.norm[1]) + self.norm[0])
+
+
+# --------------------------------------------------------------------------------------------
+# the manipulator
+# --------------------------------------------------------------------------------------------
+class ScanManipulator:
+    """CT-GAN's scan_manipulator. `model_dir` holds INJ/ and REM/ model folders (loaded lazily).
+
+    published=True is the reference preset: the published zoom (unless exact_resample is given)
+    and a missing model warns and leaves the scan unchanged instead of raising."""
+
+    def __init__(self, model_dir="models", *, backend: str | None = None,
+                 exact_resample: bool | None = None, noise: str = "copy",
+                 cut_pad_value: float = 0.0, seed: int | None = None, published: bool = False):
+        if noise not in NOISE_MODES:
+            raise UsageError(f"unknown noise mode {noise!r}; choose one of {', '.join(NOISE_MODES)}")
+        self.model_dir = Path(model_dir)
+        self.backend = backend
+        self.published = bool(published)
+        self.exact_resample = (not self.published) if exact_resample is None else bool(exact_resample)
+        self.noise = noise
+        self.cut_pad_value = float(cut_pad_value)
+        self.rng = np.random.default_rng(seed)
+        self._models: dict[str, CTGANModel] = {}
+        self.scan = None
+        self.timings: list[float] = []     # CPU-side wall seconds per tamper_volume call
+
+    # --- models -------------------------------------------------------------------------------
+    def model(self, action: str) -> CTGANModel:
+        _check_action(action)
+        if action not in self._models:
+            self._models[action] = CTGANModel(self.model_dir / SUBDIR[action], backend=self.backend,
+                                              missing_ok=self.published)
+        return self._models[action]
+
+    @property
+    def injector(self) -> CTGANModel:
+        return self.model("inject")
+
+    @property
+    def remover(self) -> CTGANModel:
+        return self.model("remove")
+
+    # --- scan-level API (CT-GAN's load_target_scan / tamper) -------------------------------
+    def load_target(self, scan) -> None:
+        """Take a Scan; keep our own float32 copy of its HU (the caller's Scan is not modified)."""
+        self.scan = dataclasses.replace(scan, hu=np.array(scan.hu, dtype=np.float32, copy=True))
+
+    def tamper(self, coord, action: str = "inject", isVox: bool = True):
+        """Tamper the loaded scan at `coord` (z, y, x voxel, or world mm if isVox is False).
+        Returns the slices of the scan that changed."""
+        if self.scan is None:
+            raise UsageError("cannot tamper: load a target scan first")
+        coord = np.asarray(coord, dtype=np.float64).reshape(-1)
+        if coord.shape != (3,) or not np.all(np.isfinite(coord)):
+            raise CoordinateError(f"coordinate must be 3 finite numbers z,y,x, got {coord.tolist()}")
+        vox = coord if isVox else self.scan.world2vox(coord)
+        return self.tamper_volume(self.scan.hu, self.scan.spacing, vox, action, self.rng)
+
+    # --- the pure, in-place core ------------------------------------------------------------
+    def tamper_volume(self, vol: np.ndarray, spacing, coord_vox, action: str = "inject",
+                      rng: np.random.Generator | None = None) -> tuple[slice, slice, slice]:
+        """Tamper float HU volume `vol` (z, y, x) IN PLACE at voxel `coord_vox`.
+
+        Touches only the reference-cube footprint and returns its bounding slices (empty
+        slices if nothing changed: published preset with a missing model)."""
+        t0 = time.perf_counter()
+        _check_action(action)
+        center = check_coord(coord_vox, vol.shape)
+        spacing = np.asarray(spacing, dtype=np.float64).reshape(3)
+        if not np.all(spacing > 0):
+            raise MitsError(f"invalid voxel spacing {spacing.tolist()}")
+        model = self.model(action)
+        if not model.available:  # published preset: message, scan unchanged (SPEC 3)
+            print(f"warning: cannot {action}: no model in {model.folder}; scan left unchanged",
+                  file=sys.stderr)
+            return (slice(0, 0),) * 3
+        rng = self.rng if rng is None else rng
+        pad = self.cut_pad_value
+
+        # 1. cut the cube (round(32 / spacing) voxels) and the larger reference cube
+        cube_shape = scaled_shape(CUBE, 1.0 / spacing)
+        if np.any(cube_shape < 1):
+            raise AttackShapeError(f"voxel spacing {spacing.tolist()} mm is too coarse for a 32 mm cube")
+        if not self.exact_resample:
+            msg = published_shape_error(spacing)
+            if msg:
+                raise AttackShapeError(msg)
+        sdim = int(np.max(cube_shape) * REF_SCALE)
+        ref_shape = (sdim, sdim, sdim)
+        if self.published:  # fail where the published code fails, before touching `vol`
+            _published_border_check(vol.shape, center, sdim)
+        clean_unscaled = cut_cube(vol, center, cube_shape, pad).astype(np.float64)
+        ben_ext = cut_cube(vol, center, ref_shape, pad).astype(np.float64)
+
+        # 2. to 1 mm isotropic
+        if self.exact_resample:
+            clean = resample_exact(clean_unscaled, CUBE)
+        else:
+            clean = scale_published(clean_unscaled, spacing)
+
+        # 3-5. equalise + normalise, mask, generate, clip, de-normalise + de-equalise
+        x = model.to_net(clean)
+        x[MASK] = 0
+        y = model.generate(x.reshape(1, 32, 32, 32, 1).astype(np.float32))
+        mal_cube = model.from_net(y.reshape(32, 32, 32))
+
+        # 6. overflow fix
+        mal_cube = fix_overflow(mal_cube)
+
+        # 7. back to the scan's spacing and paste
+        if self.exact_resample:
+            mal_scaled = resample_exact(mal_cube, cube_shape)
+        else:
+            mal_scaled = scale_published(mal_cube, 1.0 / spacing)
+        paste_cube(vol, mal_scaled, center)
+
+        # 8. noise touch-ups on the reference-cube footprint
+        mal_ext = cut_cube(vol, center, ref_shape, pad).astype(np.float64)
+        if action == "inject":
+            k = kern01(sdim, KERNEL_SIGMA["inject"])
+            factors = sigmoid((mal_ext + 700.0) / 70.0) * k  # (sdim, sdim) kernel on every slice
+        else:
+            k = kern01(sdim, KERNEL_SIGMA["remove"])
+        if self.noise == "copy":
+            noise = copy_noise(vol, ref_shape, pad)
+        else:
+            noise = gaussian_noise(clean_unscaled, ref_shape, action, rng)
+        mal_ext += noise
+        if action == "inject":
+            final = np.maximum(mal_ext * factors + ben_ext * (1 - factors), ben_ext)
+        else:
+            m = min(mal_ext.min(), ben_ext.min())
+            final = (mal_ext + m) * k + (ben_ext + m) * (1 - k) - m
+        changed = paste_cube(vol, final, center)
+        self.timings.append(time.perf_counter() - t0)
+        return changed
+
+    def footprint(self, vol_shape, spacing, coord_vox) -> tuple[slice, slice, slice]:
+        """The slices tamper_volume would touch (the reference cube, clipped to the volume)."""
+        center = check_coord(coord_vox, vol_shape)
+        cube_shape = scaled_shape(CUBE, 1.0 / np.asarray(spacing, dtype=np.float64))
+        sdim = int(np.max(cube_shape) * REF_SCALE)
+        _, _, a, b = cube_bounds(center, (sdim,) * 3, vol_shape)
+        return tuple(slice(int(lo), int(hi)) for lo, hi in zip(a, b))
+
+
+# --------------------------------------------------------------------------------------------
+# noise touch-ups (SPEC 2 step 8)
+# --------------------------------------------------------------------------------------------
+def noise_block_center(vol_shape) -> np.ndarray:
+    """The copy-noise block's centre: (depth/2, 0.43 rows, 0.27 cols), truncated."""
+    d, h, w = vol_shape[:3]
+    return np.array([int(d / 2), int(h * 0.43), int(w * 0.27)])
+
+
+def _published_border_check(vol_shape, center, sdim):
+    hl = np.round(sdim / 2)
+    shape = np.asarray(vol_shape[:3])
+    for name, c in (("reference cube", center), ("copy-noise block", noise_block_center(vol_shape))):
+        if np.any(c - hl < 0) or np.any(c + hl + 1 > shape):
+            raise AttackBorderError(
+                f"the {name} of side {sdim} at (z,y,x)={tuple(int(v) for v in c)} leaves the scan of "
+                f"shape {tuple(int(v) for v in shape)}: the published attack fails there (ValueError in "
+                f"cutCube, or a scan of the wrong shape from pasteCube); use the default attack, which pads")
+
+
+def copy_noise(vol: np.ndarray, ref_shape, pad: float = 0.0) -> np.ndarray:
+    """Noise copied from a fixed block at (depth/2, 0.43 rows, 0.27 cols) of the (tampered) scan:
+    voxels above -800 HU become the mean of those below, then the block's mean is subtracted.
+
+    Deterministic. If no voxel is below -800 (the published code would give NaN) the noise is 0."""
+    block = cut_cube(vol, noise_block_center(vol.shape), ref_shape, pad)
+    x = block.astype(np.float64)
+    low = x < -800
+    if not low.any():
+        return np.zeros(x.shape)
+    x[x > -800] = x[low].mean()
+    return x - x.mean()
+
+
+def gaussian_noise(local_sample: np.ndarray, ref_shape, action: str,
+                   rng: np.random.Generator) -> np.ndarray:
+    """Smoothed Gaussian noise: N(0, sd) with sd = 0.6 * std(lung HU) (inject) or 30 (remove),
+    zoomed by rf = 1.3 * 60 / std(lung HU) (lung = local cube voxels < -600), cropped.
+
+    Draws only the (ref / rf + 2)^3 values the crop needs instead of the published 150x200x300.
+    No lung voxels in the local cube (published: NaN) -> zero noise."""
+    lung = local_sample[local_sample < -600]
+    sd_lung = float(lung.std()) if lung.size > 1 else 0.0
+    if sd_lung <= 0:
+        return np.zeros(ref_shape)
+    sd = 0.6 * sd_lung if action == "inject" else 30.0
+    rf = 60.0 / sd_lung * 1.3
+    n = tuple(int(np.ceil(s / rf)) + 2 for s in ref_shape)
+    field = rng.standard_normal(n) * sd
+    zoomed = scipy.ndimage.zoom(field, rf, mode="nearest")
+    if any(z < s for z, s in zip(zoomed.shape, ref_shape)):  # rounding guard
+        zoomed = np.pad(zoomed, [(0, max(0, s - z)) for z, s in zip(zoomed.shape, ref_shape)], mode="edge")
+    return zoomed[: ref_shape[0], : ref_shape[1], : ref_shape[2]]
+
+
+# --------------------------------------------------------------------------------------------
+def _check_action(action):
+    if action not in ACTIONS:
+        raise UsageError(f"unknown action {action!r}; choose inject or remove")
+
+
+def check_coord(coord_vox, vol_shape) -> np.ndarray:
+    """Validate a voxel coordinate (z, y, x floats) against the volume; return it as ints
+    (truncated, as CT-GAN's cutCube does)."""
+    c = np.asarray(coord_vox, dtype=np.float64).reshape(-1)
+    if c.shape != (3,) or not np.all(np.isfinite(c)):
+        raise CoordinateError(f"coordinate must be 3 finite numbers z,y,x, got {np.asarray(coord_vox).tolist()}")
+    shape = np.asarray(vol_shape[:3])
+    if np.any(c < 0) or np.any(c >= shape):
+        shown = ",".join(f"{v:g}" for v in c)
+        raise CoordinateError(f"voxel coordinate (z,y,x)=({shown}) is outside the scan of shape "
+                              f"(z,y,x)={tuple(int(s) for s in shape)}")
+    return np.floor(c).astype(np.int64)

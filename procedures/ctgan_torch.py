@@ -1,0 +1,505 @@
+"""CT-GAN's attacker in PyTorch: the 3-D U-Net generator and a differentiable tamper core.
+
+Two parts (SPEC.md sections 2-4):
+
+1. `CTGANGeneratorTorch`: a layer-for-layer port of `procedures.ctgan_models.build_generator`
+   (same layer names), in eval mode equal to Keras `training=False` (Dropout off, BatchNorm on
+   its moving statistics with Keras' epsilon 1e-3). Weights come from a Keras model
+   (`load_keras_generator_weights`) or straight from a `G_model.h5` with h5py
+   (`from_keras_h5`), so a GPU machine needs no TensorFlow. Layout: Keras is channels-last
+   (N, 32, 32, 32, 1), this module channels-first (N, 1, 32, 32, 32).
+
+2. `DifferentiableTamper`: CT-GAN's inject/remove of one location (SPEC.md section 2, steps
+   1-7) as a torch graph, so that a protector can take the gradient of the tampered scan with
+   respect to the scan it protects. Deviations from the published NumPy pipeline, all chosen
+   for differentiability and all documented where they happen:
+   - resampling is trilinear (`F.interpolate`, align_corners=True: the same sample grid as
+     `scipy.ndimage.zoom`) instead of a cubic spline, to exactly 32^3 (SPEC section 2 step 2:
+     the published zoom cannot reach 32^3 for 5 mm slices; we always can);
+   - the > 2000 HU overflow fix averages every bad voxel's 5^3 neighbourhood of the *unfixed*
+     cube at once (avg_pool3d); the published Python loop fixes voxels one by one, in place,
+     so later means see earlier fixes;
+   - step 8 (noise touch-ups) is not applied: it depends on the generator only through the
+     blend of the pasted cube, and on the rest of the scan through a fixed reference block.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from utils.cubes import cube_bounds
+from utils.errors import CoordinateError, ModelFileError, UsageError
+from utils.resample import scaled_shape
+
+CUBE = 32
+MASK_LIMS = (6, 26)           # in-painting region [6:26] on every axis (SPEC section 2)
+KERAS_BN_EPSILON = 1e-3       # Keras' BatchNormalization default
+LEAKY_SLOPE = 0.2
+OVERFLOW_HU = 2000.0          # SPEC section 2 step 6
+FLOOR_HU = -1000.0
+CUT_PAD_HU = 0.0              # the attack pads out-of-volume voxels with 0 HU (section 2 step 1)
+
+DOWN = ("g_d1", "g_d2", "g_d3", "g_d4", "g_d5")
+UP = ("g_u3", "g_u4", "g_u5", "g_u6")
+CONV_NAMES = tuple(f"{n}_conv" for n in DOWN + UP) + ("g_out",)
+BN_NAMES = tuple(f"{n}_bn" for n in DOWN[1:] + UP)
+ACTIONS = ("inject", "remove")
+
+
+# --------------------------------------------------------------------------------------------
+# Generator
+# --------------------------------------------------------------------------------------------
+def tf_same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TensorFlow 'same' padding of one axis: total = max((ceil(n/s)-1)*s + k - n, 0), the odd
+    voxel on the far side. k4 s2 on an even size -> (1, 1); k4 s1 -> (1, 2)."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+class Conv3dSame(nn.Conv3d):
+    """nn.Conv3d with Keras/TensorFlow 'same' padding (asymmetric for even kernels)."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: int = 4, stride: int = 1):
+        super().__init__(in_ch, out_ch, kernel, stride=stride, padding=0, bias=True)
+
+    def forward(self, x):
+        pads = []
+        for ax in (4, 3, 2):  # F.pad lists the last axis first
+            pads += tf_same_pads(x.shape[ax], self.kernel_size[ax - 2], self.stride[ax - 2])
+        return super().forward(F.pad(x, pads))
+
+
+def _keras_bn(ch: int) -> nn.BatchNorm3d:
+    # Keras momentum 0.8 (moving = 0.8 * moving + 0.2 * batch) is torch momentum 0.2.
+    return nn.BatchNorm3d(ch, eps=KERAS_BN_EPSILON, momentum=0.2)
+
+
+class CTGANGeneratorTorch(nn.Module):
+    """CT-GAN's U-Net generator (SPEC section 3), channels-first: (N, 1, 32, 32, 32) -> same.
+
+    Layer names equal the Keras model's (`g_d1_conv`, `g_d2_bn`, ..., `g_out`). Use eval mode:
+    it is Keras `training=False` (what `generator.predict` runs).
+    """
+
+    def __init__(self, gf: int = 100):
+        super().__init__()
+        self.gf = int(gf)
+        down_ch = (1, gf, 2 * gf, 4 * gf, 8 * gf, 8 * gf)
+        for i, name in enumerate(DOWN):
+            setattr(self, f"{name}_conv", Conv3dSame(down_ch[i], down_ch[i + 1], 4, 2))
+            if i > 0:  # no BatchNorm on the first block
+                setattr(self, f"{name}_bn", _keras_bn(down_ch[i + 1]))
+        # Up block k: input channels = previous block's concat, output = filters, then concat skip.
+        up_filters = (8 * gf, 4 * gf, 2 * gf, gf)
+        skips = (8 * gf, 4 * gf, 2 * gf, gf)          # channels of d4, d3, d2, d1
+        in_ch = 8 * gf                                 # d5
+        for name, f, s in zip(UP, up_filters, skips):
+            setattr(self, f"{name}_conv", Conv3dSame(in_ch, f, 4, 1))
+            setattr(self, f"{name}_drop", nn.Dropout(0.5))
+            setattr(self, f"{name}_bn", _keras_bn(f))
+            in_ch = f + s
+        self.g_out = Conv3dSame(in_ch, 1, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i, name in enumerate(DOWN):
+            x = F.leaky_relu(getattr(self, f"{name}_conv")(x), LEAKY_SLOPE)
+            if i > 0:
+                x = getattr(self, f"{name}_bn")(x)
+            skips.append(x)
+        x = skips.pop()  # d5
+        for name in UP:
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+            x = F.relu(getattr(self, f"{name}_conv")(x))
+            x = getattr(self, f"{name}_bn")(getattr(self, f"{name}_drop")(x))
+            x = torch.cat([x, skips.pop()], dim=1)  # Keras Concatenate([x, skip]) on channels
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return torch.tanh(self.g_out(x))
+
+    def forward_channels_last(self, x: torch.Tensor) -> torch.Tensor:
+        """Keras layout in and out: (N, 32, 32, 32, 1)."""
+        return self.forward(x.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)
+
+
+# --- weight transfer ---------------------------------------------------------------------------
+_CONV_KEYS = ("kernel", "bias")
+_BN_KEYS = ("gamma", "beta", "moving_mean", "moving_variance")
+
+
+def _short(weight_name: str) -> str:
+    """'g_d1_conv/kernel:0' (tf_keras) or 'g_d1_conv/kernel' (Keras 3) -> 'kernel'."""
+    return weight_name.split("/")[-1].split(":")[0]
+
+
+def _assign(module: CTGANGeneratorTorch, layers: list[tuple[str, dict]], source: str,
+            bn_eps: dict | None = None) -> CTGANGeneratorTorch:
+    """Copy Keras weights (ordered [(layer name, {short name: array})]) into `module`.
+
+    Layers are matched by name when the file uses our names; otherwise (a G_model.h5 written by
+    the published code, with Keras' automatic names) by order: the n-th Conv3D and n-th
+    BatchNormalization in the file's layer order, which is the model's construction order.
+    """
+    convs = [(n, w) for n, w in layers if set(w) >= {"kernel"}]
+    bns = [(n, w) for n, w in layers if set(w) >= {"moving_mean", "moving_variance"}]
+    names = {n for n, _ in layers}
+    if set(CONV_NAMES) <= names and set(BN_NAMES) <= names:
+        by_name = dict(layers)
+        convs = [(n, by_name[n]) for n in CONV_NAMES]
+        bns = [(n, by_name[n]) for n in BN_NAMES]
+    if len(convs) != len(CONV_NAMES) or len(bns) != len(BN_NAMES):
+        raise ModelFileError(f"{source}: expected {len(CONV_NAMES)} Conv3D and {len(BN_NAMES)} "
+                             f"BatchNormalization layers of CT-GAN's generator, found "
+                             f"{len(convs)} and {len(bns)}")
+    with torch.no_grad():
+        for tname, (kname, w) in zip(CONV_NAMES, convs):
+            conv = getattr(module, tname)
+            k = np.asarray(w["kernel"])
+            want = tuple(conv.weight.shape[2:]) + (conv.in_channels, conv.out_channels)
+            if k.shape != want:
+                raise ModelFileError(f"{source}: layer {kname} kernel {k.shape}, expected {want} "
+                                     f"(generator width gf={module.gf})")
+            # Keras (kd, kh, kw, in, out) -> torch (out, in, kd, kh, kw)
+            conv.weight.copy_(torch.from_numpy(np.ascontiguousarray(k.transpose(4, 3, 0, 1, 2))))
+            b = w.get("bias")
+            conv.bias.copy_(torch.from_numpy(np.asarray(b)) if b is not None else torch.zeros(conv.out_channels))
+        for tname, (kname, w) in zip(BN_NAMES, bns):
+            bn = getattr(module, tname)
+            n = bn.num_features
+            vals = {key: np.asarray(w[key]) if key in w else None for key in _BN_KEYS}
+            for key, v in vals.items():
+                if v is not None and v.shape != (n,):
+                    raise ModelFileError(f"{source}: layer {kname} {key} {v.shape}, expected ({n},)")
+            bn.weight.copy_(torch.from_numpy(vals["gamma"]) if vals["gamma"] is not None else torch.ones(n))
+            bn.bias.copy_(torch.from_numpy(vals["beta"]) if vals["beta"] is not None else torch.zeros(n))
+            bn.running_mean.copy_(torch.from_numpy(vals["moving_mean"]))
+            bn.running_var.copy_(torch.from_numpy(vals["moving_variance"]))
+            if bn_eps and kname in bn_eps:
+                bn.eps = float(bn_eps[kname])
+    return module
+
+
+def load_keras_generator_weights(module: CTGANGeneratorTorch, keras_model) -> CTGANGeneratorTorch:
+    """Copy the weights of a Keras (3 or tf_keras 2) CT-GAN generator into `module`."""
+    layers, eps = [], {}
+    for layer in keras_model.layers:
+        ws = layer.weights
+        if not ws:
+            continue
+        names = [_short(getattr(w, "path", None) or w.name) for w in ws]
+        layers.append((layer.name, dict(zip(names, layer.get_weights()))))
+        if hasattr(layer, "epsilon") and hasattr(layer, "moving_mean"):
+            eps[layer.name] = layer.epsilon
+    return _assign(module, layers, f"Keras model {keras_model.name!r}", eps)
+
+
+def read_keras_h5(path) -> tuple[list[tuple[str, dict]], dict]:
+    """Weights of a Keras `.h5` (full model or weights only; Keras 3 or legacy Keras 2 layout).
+
+    Both layouts keep, under `model_weights` (full model) or the root (save_weights), an attribute
+    `layer_names` and per layer a group whose `weight_names` attribute lists dataset paths
+    ('g_d1_conv/kernel' in Keras 3, 'g_d1_conv/kernel:0' in Keras 2). Reading them with h5py never
+    runs code from the file. Returns ([(layer, {short name: array})], {bn layer: epsilon}).
+    """
+    import h5py
+
+    def s(v):
+        return v.decode("utf8") if isinstance(v, bytes) else str(v)
+
+    try:
+        with h5py.File(path, "r") as f:
+            g = f["model_weights"] if "model_weights" in f else f
+            if "layer_names" not in g.attrs:
+                raise ModelFileError(f"{path}: HDF5 file without Keras layer_names")
+            layers = []
+            for lname in map(s, g.attrs["layer_names"]):
+                lg = g[lname]
+                wnames = [s(w) for w in lg.attrs.get("weight_names", [])]
+                if wnames:
+                    layers.append((lname, {_short(w): np.asarray(lg[w]) for w in wnames}))
+            eps = {}
+            cfg = f.attrs.get("model_config")
+            if cfg is not None:
+                try:
+                    for layer in json.loads(s(cfg)).get("config", {}).get("layers", []):
+                        if layer.get("class_name") == "BatchNormalization":
+                            c = layer.get("config", {})
+                            if "epsilon" in c:
+                                eps[c.get("name", layer.get("name"))] = float(c["epsilon"])
+                except (ValueError, AttributeError):
+                    pass  # the config only refines epsilon; the default 1e-3 stays
+    except OSError as e:
+        raise ModelFileError(f"{path}: not a readable HDF5 file ({e})") from None
+    except KeyError as e:
+        raise ModelFileError(f"{path}: malformed Keras HDF5 file ({e})") from None
+    return layers, eps
+
+
+def from_keras_h5(path, device=None) -> CTGANGeneratorTorch:
+    """Build a `CTGANGeneratorTorch` (eval mode) from a Keras `G_model.h5`, without Keras.
+
+    The width gf is read from the first conv kernel. A `.keras` (zip) file has another layout:
+    it is loaded through Keras (safe_mode) instead.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: generator file not found")
+    if path.suffix == ".keras":
+        from procedures.keras_env import get_keras  # TensorFlow only on this fallback path
+
+        keras = get_keras()
+        try:
+            km = keras.saving.load_model(path, compile=False, safe_mode=True)
+        except Exception as e:  # noqa: BLE001 - any Keras failure is a model-file problem
+            raise ModelFileError(f"{path}: cannot load Keras model ({type(e).__name__}: {e})") from None
+        gf = int(km.layers[1].get_weights()[0].shape[-1])
+        module = load_keras_generator_weights(CTGANGeneratorTorch(gf), km)
+    else:
+        layers, eps = read_keras_h5(path)
+        first = next((w for _, w in layers if "kernel" in w), None)
+        if first is None or first["kernel"].ndim != 5 or first["kernel"].shape[3] != 1:
+            raise ModelFileError(f"{path}: not a CT-GAN 3-D generator (no Conv3D on 1 channel)")
+        module = _assign(CTGANGeneratorTorch(int(first["kernel"].shape[-1])), layers, str(path), eps)
+    module.eval()
+    return module.to(device) if device is not None else module
+
+
+# --------------------------------------------------------------------------------------------
+# Differentiable tamper
+# --------------------------------------------------------------------------------------------
+def torch_interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """np.interp(x, xp, fp) for non-decreasing xp, differentiable in x (and fp).
+
+    Same values as NumPy: constant fp[0] / fp[-1] outside [xp[0], xp[-1]]; on repeated xp
+    values (flat stretches of a cdf) the rightmost knot with xp[j] <= x is used, as NumPy's
+    binary search does, so the slope (fp[j+1]-fp[j]) / (xp[j+1]-xp[j]) is always finite.
+    """
+    xp = xp.to(x.dtype)
+    fp = fp.to(x.dtype)
+    n = xp.numel()
+    flat = x.reshape(-1)
+    j = torch.searchsorted(xp, flat.detach().contiguous(), right=True) - 1
+    j = j.clamp(0, n - 2)
+    x0, x1, f0, f1 = xp[j], xp[j + 1], fp[j], fp[j + 1]
+    den = x1 - x0
+    safe = torch.where(den > 0, den, torch.ones_like(den))
+    w = torch.where(den > 0, (flat - x0) / safe, torch.zeros_like(flat))
+    y = f0 + w * (f1 - f0)
+    y = torch.where(flat < xp[0], fp[0].expand_as(y), y)
+    y = torch.where(flat >= xp[-1], fp[-1].expand_as(y), y)
+    return y.reshape(x.shape)
+
+
+def _as_arrays(eq):
+    """(centres, cdf) from a HistEqualizer, a (centres, cdf) pair or a path (.npz/.pkl)."""
+    if isinstance(eq, (str, os.PathLike)):
+        from utils.equalizer import HistEqualizer
+
+        eq = HistEqualizer.load(eq)
+    if hasattr(eq, "centres") and hasattr(eq, "cdf"):
+        return np.asarray(eq.centres, np.float64), np.asarray(eq.cdf, np.float64)
+    centres, cdf = eq
+    return np.asarray(centres, np.float64), np.asarray(cdf, np.float64)
+
+
+class DifferentiableTamper(nn.Module):
+    """CT-GAN's tamper of one location (SPEC.md section 2, steps 1-7) as a differentiable graph.
+
+    Holds both generators (frozen by default, and always in eval mode: Keras training=False),
+    their equalisers (`{inject,remove}_centres`, `_cdf`) and normalisations (`_norm` =
+    [mean, min, max]) as float64 buffers. Pre/post-processing runs in `work_dtype` (float64, like
+    the NumPy pipeline); the generator in its own dtype (float32, like Keras).
+
+    clamp: 'plain' (torch.clamp: zero gradient where the generator output leaves [-0.5, 0.5];
+    the default) or 'straight_through' (same values, identity gradient).
+    """
+
+    def __init__(self, injector: nn.Module | None, remover: nn.Module | None,
+                 inj_equalizer=None, rem_equalizer=None, inj_norm=None, rem_norm=None, *,
+                 freeze_generators: bool = True, clamp: str = "plain",
+                 work_dtype: torch.dtype = torch.float64):
+        super().__init__()
+        if clamp not in ("plain", "straight_through"):
+            raise UsageError(f"clamp must be 'plain' or 'straight_through', not {clamp!r}")
+        self.clamp_mode = clamp
+        self.work_dtype = work_dtype
+        self.generators = nn.ModuleDict()
+        for action, gen, eq, norm in (("inject", injector, inj_equalizer, inj_norm),
+                                      ("remove", remover, rem_equalizer, rem_norm)):
+            if gen is None:
+                continue
+            if eq is None or norm is None:
+                raise UsageError(f"{action}: a generator needs its equaliser and normalisation")
+            centres, cdf = _as_arrays(eq)
+            norm = np.asarray(norm, np.float64).reshape(-1)
+            if norm.shape != (3,) or not norm[2] > norm[1]:
+                raise ModelFileError(f"{action}: normalisation must be [mean, min, max] with max > min")
+            self.generators[action] = gen
+            self.register_buffer(f"{action}_centres", torch.from_numpy(centres))
+            self.register_buffer(f"{action}_cdf", torch.from_numpy(cdf))
+            self.register_buffer(f"{action}_norm", torch.from_numpy(norm))
+            if freeze_generators:
+                gen.requires_grad_(False)
+        if not len(self.generators):
+            raise UsageError("DifferentiableTamper needs at least one generator")
+        mask = torch.ones((CUBE,) * 3, dtype=torch.float64)
+        lo, hi = MASK_LIMS
+        mask[lo:hi, lo:hi, lo:hi] = 0.0
+        self.register_buffer("keep_mask", mask)
+        self.train(False)
+
+    @classmethod
+    def from_model_dirs(cls, inj_dir=None, rem_dir=None, device=None, **kw) -> "DifferentiableTamper":
+        """Load `G_model.h5`, `normalization.npy` and `equalization.npz` (or the published
+        `.pkl`, through the restricted loader) from CT-GAN model folders (SPEC section 3)."""
+        parts = {}
+        for action, d in (("inject", inj_dir), ("remove", rem_dir)):
+            if d is None:
+                parts[action] = (None, None, None)
+                continue
+            d = Path(d)
+            eq = d / "equalization.npz"
+            if not eq.is_file():
+                eq = d / "equalization.pkl"
+            norm_path = d / "normalization.npy"
+            if not norm_path.is_file():
+                raise ModelFileError(f"{norm_path}: normalisation file not found")
+            try:
+                norm = np.load(norm_path, allow_pickle=False)
+            except ValueError as e:
+                raise ModelFileError(f"{norm_path}: not a plain .npy array ({e})") from None
+            parts[action] = (from_keras_h5(d / "G_model.h5"), eq, norm)
+        (gi, ei, ni), (gr, er, nr) = parts["inject"], parts["remove"]
+        module = cls(gi, gr, ei, er, ni, nr, **kw)
+        return module.to(device) if device is not None else module
+
+    def train(self, mode: bool = True):
+        """The attacker's generators stay in eval mode whatever the caller asks (frozen attacker)."""
+        super().train(mode)
+        for gen in self.generators.values():
+            gen.eval()
+        return self
+
+    # --- cube level (1 mm, 32^3) ---------------------------------------------------------------
+    def _action(self, action: str) -> str:
+        if action not in self.generators:
+            have = ", ".join(self.generators) or "none"
+            raise UsageError(f"no {action!r} generator loaded (have: {have})")
+        return action
+
+    def equalize(self, hu, action):
+        return torch_interp(hu, getattr(self, f"{action}_centres"), getattr(self, f"{action}_cdf"))
+
+    def dequalize(self, v, action):
+        return torch_interp(v, getattr(self, f"{action}_cdf"), getattr(self, f"{action}_centres"))
+
+    def cube_forward(self, cube_hu: torch.Tensor, action: str) -> torch.Tensor:
+        """Steps 3-6 on 1 mm cubes: (B, 32, 32, 32) HU -> tampered (B, 32, 32, 32) HU."""
+        action = self._action(action)
+        x = cube_hu.to(self.work_dtype)
+        mean, lo, hi = getattr(self, f"{action}_norm").to(self.work_dtype)
+        x = (self.equalize(x, action) - mean) / (hi - lo)
+        x = x * self.keep_mask.to(x.dtype)             # step 4: in-painting region set to 0
+        gen = self.generators[action]
+        gdtype = next(gen.parameters()).dtype
+        y = gen(x.to(gdtype).unsqueeze(1)).squeeze(1).to(self.work_dtype)
+        if self.clamp_mode == "plain":
+            y = y.clamp(-0.5, 0.5)
+        else:  # straight-through: clamped values, identity gradient
+            y = y + (y.clamp(-0.5, 0.5) - y).detach()
+        y = self.dequalize(y * (hi - lo) + mean, action)
+        return self.overflow_fix(y)
+
+    @staticmethod
+    def overflow_fix(hu: torch.Tensor) -> torch.Tensor:
+        """Step 6: > 2000 HU -> mean of its 5^3 neighbourhood (-1000 padding); < -1000 -> -1000.
+
+        All bad voxels are fixed from the unfixed cube at once (the published loop is sequential).
+        """
+        padded = F.pad(hu.unsqueeze(1), (2,) * 6, value=FLOOR_HU)
+        local = F.avg_pool3d(padded, 5, stride=1).squeeze(1)
+        hu = torch.where(hu > OVERFLOW_HU, local, hu)
+        return hu.clamp(min=FLOOR_HU)
+
+    # --- scan level ----------------------------------------------------------------------------
+    @staticmethod
+    def cut_shape(spacing) -> tuple[int, int, int]:
+        """round(32 / spacing) voxels per axis (SPEC section 2 step 1)."""
+        sp = np.asarray(spacing, dtype=np.float64).reshape(-1)
+        if sp.shape != (3,) or not np.all(sp > 0):
+            raise UsageError(f"spacing must be three positive numbers (z, y, x), got {spacing!r}")
+        return tuple(int(v) for v in scaled_shape((CUBE,) * 3, 1.0 / sp))
+
+    @staticmethod
+    def _normalise_args(vol, center, action):
+        single = vol.dim() == 3
+        if not single and vol.dim() != 4:
+            raise UsageError(f"volume must be (D, H, W) or (B, D, H, W), got {tuple(vol.shape)}")
+        b = 1 if single else vol.shape[0]
+        centers = np.asarray(center, dtype=np.float64)
+        centers = np.broadcast_to(centers.reshape(-1, 3) if centers.ndim == 2 else centers, (b, 3))
+        actions = [action] * b if isinstance(action, str) else list(action)
+        if len(actions) != b:
+            raise UsageError(f"{len(actions)} actions for a batch of {b}")
+        return single, b, centers, actions
+
+    def footprints(self, vol: torch.Tensor, spacing, center, action):
+        """Tampered footprints: [(cube (d, h, w) part inside the volume, slices of the volume)].
+
+        vol: (D, H, W) or (B, D, H, W) HU; center: (z, y, x) voxel or one per batch item;
+        action: 'inject'/'remove' or one per item.
+        """
+        single, b, centers, actions = self._normalise_args(vol, center, action)
+        v4 = vol.unsqueeze(0) if single else vol
+        shape = self.cut_shape(spacing)
+        cubes, geo = [], []
+        for i in range(b):
+            c = centers[i]
+            if np.any(c < 0) or np.any(c >= np.asarray(v4.shape[1:])):
+                raise CoordinateError(f"voxel {tuple(c.tolist())} is outside the scan {tuple(v4.shape[1:])}")
+            start, _, a, e = cube_bounds(c, shape, v4.shape[1:])
+            region = v4[i, a[0]:e[0], a[1]:e[1], a[2]:e[2]]
+            lo, hi = a - start, (start + np.asarray(shape)) - e
+            pads = [int(lo[2]), int(hi[2]), int(lo[1]), int(hi[1]), int(lo[0]), int(hi[0])]
+            cubes.append(F.pad(region.to(self.work_dtype), pads, value=CUT_PAD_HU))  # step 1
+            geo.append((lo, np.asarray(shape) - hi, tuple(slice(int(p), int(q)) for p, q in zip(a, e))))
+        cubes = torch.stack(cubes)
+        if shape != (CUBE,) * 3:  # step 2 (trilinear, not the published cubic spline)
+            cubes = F.interpolate(cubes.unsqueeze(1), size=(CUBE,) * 3, mode="trilinear",
+                                  align_corners=True).squeeze(1)
+        out = torch.empty_like(cubes)
+        for act in sorted(set(actions)):  # one generator call per action
+            idx = [i for i in range(b) if actions[i] == act]
+            res = self.cube_forward(cubes[idx], act)
+            out = out.index_copy(0, torch.tensor(idx, device=out.device), res)
+        if shape != (CUBE,) * 3:  # step 7: back to the cut shape
+            out = F.interpolate(out.unsqueeze(1), size=shape, mode="trilinear",
+                                align_corners=True).squeeze(1)
+        result = []
+        for i, (lo, hi, sl) in enumerate(geo):
+            part = out[i, int(lo[0]):int(hi[0]), int(lo[1]):int(hi[1]), int(lo[2]):int(hi[2])]
+            result.append((part.to(vol.dtype), sl))
+        return result
+
+    def forward(self, vol: torch.Tensor, spacing, center, action) -> torch.Tensor:
+        """The tampered volume (same shape and dtype as `vol`), differentiable in `vol`.
+
+        The paste writes into a clone (never in place on the caller's tensor or a leaf), so the
+        gradient is the identity outside the footprint and flows through the generator inside.
+        """
+        single = vol.dim() == 3
+        feet = self.footprints(vol, spacing, center, action)
+        out = vol.clone()
+        if single:
+            out[feet[0][1]] = feet[0][0]
+        else:
+            for i, (part, sl) in enumerate(feet):
+                out[(i,) + sl] = part
+        return out

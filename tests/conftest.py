@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny synthetic HU volumes, and the real scans fetched by `make data`."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data"
+
+# Keep TensorFlow quiet and single-threaded enough for CI's 2 cores.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def make_phantom(shape=(40, 64, 64), seed=0) -> np.ndarray:
+    """A tiny chest-like int16 HU volume: body ~40 HU, two lungs ~-850 HU with noise,
+    a 'nodule' of ~60 HU in the right lung, air outside the body."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.indices(shape, dtype=np.float32)
+    cz, cy, cx = (s / 2 for s in shape)
+    vol = np.full(shape, -1000.0, dtype=np.float32)
+    body = ((y - cy) / (0.45 * shape[1])) ** 2 + ((x - cx) / (0.48 * shape[2])) ** 2 < 1
+    vol[body] = 40.0
+    for sx in (-0.22, 0.22):
+        lung = ((y - cy) / (0.3 * shape[1])) ** 2 + ((x - cx - sx * shape[2]) / (0.16 * shape[2])) ** 2 < 1
+        lung &= np.abs(z - cz) < 0.45 * shape[0]
+        vol[lung] = -850.0
+    nod = (z - cz) ** 2 + (y - cy) ** 2 + (x - cx - 0.22 * shape[2]) ** 2 < 9
+    vol[nod] = 60.0
+    vol += rng.normal(0, 15, shape).astype(np.float32)
+    return np.clip(np.round(vol), -1024, 3071).astype(np.int16)
+
+
+@pytest.fixture
+def phantom():
+    return make_phantom()
+
+
+@pytest.fixture(scope="session")
+def real_data_dir() -> Path:
+    """Folder with the real scans at native spacing (lung1.mhd, lung2.mhd, CSVs)."""
+    d = DATA / "native"
+    if not (d / "lung1.mhd").exists():
+        pytest.fail("real scans missing: run `make data` (the test command does it for you)")
+    return d
+
+
+def build_tiny_ctgan_models(folder: Path, gf: int = 2, seed: int = 0) -> Path:
+    """A real (untrained, tiny) CT-GAN model folder: INJ and REM each with G_model.h5, an
+    equaliser fitted on phantom cubes and normalization.npy, as procedures.ctgan_train saves."""
+    from procedures.ctgan_models import build_generator
+    from procedures.keras_env import get_keras
+    from utils.equalizer import HistEqualizer
+
+    keras = get_keras()
+    cubes = np.stack([make_phantom((32, 32, 32), seed=s) for s in range(4)]).astype(np.float64)
+    for i, name in enumerate(("INJ", "REM")):
+        d = folder / name
+        d.mkdir(parents=True, exist_ok=True)
+        keras.utils.set_random_seed(seed + i)
+        build_generator(keras, gf=gf).save(d / "G_model.h5")
+        eq = HistEqualizer.fit(cubes)
+        eq.save(d / "equalization.npz")
+        e = eq.equalize(cubes)
+        np.save(d / "normalization.npy", np.array([e.mean(), e.min(), e.max()]))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_ctgan_models(tmp_path_factory) -> Path:
+    return build_tiny_ctgan_models(tmp_path_factory.mktemp("ctgan_models"))

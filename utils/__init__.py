@@ -1,0 +1,1 @@
+"""Small pure helpers: scan I/O, cubes, equaliser, metrics, errors."""

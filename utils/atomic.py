@@ -1,0 +1,135 @@
+"""Atomic output helpers: a crash, a full disk or a read-only folder never leaves a partial file.
+
+Everything is written under a hidden temporary name in the destination folder (same file
+system, so `os.replace` is atomic) and renamed into place only once complete.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from utils.errors import OutputError
+
+_REASONS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "read-only file system",
+    errno.ENOENT: "folder does not exist",
+    errno.ENOTDIR: "a parent is not a folder",
+    errno.EISDIR: "is a folder",
+}
+
+
+def os_error_message(path: str | os.PathLike, err: OSError) -> str:
+    """One line: 'cannot write <path>: <reason>'."""
+    reason = _REASONS.get(err.errno, err.strerror or str(err))
+    return f"cannot write {os.fspath(path)}: {reason}"
+
+
+def _tmp_name(path: Path, suffix: str = "") -> Path:
+    # Hidden, unique, same folder. Keeps the final extension so that libraries choosing a
+    # format by extension (SimpleITK) still do the right thing.
+    tag = next(tempfile._get_candidate_names())  # noqa: SLF001 - the stdlib's own name source
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{tag}{suffix}")
+
+
+def _remove(p: Path) -> None:
+    with contextlib.suppress(OSError):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, keep_suffix: bool = True) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on success `os.replace` it onto `path`, on any
+    failure delete it. OSError becomes OutputError (one line, names `path`)."""
+    path = Path(path)
+    tmp = _tmp_name(path, path.suffix if keep_suffix else "")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove(tmp)
+        raise OutputError(os_error_message(path, e)) from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, *, allow_existing_empty: bool = True) -> Iterator[Path]:
+    """Yield a temporary folder next to `path`; on success rename it to `path`.
+
+    A non-empty existing `path` is refused up front (OutputError); an empty one is replaced.
+    On failure the temporary folder is deleted, so `path` never holds a half-written series."""
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise OutputError(f"cannot write {path}: exists and is not a folder")
+        if any(path.iterdir()) or not allow_existing_empty:
+            raise OutputError(f"cannot write {path}: folder exists and is not empty (refusing to overwrite)")
+    tmp = _tmp_name(path)
+    try:
+        tmp.mkdir(parents=False)
+        yield tmp
+        if path.exists():
+            path.rmdir()  # empty (checked above); os.replace cannot replace a folder on all OSes
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove(tmp)
+        raise OutputError(os_error_message(path, e)) from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    a, b = Path(a), Path(b)
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
+
+
+def ensure_not_input(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None]) -> None:
+    """Refuse (OutputError) when `out` is one of `inputs`, or a file inside an input folder
+    would be overwritten by `out` being that folder. A MetaImage's .raw counts as its input."""
+    out = Path(out)
+    for inp in inputs:
+        if inp is None:
+            continue
+        inp = Path(inp)
+        candidates = [inp]
+        if inp.suffix.lower() == ".mhd":
+            candidates.append(inp.with_suffix(".raw"))
+            candidates.append(inp.with_suffix(".zraw"))
+        for c in candidates:
+            if same_file(out, c):
+                raise OutputError(f"cannot write {out}: it is the input {inp} (refusing to overwrite)")
+        if inp.is_dir() and same_file(out, inp):
+            raise OutputError(f"cannot write {out}: it is the input folder {inp} (refusing to overwrite)")
