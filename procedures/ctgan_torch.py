@@ -13,9 +13,12 @@ Two parts (SPEC.md sections 2-4):
    1-7) as a torch graph, so that a protector can take the gradient of the tampered scan with
    respect to the scan it protects. Deviations from the published NumPy pipeline, all chosen
    for differentiability and all documented where they happen:
-   - resampling is trilinear (`F.interpolate`, align_corners=True: the same sample grid as
-     `scipy.ndimage.zoom`) instead of a cubic spline, to exactly 32^3 (SPEC section 2 step 2:
-     the published zoom cannot reach 32^3 for 5 mm slices; we always can);
+   - resampling goes to exactly 32^3 and back to the cut shape (SPEC section 2 step 2: the
+     published zoom cannot reach 32^3 for 5 mm slices; like attack_pipeline's
+     exact_resample=True we always can). resample='trilinear' (default) uses F.interpolate
+     with align_corners=True: the sample grid of `scipy.ndimage.zoom`, but linear instead of a
+     cubic spline. resample='spline' is scipy's cubic-spline zoom (mode 'nearest') exactly:
+     zoom is linear and separable, so it is three small matrices built once with scipy;
    - the > 2000 HU overflow fix averages every bad voxel's 5^3 neighbourhood of the *unfixed*
      cube at once (avg_pool3d); the published Python loop fixes voxels one by one, in place,
      so later means see earlier fixes;
@@ -24,12 +27,14 @@ Two parts (SPEC.md sections 2-4):
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import scipy.ndimage
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -297,6 +302,23 @@ def torch_interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.T
     return y.reshape(x.shape)
 
 
+@functools.lru_cache(maxsize=64)
+def spline_zoom_matrix(n: int, m: int) -> np.ndarray:
+    """(m, n) matrix of scipy.ndimage.zoom(order=3, mode='nearest') from n to m samples on one axis.
+
+    zoom is linear and separable (spline prefilter and tensor-product B-spline weights per axis),
+    so the 3-D zoom of utils.resample.resample_exact is these matrices applied axis by axis
+    (checked to 1e-11 relative)."""
+    if n == m:
+        mat = np.eye(n)
+    else:
+        mat = np.stack([scipy.ndimage.zoom(e, m / n, mode="nearest") for e in np.eye(n)], axis=1)
+        if mat.shape != (m, n):
+            raise AssertionError(f"zoom {n}->{m} gave {mat.shape[0]} samples")
+    mat.setflags(write=False)
+    return mat
+
+
 def _as_arrays(eq):
     """(centres, cdf) from a HistEqualizer, a (centres, cdf) pair or a path (.npz/.pkl)."""
     if isinstance(eq, (str, os.PathLike)):
@@ -319,16 +341,20 @@ class DifferentiableTamper(nn.Module):
 
     clamp: 'plain' (torch.clamp: zero gradient where the generator output leaves [-0.5, 0.5];
     the default) or 'straight_through' (same values, identity gradient).
+    resample: 'trilinear' (default) or 'spline' (= scipy's cubic zoom, see the module docstring).
     """
 
     def __init__(self, injector: nn.Module | None, remover: nn.Module | None,
                  inj_equalizer=None, rem_equalizer=None, inj_norm=None, rem_norm=None, *,
                  freeze_generators: bool = True, clamp: str = "plain",
-                 work_dtype: torch.dtype = torch.float64):
+                 resample: str = "trilinear", work_dtype: torch.dtype = torch.float64):
         super().__init__()
         if clamp not in ("plain", "straight_through"):
             raise UsageError(f"clamp must be 'plain' or 'straight_through', not {clamp!r}")
+        if resample not in ("trilinear", "spline"):
+            raise UsageError(f"resample must be 'trilinear' or 'spline', not {resample!r}")
         self.clamp_mode = clamp
+        self.resample_mode = resample
         self.work_dtype = work_dtype
         self.generators = nn.ModuleDict()
         for action, gen, eq, norm in (("inject", injector, inj_equalizer, inj_norm),
@@ -410,12 +436,27 @@ class DifferentiableTamper(nn.Module):
         gen = self.generators[action]
         gdtype = next(gen.parameters()).dtype
         y = gen(x.to(gdtype).unsqueeze(1)).squeeze(1).to(self.work_dtype)
-        if self.clamp_mode == "plain":
-            y = y.clamp(-0.5, 0.5)
-        else:  # straight-through: clamped values, identity gradient
-            y = y + (y.clamp(-0.5, 0.5) - y).detach()
+        y = self.clamp_output(y)
         y = self.dequalize(y * (hi - lo) + mean, action)
         return self.overflow_fix(y)
+
+    def clamp_output(self, y: torch.Tensor) -> torch.Tensor:
+        """Step 5's clip to [-0.5, 0.5]; 'straight_through' keeps the identity gradient."""
+        if self.clamp_mode == "plain":
+            return y.clamp(-0.5, 0.5)
+        return y + (y.clamp(-0.5, 0.5) - y).detach()
+
+    def resample(self, cubes: torch.Tensor, shape) -> torch.Tensor:
+        """(B, d, h, w) -> (B, *shape) on the grid of scipy's zoom (corners to corners)."""
+        shape = tuple(int(s) for s in shape)
+        if tuple(cubes.shape[1:]) == shape:
+            return cubes
+        if self.resample_mode == "trilinear":
+            return F.interpolate(cubes.unsqueeze(1), size=shape, mode="trilinear",
+                                 align_corners=True).squeeze(1)
+        mz, my, mx = (torch.tensor(spline_zoom_matrix(int(n), m), dtype=cubes.dtype, device=cubes.device)
+                      for n, m in zip(cubes.shape[1:], shape))
+        return torch.einsum("ai,bj,ck,nijk->nabc", mz, my, mx, cubes)
 
     @staticmethod
     def overflow_fix(hu: torch.Tensor) -> torch.Tensor:
@@ -470,18 +511,13 @@ class DifferentiableTamper(nn.Module):
             pads = [int(lo[2]), int(hi[2]), int(lo[1]), int(hi[1]), int(lo[0]), int(hi[0])]
             cubes.append(F.pad(region.to(self.work_dtype), pads, value=CUT_PAD_HU))  # step 1
             geo.append((lo, np.asarray(shape) - hi, tuple(slice(int(p), int(q)) for p, q in zip(a, e))))
-        cubes = torch.stack(cubes)
-        if shape != (CUBE,) * 3:  # step 2 (trilinear, not the published cubic spline)
-            cubes = F.interpolate(cubes.unsqueeze(1), size=(CUBE,) * 3, mode="trilinear",
-                                  align_corners=True).squeeze(1)
+        cubes = self.resample(torch.stack(cubes), (CUBE,) * 3)  # step 2
         out = torch.empty_like(cubes)
         for act in sorted(set(actions)):  # one generator call per action
             idx = [i for i in range(b) if actions[i] == act]
             res = self.cube_forward(cubes[idx], act)
             out = out.index_copy(0, torch.tensor(idx, device=out.device), res)
-        if shape != (CUBE,) * 3:  # step 7: back to the cut shape
-            out = F.interpolate(out.unsqueeze(1), size=shape, mode="trilinear",
-                                align_corners=True).squeeze(1)
+        out = self.resample(out, shape)  # step 7: back to the cut shape
         result = []
         for i, (lo, hi, sl) in enumerate(geo):
             part = out[i, int(lo[0]):int(hi[0]), int(lo[1]):int(hi[1]), int(lo[2]):int(hi[2])]

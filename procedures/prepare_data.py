@@ -21,7 +21,6 @@ SHA-256, so a second run only verifies (about a second) and `--check` never writ
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import subprocess
@@ -33,7 +32,8 @@ from typing import Sequence
 import numpy as np
 
 from utils.atomic import atomic_path, atomic_write_text
-from utils.errors import DataFetchError, MitsError, run_cli
+from utils.errors import DataFetchError, run_cli
+from utils.lung import lung_masks
 from utils.scan_io import Scan, load_scan, save_mhd
 
 PACKAGE = "pyradiomics-bhklab"
@@ -182,38 +182,6 @@ def nodule_centres(label: np.ndarray) -> list[tuple[int, int, int]]:
     return [tuple(int(round(c)) for c in com) for com in coms]
 
 
-def lung_mask(hu: np.ndarray) -> list[np.ndarray]:
-    """The two lungs: HU < -400 inside the body, components not touching the in-plane border,
-    largest two. Returned as separate boolean masks (largest first)."""
-    import scipy.ndimage
-
-    body = hu > -500
-    lab, k = scipy.ndimage.label(body)
-    if k:
-        sizes = np.bincount(lab.ravel())[1:]
-        body = lab == (1 + int(np.argmax(sizes)))
-    body = np.stack([scipy.ndimage.binary_fill_holes(s) for s in body])
-    low = (hu < -400) & body
-    lab, k = scipy.ndimage.label(low)
-    border = set(np.unique(np.concatenate([lab[:, 0, :].ravel(), lab[:, -1, :].ravel(),
-                                            lab[:, :, 0].ravel(), lab[:, :, -1].ravel()])))
-    sizes = np.bincount(lab.ravel(), minlength=k + 1)
-    sizes[0] = 0
-    for b in border:
-        sizes[b] = 0
-    order = np.argsort(sizes)[::-1]
-    lungs = [lab == i for i in order[:2] if sizes[i] > 0]
-    if len(lungs) == 1 or sizes[order[1]] < 0.2 * sizes[order[0]]:
-        # The lungs touch (through the airways): split the largest at the body's mid-line.
-        both = lungs[0]
-        mid = int(round(np.nonzero(body.any(axis=(0, 1)))[0].mean()))
-        left, right = both.copy(), both.copy()
-        left[:, :, mid:] = False
-        right[:, :, :mid] = False
-        lungs = sorted([left, right], key=lambda m: -int(m.sum()))
-    return lungs
-
-
 def healthy_points(scan: Scan, nodules_world: np.ndarray, n: int, seed: int) -> list[tuple[int, int, int]]:
     """Seeded healthy-lung points (remover targets): eroded lung (>= LUNG_MARGIN_MM from the
     wall), locally dark (mean HU < -600 around, value < -500), >= 40 mm from any nodule,
@@ -222,9 +190,9 @@ def healthy_points(scan: Scan, nodules_world: np.ndarray, n: int, seed: int) -> 
 
     hu = scan.hu
     rng = np.random.default_rng(seed)
-    lungs = lung_mask(hu)
+    lungs = lung_masks(hu)
     if not lungs:
-        raise MitsError(f"{scan.source_path}: no lung found for healthy points")
+        raise DataFetchError(f"{scan.source_path}: no lung found for healthy points")
     smooth = scipy.ndimage.uniform_filter(hu.astype(np.float32), size=(1, 7, 7))
     zs = np.arange(hu.shape[0])[:, None, None]
     chosen: list[tuple[int, int, int]] = []
@@ -250,11 +218,6 @@ def healthy_points(scan: Scan, nodules_world: np.ndarray, n: int, seed: int) -> 
                 chosen_world.append(w)
                 got += 1
     return chosen
-
-
-def read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def to_grid(scan: Scan, world: np.ndarray) -> tuple[int, int, int]:

@@ -318,22 +318,40 @@ def test_tamper_matches_numpy_steps_at_1mm(tamper, scan, preprocessing, action):
 
 
 @pytest.mark.parametrize("spacing", [(2.5, 0.7, 0.7), (5.0, 0.6, 0.6)])
-def test_tamper_close_to_numpy_steps_when_resampling(tamper, scan, preprocessing, spacing):
-    """Trilinear vs cubic-spline resampling: the mean |difference| inside the cube is below 15%
-    of the cube's own spread (measured: 3-8%; single voxels can differ by hundreds of HU where
-    the de-equalisation jumps across an empty stretch of the histogram)."""
+@pytest.mark.parametrize("action", ["inject", "remove"])
+def test_tamper_resampling_vs_numpy_steps(tamper, scan, preprocessing, spacing, action):
+    """resample='spline' is scipy's cubic zoom: equal to the NumPy steps. The default trilinear
+    differs: mean |difference| inside the cube measured 0.8-17 HU here (3-8% of the cube's
+    spread); single voxels can differ by hundreds of HU where the de-equalisation jumps across
+    an empty stretch of the histogram."""
     eq, norm = preprocessing
-    gen = tamper.generators["remove"]
+    gen = tamper.generators[action]
 
     def gen_np(x):
         with torch.no_grad():
             return gen(torch.from_numpy(x)[None, None]).numpy()[0, 0]
 
     want = numpy_cube_reference(scan, spacing, CENTER, gen_np, eq, norm)
-    (part, _), = tamper.footprints(torch.from_numpy(scan), spacing, CENTER, "remove")
-    assert part.shape == want.shape == tuple(scaled_shape((32,) * 3, 1 / np.asarray(spacing)))
-    diff = np.abs(part.numpy() - want)
-    assert diff.mean() < 0.15 * want.std()
+    spline = DifferentiableTamper(tamper.generators["inject"], tamper.generators["remove"],
+                                  eq, eq, norm, norm, resample="spline")
+    (exact, _), = spline.footprints(torch.from_numpy(scan), spacing, CENTER, action)
+    assert exact.shape == want.shape == tuple(scaled_shape((32,) * 3, 1 / np.asarray(spacing)))
+    np.testing.assert_allclose(exact.numpy(), want, rtol=0, atol=1e-6)
+    (lin, _), = tamper.footprints(torch.from_numpy(scan), spacing, CENTER, action)
+    diff = np.abs(lin.numpy() - want)
+    print(f"trilinear vs spline {action} {spacing}: mean |diff| {diff.mean():.3g} HU, "
+          f"max {diff.max():.3g}, cube std {want.std():.3g}")
+    assert 0 < diff.mean() < 0.15 * want.std()
+
+
+def test_spline_resample_matches_scipy():
+    rng = np.random.default_rng(0)
+    t = DifferentiableTamper(random_torch_generator(2, 0), None, (np.arange(3.0), np.arange(3.0)), None,
+                             [0, 0, 1], None, resample="spline")
+    for src, dst in [((13, 46, 46), (32, 32, 32)), ((32, 32, 32), (6, 53, 53)), ((32, 32, 32), (32, 40, 40))]:
+        x = rng.normal(size=src) * 300
+        got = t.resample(torch.from_numpy(x)[None], dst)[0].numpy()
+        np.testing.assert_allclose(got, resample_exact(x, dst), rtol=0, atol=1e-8)
 
 
 def test_tamper_gradient_reaches_scan_not_frozen_generators(tamper, scan):
@@ -361,7 +379,11 @@ def test_tamper_gradient_reaches_trainable_generator(preprocessing, scan):
     out = t(vol, (2.5, 0.7, 0.7), CENTER, "inject")
     assert out.dtype == torch.float32
     out.sum().backward()
-    assert vol.grad is not None and torch.count_nonzero(vol.grad) > vol.numel() - 10000
+    (_, sl), = t.footprints(vol.detach(), (2.5, 0.7, 0.7), CENTER, "inject")
+    rest = torch.ones(vol.shape, dtype=torch.bool)
+    rest[sl] = False
+    assert torch.equal(vol.grad[rest], torch.ones(int(rest.sum())))
+    assert torch.count_nonzero(vol.grad[sl]) > 1000
     grads = [p.grad for p in gen.parameters()]
     assert all(g_ is not None for g_ in grads) and sum(float(g_.abs().sum()) for g_ in grads) > 0
 
@@ -371,9 +393,12 @@ def test_tamper_directional_derivative(preprocessing, scan):
     eq, norm = preprocessing
     t = DifferentiableTamper(random_torch_generator(2, 1).double(), None, eq, None, norm, None)
     base = torch.from_numpy(scan)
-    d = torch.randn(base.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    w = torch.randn(base.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     spacing = (2.5, 0.7, 0.7)
+    (_, sl), = t.footprints(base, spacing, CENTER, "inject")
+    d = torch.zeros_like(base)
+    w = torch.zeros_like(base)
+    d[sl] = torch.randn(d[sl].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    w[sl] = torch.randn(w[sl].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
 
     def f(v):
         return (t(v, spacing, CENTER, "inject") * w).sum()
@@ -381,27 +406,24 @@ def test_tamper_directional_derivative(preprocessing, scan):
     v = base.clone().requires_grad_(True)
     f(v).backward()
     analytic = float((v.grad * d).sum())
-    eps = 1e-4
+    eps = 1e-6  # small: the equaliser is piecewise linear with knots ~0.4 HU apart
     with torch.no_grad():
         numeric = float((f(base + eps * d) - f(base - eps * d)) / (2 * eps))
-    assert abs(analytic - numeric) <= 1e-4 * max(1.0, abs(numeric))
+    print(f"directional derivative: autograd {analytic:.6g}, finite difference {numeric:.6g}")
+    assert abs(numeric) > 1.0
+    assert abs(analytic - numeric) <= 1e-5 * abs(numeric)
 
 
-def test_tamper_straight_through_clamp(preprocessing, scan):
+def test_tamper_straight_through_clamp(preprocessing):
     eq, norm = preprocessing
-    gen = random_torch_generator(2, 1)
-    with torch.no_grad():
-        gen.g_out.bias.fill_(2.0)  # push the output into saturation beyond +-0.5
-    plain = DifferentiableTamper(gen, None, eq, None, norm, None)
-    ste = DifferentiableTamper(gen, None, eq, None, norm, None, clamp="straight_through")
-    grads = []
-    for t in (plain, ste):
-        v = torch.from_numpy(scan).clone().requires_grad_(True)
-        out = t(v, (1.0, 1.0, 1.0), CENTER, "inject")
-        out[8:40, 24:56, 36:68].sum().backward()
-        grads.append((out.detach(), v.grad))
-    assert torch.equal(grads[0][0], grads[1][0])                  # same values
-    assert torch.count_nonzero(grads[1][1]) > torch.count_nonzero(grads[0][1])
+    y = torch.tensor([-0.9, -0.2, 0.3, 0.7], dtype=torch.float64, requires_grad=True)
+    for mode, want_grad in (("plain", [0.0, 1.0, 1.0, 0.0]), ("straight_through", [1.0] * 4)):
+        t = DifferentiableTamper(random_torch_generator(2, 0), None, eq, None, norm, None, clamp=mode)
+        y.grad = None
+        out = t.clamp_output(y)
+        out.sum().backward()
+        assert out.tolist() == [-0.5, -0.2, 0.3, 0.5]
+        assert y.grad.tolist() == want_grad
 
 
 def test_tamper_batch_equals_single(tamper, scan):
@@ -475,11 +497,15 @@ def test_tamper_matches_attack_pipeline(model_dir, scan, action, spacing):
     y = m.from_net(m.generate(x.reshape(1, 32, 32, 32, 1).astype(np.float32)).reshape((32,) * 3))
     want = resample_exact(fix_overflow(y), shape)
 
-    t = DifferentiableTamper.from_model_dirs(model_dir / "INJ", model_dir / "REM")
-    (part, _), = t.footprints(torch.from_numpy(scan), spacing, CENTER, action)
-    diff = np.abs(part.numpy() - want)
-    print(f"{action} {spacing}: mean |diff| {diff.mean():.3g} HU, max {diff.max():.3g}, cube std {want.std():.3g}")
-    if spacing == (1.0, 1.0, 1.0):
-        assert diff.mean() < 0.05  # float32 Keras vs torch generator only
-    else:
-        assert diff.mean() < 0.15 * want.std()
+    for mode in ("spline", "trilinear"):
+        t = DifferentiableTamper.from_model_dirs(model_dir / "INJ", model_dir / "REM", resample=mode)
+        (part, _), = t.footprints(torch.from_numpy(scan), spacing, CENTER, action)
+        diff = np.abs(part.numpy() - want)
+        print(f"pipeline vs torch ({mode}) {action} {spacing}: mean |diff| {diff.mean():.3g} HU, "
+              f"max {diff.max():.3g}, cube std {want.std():.3g}")
+        if mode == "spline" or spacing == (1.0, 1.0, 1.0):
+            # only float32 Keras vs torch generator differences, amplified at a few voxels
+            # where de-equalisation jumps across an empty stretch of the histogram
+            assert diff.mean() < 0.05 and np.median(diff) < 1e-3
+        else:
+            assert diff.mean() < 0.3 * want.std()

@@ -8,8 +8,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -36,7 +36,7 @@ def os_error_message(path: str | os.PathLike, err: OSError) -> str:
 def _tmp_name(path: Path, suffix: str = "") -> Path:
     # Hidden, unique, same folder. Keeps the final extension so that libraries choosing a
     # format by extension (SimpleITK) still do the right thing.
-    tag = next(tempfile._get_candidate_names())  # noqa: SLF001 - the stdlib's own name source
+    tag = secrets.token_hex(4)
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{tag}{suffix}")
 
 

@@ -3,6 +3,14 @@
 Conventions (SPEC.md section 1): every array and every geometry vector is in (z, y, x) order.
 `direction` is the 3x3 direction-cosine matrix in that same order, so
 world_zyx = origin + direction @ (spacing * voxel_zyx).
+SimpleITK speaks (x, y, z): spacing/origin are reversed and direction_zyx = D_xyz[::-1, ::-1].
+
+Public: load_scan, save_mhd, save_dicom_series, save_numpy, load_numpy, validate_dicom, hu_array.
+Every failure is a utils.errors type with a one-line message naming the file; writers are
+atomic (nothing partial is left) and refuse to overwrite the scan's own source.
+A DICOM series is always read in increasing position along row x column (the usual
+right-handed order), so a volume with a left-handed direction written as DICOM reads back
+with its slices reversed (same world geometry, different index order).
 """
 from __future__ import annotations
 
@@ -242,6 +250,10 @@ def _load_dicom_dir(folder: Path, series_uid: str | None) -> Scan:
 
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     if not files:
+        subdirs = [p for p in folder.iterdir() if p.is_dir()]
+        if subdirs:
+            raise ScanFormatError(f"{folder}: no DICOM files in this folder, only {len(subdirs)} sub-folder(s); "
+                                  f"pass the folder that holds the series")
         raise InputFileError(f"{folder}: folder is empty")
     headers = []
     for p in files:

@@ -1,0 +1,324 @@
+"""Train CT-GAN's injector or remover: the 3-D pix2pix of SPEC.md section 3, in Keras 3.
+
+    python -m procedures.ctgan_train --model inj --csv data/z2.5/nodules.csv --out models/INJ --preset demo
+
+Writes into the model folder: G_model.h5 (Keras, loads with keras.models.load_model(...,
+compile=False)), equalization.npz + normalization.npy (the preprocessing the attack needs),
+config.json (the resolved training config), history.json (per-epoch mean losses) and
+progress/epoch_NNN.png (middle slices of condition / generated / original).
+
+Published behaviour kept: condition = cube with [6:26]^3 zeroed; D = least squares with the
+inverted labels (real 0, fake 1), Adam(1e-6, beta1 0.5); combined G = MSE adversarial + 100 x L1,
+Adam(2e-4, beta1 0.5); one D step on real and one on fake, then one G step, per batch.
+Deliberate differences: the data are reshuffled every epoch (seeded) instead of once, the last
+partial batch is dropped (the published loader also drops one full batch), and G is saved at
+the end of every epoch; `published_save_schedule` restores saving at the start of every epoch
+after the first, which never saves the last epoch's weights.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from procedures.ctgan_dataset import MASK, TrainingSet, build_training_set, save_preprocessing
+from utils.errors import OutputError, UsageError, run_cli
+
+MODELS = ("inj", "rem")
+
+
+@dataclass
+class CTGANTrainConfig:
+    model: str = "inj"                 # 'inj' (nodule locations) or 'rem' (healthy locations)
+    gf: int = 100                      # generator filters in the first layer
+    df: int = 100                      # discriminator filters in the first layer
+    epochs: int = 200
+    batch: int = 32
+    # Cap on batches per epoch (a random subset each epoch); None = the whole set, as published.
+    max_steps_per_epoch: int | None = None
+    g_lr: float = 2e-4
+    d_lr: float = 1e-6                 # sic: the published discriminator learns 200x slower
+    beta1: float = 0.5
+    l1_weight: float = 100.0
+    seed: int = 0
+    backend: str | None = None         # Keras backend; None = see resolve_backend()
+    exact_resample: bool = True        # False: the published zoom (5 mm -> 30 or 42 mm cubes)
+    published_save_schedule: bool = False
+    progress_samples: int = 3          # cubes shown in each progress image
+    preset: str = "paper"
+
+    def validate(self) -> "CTGANTrainConfig":
+        if self.model not in MODELS:
+            raise UsageError(f"--model must be one of {', '.join(MODELS)}, got {self.model!r}")
+        for name in ("gf", "df", "epochs", "batch"):
+            if int(getattr(self, name)) < 1:
+                raise UsageError(f"--{name} must be a positive integer, got {getattr(self, name)}")
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
+            raise UsageError("max_steps_per_epoch must be positive or None")
+        return self
+
+
+# 'paper' = the published training scripts. 'demo' = a few minutes on a 2-core CPU with the
+# PyTorch backend: gf=df=8 (1.0 M + 0.18 M parameters instead of 189.5 M), batch 8, and a cap on
+# steps so the remover (16 locations x 67 = 1072 cubes) costs about as much as the injector.
+PRESETS = {
+    "paper": dict(gf=100, df=100, epochs=200, batch=32, max_steps_per_epoch=None),
+    "demo": dict(gf=8, df=8, epochs=6, batch=8, max_steps_per_epoch=16),
+}
+
+
+def make_config(preset: str = "paper", **overrides) -> CTGANTrainConfig:
+    """A preset's config with `overrides` (None values are ignored) applied."""
+    if preset not in PRESETS:
+        raise UsageError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    names = {f.name for f in fields(CTGANTrainConfig)}
+    bad = set(overrides) - names
+    if bad:
+        raise UsageError(f"unknown config field(s): {', '.join(sorted(bad))}")
+    cfg = CTGANTrainConfig(preset=preset, **PRESETS[preset])
+    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None}).validate()
+
+
+def resolve_backend(requested: str | None, prefer_torch: bool = False) -> str | None:
+    """The Keras backend to train on.
+
+    Keras can load only one backend per process, so an already-imported Keras wins. The CLI
+    prefers PyTorch: on this CPU its Conv3D backward pass is ~10x faster than TensorFlow's
+    (same .h5 either way). In-process callers get keras_env's default (TensorFlow).
+    """
+    if requested:
+        return requested
+    if "keras" in sys.modules:
+        return sys.modules["keras"].backend.backend()
+    if os.environ.get("KERAS_BACKEND"):
+        return os.environ["KERAS_BACKEND"]
+    if prefer_torch:
+        import importlib.util
+        if importlib.util.find_spec("torch"):
+            return "torch"
+    return None
+
+
+def make_condition(cubes: np.ndarray) -> np.ndarray:
+    """Copy of (n, 32, 32, 32, 1) cubes with the in-painting region [6:26]^3 set to 0."""
+    out = np.array(cubes, dtype=np.float32, copy=True)
+    lo, hi = MASK
+    out[:, lo:hi, lo:hi, lo:hi] = 0.0
+    return out
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    history: list = field(default_factory=list)   # per epoch: d_loss, g_loss, g_adv, g_l1, seconds
+    wall_s: float = 0.0
+    n_samples: int = 0
+    backend: str = ""
+
+
+# --- Keras pieces -------------------------------------------------------------------------------
+def build_models(keras, cfg: CTGANTrainConfig):
+    """(G, D, combined), compiled as published. D.trainable is toggled by train_step."""
+    from procedures.ctgan_models import CUBE, build_discriminator, build_generator
+
+    G = build_generator(keras, cfg.gf)
+    D = build_discriminator(keras, cfg.df)
+    D.compile(loss="mse", optimizer=keras.optimizers.Adam(cfg.d_lr, beta_1=cfg.beta1))
+    img_a = keras.Input(shape=CUBE, name="c_img")
+    img_b = keras.Input(shape=CUBE, name="c_cond")
+    fake = G(img_b)
+    # Keras 3 reads `trainable` when a train function is first built (TF) or at every call
+    # (torch), not at compile time as Keras 2 did: train_step sets it before each call.
+    D.trainable = False
+    valid = D([fake, img_b])
+    combined = keras.Model([img_a, img_b], [valid, fake], name="combined")
+    combined.compile(loss=["mse", "mae"], loss_weights=[1.0, cfg.l1_weight],
+                     optimizer=keras.optimizers.Adam(cfg.g_lr, beta_1=cfg.beta1))
+    return G, D, combined
+
+
+def train_step(G, D, combined, imgs_a: np.ndarray) -> dict:
+    """One published pix2pix step on a batch of original cubes; returns the losses."""
+    imgs_b = make_condition(imgs_a)
+    n = len(imgs_a)
+    patch = (n,) + tuple(int(s) for s in D.output.shape[1:])
+    real = np.zeros(patch, np.float32)  # published labels are inverted: real 0, fake 1
+    fake_lbl = np.ones(patch, np.float32)
+    fake_a = np.asarray(G.predict_on_batch(imgs_b), dtype=np.float32)
+    D.trainable = True
+    d_real = float(D.train_on_batch([imgs_a, imgs_b], real))
+    d_fake = float(D.train_on_batch([fake_a, imgs_b], fake_lbl))
+    D.trainable = False
+    g = combined.train_on_batch([imgs_a, imgs_b], [real, imgs_a], return_dict=True)
+    adv = float(g.get("discriminator_loss", np.nan))
+    l1 = float(g.get("generator_loss", np.nan))
+    return {"d_loss": 0.5 * (d_real + d_fake), "g_loss": float(g["loss"]), "g_adv": adv, "g_l1": l1}
+
+
+def save_generator(G, out_dir: Path) -> Path:
+    """Write G_model.h5 atomically (Keras needs the .h5 suffix to pick the HDF5 format)."""
+    dst = out_dir / "G_model.h5"
+    tmp = out_dir / "G_model.tmp.h5"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Keras 3 calls HDF5 'legacy'; the attack needs it
+        try:
+            G.save(tmp)
+        except OSError as e:
+            raise OutputError(f"{tmp}: cannot write the generator ({e})") from None
+    os.replace(tmp, dst)
+    return dst
+
+
+def save_progress_image(G, cubes: np.ndarray, path: Path, title: str) -> None:
+    """Middle axial slice of condition / generated / original for a few cubes (PNG)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cond = make_condition(cubes)
+    gen = np.asarray(G.predict_on_batch(cond))
+    rows = (("condition", cond), ("generated", gen), ("original", cubes))
+    k = len(cubes)
+    fig = Figure(figsize=(2.0 * k, 6.3))
+    FigureCanvasAgg(fig)
+    vmin, vmax = float(cubes.min()), float(cubes.max())
+    for r, (name, arr) in enumerate(rows):
+        for c in range(k):
+            ax = fig.add_subplot(3, k, r * k + c + 1)
+            ax.imshow(arr[c, 16, :, :, 0], cmap="bone", vmin=vmin, vmax=vmax)
+            ax.set_title(name, fontsize=8)
+            ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=72)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+# --- training ---------------------------------------------------------------------------------
+def train(data: TrainingSet, out_dir, cfg: CTGANTrainConfig, progress: bool = True,
+          extra_config: dict | None = None) -> TrainResult:
+    """Train G and D on `data` (see procedures.ctgan_dataset) and write the model folder."""
+    from tqdm import tqdm
+
+    from procedures.keras_env import get_keras
+
+    cfg.validate()
+    out_dir = Path(out_dir)
+    try:
+        (out_dir / "progress").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{out_dir}: cannot create the model folder ({e.strerror})") from None
+    keras = get_keras(resolve_backend(cfg.backend))
+    backend = keras.backend.backend()
+    keras.utils.set_random_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+
+    x = np.ascontiguousarray(data.samples, dtype=np.float32)
+    n = len(x)
+    batch = min(cfg.batch, n)
+    n_batches = n // batch
+    steps = n_batches if cfg.max_steps_per_epoch is None else min(n_batches, cfg.max_steps_per_epoch)
+    show = x[rng.choice(n, size=min(cfg.progress_samples, n), replace=False)]
+
+    save_preprocessing(out_dir, data.equalizer, data.normalization)
+    _write_json(out_dir / "config.json", {**asdict(cfg), "backend": backend, "n_samples": n,
+                                          "steps_per_epoch": steps, **(extra_config or {})})
+    G, D, combined = build_models(keras, cfg)
+
+    result = TrainResult(out_dir=out_dir, n_samples=n, backend=backend)
+    t0 = time.perf_counter()
+    for epoch in range(cfg.epochs):
+        if cfg.published_save_schedule and epoch > 0:
+            save_generator(G, out_dir)
+        te = time.perf_counter()
+        order = rng.permutation(n)
+        losses = []
+        bar = tqdm(range(steps), desc=f"{cfg.model} epoch {epoch + 1}/{cfg.epochs}",
+                   unit="batch", disable=not progress, leave=True)
+        for b in bar:
+            losses.append(train_step(G, D, combined, x[order[b * batch:(b + 1) * batch]]))
+            bar.set_postfix(d=f"{losses[-1]['d_loss']:.4f}", g=f"{losses[-1]['g_loss']:.3f}",
+                            l1=f"{losses[-1]['g_l1']:.4f}")
+        bar.close()
+        rec = {k: float(np.mean([l[k] for l in losses])) for k in losses[0]}
+        rec.update(epoch=epoch + 1, seconds=time.perf_counter() - te)
+        result.history.append(rec)
+        save_progress_image(G, show, out_dir / "progress" / f"epoch_{epoch + 1:03d}.png",
+                            f"{cfg.model} epoch {epoch + 1}: D {rec['d_loss']:.4f}  G {rec['g_loss']:.3f}")
+        if not cfg.published_save_schedule:
+            save_generator(G, out_dir)
+        _write_json(out_dir / "history.json", result.history)
+    result.wall_s = time.perf_counter() - t0
+    return result
+
+
+def train_from_csv(csv_path, out_dir, cfg: CTGANTrainConfig, progress: bool = True) -> TrainResult:
+    """Build the training set from `csv_path` (SPEC section 3) and train."""
+    data = build_training_set(csv_path, exact_resample=cfg.exact_resample, progress=progress)
+    return train(data, out_dir, cfg, progress=progress, extra_config={"csv": str(csv_path)})
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one-line UsageError instead of argparse's exit
+        raise UsageError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m procedures.ctgan_train",
+                description="Train CT-GAN's injector (nodule locations) or remover (healthy locations).")
+    p.add_argument("--model", required=True, choices=MODELS)
+    p.add_argument("--csv", required=True, help="locations CSV: filename,z,y,x[,coord]")
+    p.add_argument("--out", required=True, help="model folder, e.g. models/INJ")
+    p.add_argument("--preset", default="paper", choices=sorted(PRESETS),
+                   help="paper: published settings (GPU, days); demo: minutes on a CPU")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--gf", type=int)
+    p.add_argument("--df", type=int)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--max-steps-per-epoch", type=int, dest="max_steps_per_epoch")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--backend", choices=("tensorflow", "torch"),
+                   help="Keras backend (default: torch when installed: faster on CPU)")
+    p.add_argument("--published-resample", action="store_true",
+                   help="CT-GAN's zoom instead of an exact 40^3 resample (5 mm scans then give 30/42 mm)")
+    p.add_argument("--published-save-schedule", action="store_true",
+                   help="save G only at the start of epochs 2.. (the last epoch is never saved)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        a = _parser().parse_args(argv)
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    cfg = make_config(a.preset, model=a.model, epochs=a.epochs, gf=a.gf, df=a.df, batch=a.batch,
+                      max_steps_per_epoch=a.max_steps_per_epoch, seed=a.seed,
+                      backend=resolve_backend(a.backend, prefer_torch=True),
+                      exact_resample=not a.published_resample,
+                      published_save_schedule=a.published_save_schedule)
+    res = train_from_csv(a.csv, a.out, cfg, progress=not a.quiet)
+    last = res.history[-1]
+    print(f"trained {cfg.model} ({cfg.preset}: gf={cfg.gf} df={cfg.df} batch={cfg.batch} "
+          f"epochs={cfg.epochs}, {res.n_samples} samples, backend {res.backend}) in {res.wall_s:.1f} s; "
+          f"last epoch D {last['d_loss']:.4f} G {last['g_loss']:.4f} (adv {last['g_adv']:.4f}, "
+          f"L1 {last['g_l1']:.4f}); wrote {res.out_dir}/G_model.h5")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,125 @@
+"""Tamper a CT scan with CT-GAN (inject or remove nodules): the attacker of SPEC.md section 2.
+
+    python tamper.py -t data/z2.5/lung1.mhd -d out -a inject -c 66,359,218 [-c z,y,x ...]
+
+Writes the tampered scan into OUTDIR as <name>_tampered.mhd / .npy / a DICOM folder (never over
+the input, atomically) and prints the time of each tamper.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from utils.errors import CoordinateError, OutputError, UsageError, run_cli
+
+_NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_COORD = re.compile(rf"^\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*$")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line through run_cli, exit code 2, instead of usage + exit
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(description="CT-GAN evidence tampering: inject or remove lung nodules in a CT scan "
+                            "(MetaImage .mhd, NRRD, NIfTI, .npy or a DICOM series folder).")
+    p.add_argument("-t", "--target", required=True, help="scan to tamper: a .mhd file or a DICOM series folder")
+    p.add_argument("-d", "--destination", required=True, help="folder for the tampered scan (created)")
+    p.add_argument("-a", "--action", choices=["inject", "remove"], required=True)
+    p.add_argument("-c", "--coord", required=True, action="extend", nargs="+", metavar="Z,Y,X",
+                   help="location(s) to tamper, z,y,x without spaces; repeat -c or list several")
+    p.add_argument("-s", "--system", choices=["vox", "world"], default="vox",
+                   help="coordinates are voxel indices (default) or world mm (z,y,x)")
+    p.add_argument("-f", "--outformat", choices=["dicom", "mhd", "numpy"], default=None,
+                   help="output format (default: dicom for a DICOM input, else mhd)")
+    p.add_argument("--models", default="models", help="folder with INJ/ and REM/ model folders (default: models)")
+    p.add_argument("--backend", choices=["tensorflow", "torch"], default=None, help="Keras backend")
+    p.add_argument("--seed", type=int, default=None, help="seed for the gaussian noise mode")
+    p.add_argument("--noise", choices=["copy", "gaussian"], default="copy",
+                   help="noise touch-up: copied from the scan (published default) or smoothed Gaussian")
+    p.add_argument("--published-resample", action="store_true",
+                   help="CT-GAN's own zoom (fails on 5 mm slices) instead of exact resampling to 32^3")
+    return p
+
+
+def parse_coord(text: str) -> np.ndarray:
+    m = _COORD.match(text)
+    if not m:
+        raise CoordinateError(f"bad coordinate {text!r}: expected three numbers z,y,x (e.g. 33,359,218)")
+    return np.array([float(g) for g in m.groups()])
+
+
+def _load(path: str):
+    from utils.scan_io import load_numpy, load_scan
+    return load_numpy(path) if str(path).lower().endswith(".npy") else load_scan(path)
+
+
+def _output_hu(tampered: np.ndarray, original_dtype) -> np.ndarray:
+    """Integer scans stay integer on disk (CT HU are int16; SPEC 1): round and clip."""
+    if np.issubdtype(original_dtype, np.integer):
+        info = np.iinfo(original_dtype)
+        return np.clip(np.round(tampered), info.min, info.max).astype(original_dtype)
+    return tampered.astype(np.float32)
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    coords = [parse_coord(c) for c in args.coord]
+
+    from procedures.attack_pipeline import ScanManipulator, check_coord
+    from utils.scan_io import save_dicom_series, save_mhd, save_numpy
+
+    target = Path(args.target)
+    scan = _load(args.target)
+    is_dicom = target.is_dir()
+    fmt = args.outformat or ("dicom" if is_dicom else "mhd")
+    dest = Path(args.destination)
+    if dest.exists() and not dest.is_dir():
+        raise OutputError(f"cannot write {dest}: exists and is not a folder")
+    stem = target.name if is_dicom else target.name.split(".")[0]
+    out = dest / f"{stem}_tampered" if fmt == "dicom" else dest / f"{stem}_tampered.{'mhd' if fmt == 'mhd' else 'npy'}"
+
+    # All coordinates are checked before any model is loaded or anything is written.
+    vox = [c if args.system == "vox" else scan.world2vox(c) for c in coords]
+    for v in vox:
+        check_coord(v, scan.shape)
+
+    man = ScanManipulator(args.models, backend=args.backend, noise=args.noise, seed=args.seed,
+                          exact_resample=not args.published_resample)
+    man.load_target(scan)
+    t0 = time.perf_counter()
+    man.model(args.action)
+    print(f"loaded the {args.action} model from {man.model_dir} in {time.perf_counter() - t0:.2f} s")
+    for i, v in enumerate(vox, 1):
+        t0 = time.perf_counter()
+        man.tamper(v, action=args.action, isVox=True)
+        shown = ",".join(f"{x:g}" for x in v)
+        print(f"{args.action} {i}/{len(vox)} at voxel (z,y,x)=({shown}): {time.perf_counter() - t0:.3f} s")
+
+    man.scan.hu = _output_hu(man.scan.hu, scan.hu.dtype)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        from utils.atomic import os_error_message
+        raise OutputError(os_error_message(dest, e)) from None
+    if fmt == "mhd":
+        written = save_mhd(man.scan, out)
+    elif fmt == "numpy":
+        written = save_numpy(man.scan, out)
+    else:
+        written = save_dicom_series(man.scan, out, series_description=f"CT-GAN {args.action}")
+    print(f"wrote {written}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
