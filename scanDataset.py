@@ -18,7 +18,7 @@ import torch
 from utils.errors import InputFileError
 from utils.scan_io import Scan, load_scan
 
-SCAN_SUFFIXES = (".mhd", ".mha", ".nrrd", ".nii", ".nii.gz")
+SCAN_SUFFIXES = (".mhd", ".mha", ".nrrd", ".nii", ".nii.gz", ".npy")
 
 
 def list_scans(folder, mhd_only: bool = False) -> list[Path]:

@@ -22,6 +22,11 @@ _COORD = re.compile(rf"^\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*$")
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        # World coordinates are often negative: "-c -100,20,-40" is a value, not an option.
+        self._negative_number_matcher = re.compile(r"^-[\d.]")
+
     def error(self, message):  # one line through run_cli, exit code 2, instead of usage + exit
         raise UsageError(message)
 
@@ -75,7 +80,7 @@ def main(argv=None) -> int:
         return int(e.code or 0)
     coords = [parse_coord(c) for c in args.coord]
 
-    from procedures.attack_pipeline import ScanManipulator, check_coord
+    from procedures.attack_pipeline import AttackShapeError, ScanManipulator, check_coord, published_shape_error
     from utils.scan_io import save_dicom_series, save_mhd, save_numpy
 
     target = Path(args.target)
@@ -92,6 +97,8 @@ def main(argv=None) -> int:
     vox = [c if args.system == "vox" else scan.world2vox(c) for c in coords]
     for v in vox:
         check_coord(v, scan.shape)
+    if args.published_resample and published_shape_error(scan.spacing):
+        raise AttackShapeError(f"{target}: {published_shape_error(scan.spacing)}")
 
     man = ScanManipulator(args.models, backend=args.backend, noise=args.noise, seed=args.seed,
                           exact_resample=not args.published_resample)

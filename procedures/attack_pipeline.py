@@ -20,10 +20,12 @@ MITS-GAN uses unchanged as its frozen attacker, with these deliberate difference
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +34,8 @@ import scipy.stats
 
 from utils.cubes import cube_bounds, cut_cube, paste_cube
 from utils.equalizer import HistEqualizer
-from utils.errors import CoordinateError, MitsError, ModelFileError, UnsafeFileError, UsageError
+from utils.errors import (CoordinateError, MitsError, ModelFileError, ScanFormatError, UnsafeFileError,
+                          UsageError)
 from utils.resample import resample_exact, scale_published, scaled_shape
 
 CUBE = np.array([32, 32, 32])             # z, y, x voxels at 1 mm (SPEC 2)
@@ -117,6 +120,9 @@ def published_shape_error(spacing) -> str | None:
 # --------------------------------------------------------------------------------------------
 # one frozen generator with its preprocessing files
 # --------------------------------------------------------------------------------------------
+_SHARED: "weakref.WeakValueDictionary[tuple, CTGANModel]" = weakref.WeakValueDictionary()
+
+
 class CTGANModel:
     """One CT-GAN model folder: generator .h5, normalization.npy, equaliser (.npz or legacy .pkl).
 
@@ -137,6 +143,20 @@ class CTGANModel:
         self.keras = get_keras(backend)
         self.model = self._load_keras(g_path)
         self.available = True
+
+    @classmethod
+    def shared(cls, folder, *, backend: str | None = None, missing_ok: bool = False) -> "CTGANModel":
+        """Like the constructor, but reuses a model already loaded from the same unchanged files
+        while anything still holds it (inference is stateless; loading + tracing costs ~1 s)."""
+        folder = Path(folder)
+        files = sorted(folder.glob("*")) if folder.is_dir() else []
+        key = (str(folder.resolve()), backend, missing_ok,
+               tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.is_file()))
+        model = _SHARED.get(key)
+        if model is None:
+            model = cls(folder, backend=backend, missing_ok=missing_ok)
+            _SHARED[key] = model
+        return model
 
     def _find_files(self, missing_ok):
         def missing(msg):
@@ -224,14 +244,14 @@ class ScanManipulator:
         self.rng = np.random.default_rng(seed)
         self._models: dict[str, CTGANModel] = {}
         self.scan = None
-        self.timings: list[float] = []     # CPU-side wall seconds per tamper_volume call
+        self.timings: collections.deque[float] = collections.deque(maxlen=1000)  # s per tamper_volume
 
     # --- models -------------------------------------------------------------------------------
     def model(self, action: str) -> CTGANModel:
         _check_action(action)
         if action not in self._models:
-            self._models[action] = CTGANModel(self.model_dir / SUBDIR[action], backend=self.backend,
-                                              missing_ok=self.published)
+            self._models[action] = CTGANModel.shared(self.model_dir / SUBDIR[action], backend=self.backend,
+                                                     missing_ok=self.published)
         return self._models[action]
 
     @property
@@ -270,7 +290,9 @@ class ScanManipulator:
         center = check_coord(coord_vox, vol.shape)
         spacing = np.asarray(spacing, dtype=np.float64).reshape(3)
         if not np.all(spacing > 0):
-            raise MitsError(f"invalid voxel spacing {spacing.tolist()}")
+            raise ScanFormatError(f"invalid voxel spacing {spacing.tolist()} mm")
+        if not np.issubdtype(vol.dtype, np.floating):  # pasting blends into ints would truncate
+            raise UsageError(f"tamper_volume needs a float HU volume, got {vol.dtype}")
         model = self.model(action)
         if not model.available:  # published preset: message, scan unchanged (SPEC 3)
             print(f"warning: cannot {action}: no model in {model.folder}; scan left unchanged",
@@ -418,4 +440,5 @@ def check_coord(coord_vox, vol_shape) -> np.ndarray:
         shown = ",".join(f"{v:g}" for v in c)
         raise CoordinateError(f"voxel coordinate (z,y,x)=({shown}) is outside the scan of shape "
                               f"(z,y,x)={tuple(int(s) for s in shape)}")
-    return np.floor(c).astype(np.int64)
+    # Truncate like cutCube, but forgive float noise from world->voxel (29.9999999 is voxel 30).
+    return np.minimum(np.floor(c + 1e-6), shape - 1).astype(np.int64)

