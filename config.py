@@ -12,7 +12,9 @@ Presets:
   reference  the published code's behaviour, quirks included (float64, whole-scan re-read per
              step, near-end rule, silent zero on attacker errors, HU mapping by slab min-max).
   demo       small networks on CPU in minutes, on the real scans resampled to 2.5 mm.
-  default    our recommended model: U-Net on slabs, PatchGAN, tamper inside the slab.
+  default    our recommended model (beyond the paper): U-Net on slabs with a perturbation
+             bound in HU, PatchGAN, gradients through a PyTorch port of CT-GAN (inject and remove
+             each step), tamper inside the slab and the lungs, int16 quantisation in the loop.
 """
 from __future__ import annotations
 
@@ -51,7 +53,13 @@ class Config:
     dtype: str = "float32"             # float32 | float64 (published)
     device: str = "auto"               # auto (CUDA when present) | cpu | cuda | cuda:N
     seed: int = 0                      # -1 = unseeded (published)
+    fidelity_weight: float = 0.0       # + w * MSE(x_p, x) (0 = none, as published)
     # --- the frozen CT-GAN attacker during training -----------------------------------------
+    attack_mode: str = "blackbox"      # blackbox: published constant target T (Keras, NumPy)
+                                       # whitebox: gradients through the PyTorch CT-GAN port
+    whitebox_both: bool = False        # whitebox: inject and remove at every step
+    quantize: bool = False             # round protected HU to integers before the attacker
+                                       # (straight-through in whitebox): survives int16 storage
     keras_backend: str = ""            # "" = tensorflow when installed, else torch
     exact_resample: bool = True        # resample CT-GAN cubes to exactly 32^3 (SPEC section 9)
     near_end_rule: bool = True         # published: term only when 32 < s and s + 32 < depth
@@ -84,7 +92,9 @@ PRESETS: dict[str, dict] = {
         near_end_rule=True, tamper_z="published", tamper_yx="published"),
     "default": dict(
         out_dir="runs/default", generator="unet", discriminator="patch", g_width=32, d_width=32,
-        eps_hu=0.0, tamper_z="slab", tamper_yx="lung", hu_mapping="volume", near_end_rule=False),
+        eps_hu=10.0, fidelity_weight=10.0, attack_mode="whitebox", whitebox_both=True,
+        quantize=True, lambda_disrupt=1.0, tamper_z="slab", tamper_yx="lung",
+        hu_mapping="volume", near_end_rule=False),
     "demo": dict(
         out_dir="runs/demo", generator="unet", discriminator="patch", g_width=8, d_width=8,
         epochs=2, tamper_z="slab", tamper_yx="lung", hu_mapping="volume", near_end_rule=False,
@@ -100,6 +110,7 @@ CHOICES = {
     "hu_mapping": ("published", "volume"),
     "attack_errors": ("count", "silent"),
     "keras_backend": ("", "tensorflow", "torch"),
+    "attack_mode": ("blackbox", "whitebox"),
 }
 
 
@@ -163,8 +174,8 @@ def validate(cfg: Config) -> None:
     for name in ("slab", "epochs", "g_width", "d_width"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name} must be >= 1")
-    if cfg.eps_hu < 0:
-        raise UsageError("--eps_hu must be >= 0")
+    if cfg.eps_hu < 0 or cfg.fidelity_weight < 0:
+        raise UsageError("--eps_hu and --fidelity_weight must be >= 0")
     if cfg.eps_hu > 0 and cfg.generator != "unet":
         raise UsageError("--eps_hu needs --generator unet (the published generator is unbounded)")
 

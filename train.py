@@ -100,7 +100,11 @@ def main(argv=None) -> int:
     # Published D ends in a sigmoid (BCELoss); ours outputs logits (BCEWithLogitsLoss).
     bce = nn.BCELoss() if getattr(D, "sigmoid_head", False) else nn.BCEWithLogitsLoss()
     mse = nn.MSELoss()
-    target = DisruptionTarget(cfg)
+    if cfg.attack_mode == "whitebox":
+        from procedures.whitebox import WhiteboxDisruption
+        target = WhiteboxDisruption(cfg, device)
+    else:
+        target = DisruptionTarget(cfg)
     start = 0
     if state is not None:
         G.load_state_dict(state["generator"])
@@ -147,23 +151,28 @@ def main(argv=None) -> int:
         opt_D.step()
         t_gd = time.perf_counter() - t0
 
-        # Disruption target through the frozen CT-GAN (NumPy, no gradient).
+        # Disruption through the frozen CT-GAN: black box = a constant target T (NumPy, no
+        # gradient, as published); white box = CT-GAN's output change, differentiable.
         t1 = time.perf_counter()
-        T = target.target(item, s, x_p.detach()[0].double().cpu().numpy(), k, rng)
+        T = None
+        if cfg.attack_mode == "whitebox":
+            disruption = target.loss(item, s, x_p, k, rng)
+        else:
+            T = target.target(item, s, x_p.detach()[0].double().cpu().numpy(), k, rng)
+            disruption = None if T is None else mse(x_p, torch.from_numpy(T).to(x_p).unsqueeze(0))
         t_attack = time.perf_counter() - t1
 
-        # G step: fool D, and push x_p away from what CT-GAN makes of it.
+        # G step: fool D, and push CT-GAN's result away (L_G = adv - lambda * disruption).
         t2 = time.perf_counter()
         for p in D.parameters():
             p.requires_grad_(False)
         d_fake = D(x_p)
         loss_adv = bce(d_fake, torch.ones_like(d_fake))
-        if T is not None:
-            disruption = mse(x_p, torch.from_numpy(T).to(x_p).unsqueeze(0))
-            loss_G = loss_adv - cfg.lambda_disrupt * disruption
-        else:
-            disruption = None
-            loss_G = loss_adv
+        loss_G = loss_adv
+        if disruption is not None:
+            loss_G = loss_G - cfg.lambda_disrupt * disruption
+        if cfg.fidelity_weight:
+            loss_G = loss_G + cfg.fidelity_weight * mse(x_p, x)
         opt_G.zero_grad(set_to_none=True)
         loss_G.backward()
         opt_G.step()

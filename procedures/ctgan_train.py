@@ -29,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-from procedures.ctgan_dataset import MASK, TrainingSet, build_training_set, save_preprocessing
+from procedures.ctgan_dataset import MASK, N_AUG, TrainingSet, build_training_set, save_preprocessing
 from utils.errors import OutputError, UsageError, run_cli
 
 MODELS = ("inj", "rem")
@@ -177,6 +177,16 @@ def save_generator(G, out_dir: Path) -> Path:
     return dst
 
 
+def _progress_indices(n: int, k: int) -> np.ndarray:
+    """Cubes for the progress images: un-augmented originals of locations spread over the set
+    (samples come in blocks of 67 per location, the original first)."""
+    k = max(1, min(k, n))
+    if n % N_AUG == 0:
+        locs = np.unique(np.linspace(0, n // N_AUG - 1, k).round().astype(int))
+        return locs * N_AUG
+    return np.unique(np.linspace(0, n - 1, k).round().astype(int))
+
+
 def save_progress_image(G, cubes: np.ndarray, path: Path, title: str) -> None:
     """Middle axial slice of condition / generated / original for a few cubes (PNG)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -231,7 +241,7 @@ def train(data: TrainingSet, out_dir, cfg: CTGANTrainConfig, progress: bool = Tr
     batch = min(cfg.batch, n)
     n_batches = n // batch
     steps = n_batches if cfg.max_steps_per_epoch is None else min(n_batches, cfg.max_steps_per_epoch)
-    show = x[rng.choice(n, size=min(cfg.progress_samples, n), replace=False)]
+    show = x[_progress_indices(n, cfg.progress_samples)]
 
     save_preprocessing(out_dir, data.equalizer, data.normalization)
     _write_json(out_dir / "config.json", {**asdict(cfg), "backend": backend, "n_samples": n,

@@ -53,24 +53,13 @@ class DisruptionStats:
                 + (f" [{detail}]" if detail else "") + ")")
 
 
-class DisruptionTarget:
-    """Computes T for one sub-batch, or None (ineligible / attacker failure)."""
+class Locator:
+    """Where CT-GAN tampers for a sub-batch starting at slice s (published or in-slab/in-lung)."""
 
-    def __init__(self, cfg, manipulator=None):
+    def __init__(self, cfg):
         self.cfg = cfg
-        if manipulator is None:
-            from procedures.attack_pipeline import ScanManipulator
-            manipulator = ScanManipulator(
-                cfg.models_dir, backend=cfg.keras_backend or None,
-                exact_resample=cfg.exact_resample,
-                # The published loader returns the scan unchanged when a model is missing.
-                published=cfg.preset == "reference")
-        self.manip = manipulator
-        self.stats = DisruptionStats()
-        self._work: dict[int, np.ndarray] = {}     # per-volume float32 HU working copies
         self._lungs: dict[int, np.ndarray] = {}    # per-volume lung voxel lists (z, y, x)
 
-    # --- where to tamper ----------------------------------------------------------------------
     def eligible(self, s: int, depth: int) -> bool:
         if self.cfg.near_end_rule:
             # Published: 32 < s and s + 32 < depth; s is a multiple of 4, so the first is 36.
@@ -100,6 +89,24 @@ class DisruptionTarget:
         _, y, x = cand[int(rng.integers(len(cand)))]
         return z, int(y), int(x)
 
+
+class DisruptionTarget:
+    """Computes T for one sub-batch, or None (ineligible / attacker failure)."""
+
+    def __init__(self, cfg, manipulator=None):
+        self.cfg = cfg
+        if manipulator is None:
+            from procedures.attack_pipeline import ScanManipulator
+            manipulator = ScanManipulator(
+                cfg.models_dir, backend=cfg.keras_backend or None,
+                exact_resample=cfg.exact_resample,
+                # The published loader returns the scan unchanged when a model is missing.
+                published=cfg.preset == "reference")
+        self.manip = manipulator
+        self.locator = Locator(cfg)
+        self.stats = DisruptionStats()
+        self._work: dict[int, np.ndarray] = {}     # per-volume float32 HU working copies
+
     # --- T ------------------------------------------------------------------------------------
     def target(self, item: VolumeItem, s: int, x_p: np.ndarray, sub_index: int,
                rng: np.random.Generator) -> np.ndarray | None:
@@ -107,11 +114,11 @@ class DisruptionTarget:
         cfg = self.cfg
         self.stats.sub_batches += 1
         depth = item.scan.hu.shape[0]
-        if not self.eligible(s, depth):
+        if not self.locator.eligible(s, depth):
             self.stats.not_eligible += 1
             return None
         action = "inject" if sub_index % 2 == 0 else "remove"
-        coord = self.location(item, s, rng)
+        coord = self.locator.location(item, s, rng)
         slab = slice(s, s + x_p.shape[0])
         t0 = time.perf_counter()
         if cfg.reread_scan:
@@ -129,6 +136,8 @@ class DisruptionTarget:
             p_hu = _minmax(x_p, orig.min(), orig.max())
         else:
             p_hu = to_hu(x_p.astype(np.float64), item.hu_min, item.hu_max)
+        if cfg.quantize:  # what an int16 archive would store
+            p_hu = np.round(p_hu)
         work[slab] = p_hu
         try:
             changed = self.manip.tamper_volume(work, item.scan.spacing, coord, action, rng)

@@ -98,3 +98,39 @@ def test_attacker_errors_are_counted_not_silent(tiny_data, tmp_path, caplog):
     assert state["disruption"]["computed"] == 0
     assert sum(state["disruption"]["errors"].values()) == 2
     assert any("attacker failed" in r.message for r in caplog.records)
+
+
+def test_whitebox_bounded_quantised_training(tiny_data, tiny_ctgan_models, tmp_path):
+    """Issue 5: gradients through the PyTorch CT-GAN, eps bound in HU, int16 quantisation."""
+    state = run(tiny_data, tiny_ctgan_models, tmp_path, "--preset", "default", "--g_width", "4",
+                "--d_width", "4", "--max_steps", "3", "--eps_hu", "5", "--save_img_result", "true")
+    assert state["disruption"]["computed"] == 3 and state["disruption"]["errors"] == {}
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for entry in summary["exported"]:
+        # The bound holds on every voxel of the exported int16 scan (5 HU, +0.5 from rounding).
+        assert entry["perturbation_max_hu"] <= 5.5
+
+
+def test_whitebox_gradient_reaches_generator_weights(tiny_data, tiny_ctgan_models):
+    import config as config_mod
+    from generator import UNetGenerator
+    from procedures.whitebox import WhiteboxDisruption
+    from scanDataset import ScanDataset
+
+    cfg = config_mod.make_config("default", models_dir=str(tiny_ctgan_models), eps_hu=50.0)
+    item = ScanDataset(tiny_data)[0]
+    torch.manual_seed(0)
+    G = UNetGenerator(slab=4, width=4, depth=2)
+    torch.nn.init.normal_(G.out.weight, 0, 0.1)  # leave the identity start so x_p != x
+    wb = WhiteboxDisruption(cfg, torch.device("cpu"))
+    s = 8
+    x = item.volume[s:s + 4].unsqueeze(0)
+    x_p = G(x, scale=2 * 50.0 / (item.hu_max - item.hu_min))
+    loss = wb.loss(item, s, x_p, 0, np.random.default_rng(0))
+    assert loss.item() > 0
+    loss.backward()
+    grads = [p.grad for p in G.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert sum(g.abs().sum().item() for g in grads) > 0
+    # The attacker itself stays frozen.
+    assert all(not p.requires_grad for p in wb.dt.parameters())

@@ -1,0 +1,135 @@
+"""evaluate.py / procedures.evaluation on tiny phantoms with a real tiny CT-GAN and a tiny
+MITS-GAN checkpoint made by train.py."""
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+from procedures import evaluation as E
+from scanDataset import ScanDataset
+from test_metrics import _fake_lpips_state
+from test_protect import make_tiny_checkpoint
+from utils import metrics as M
+from utils.errors import ModelFileError, UsageError, run_cli
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_ctgan_models):
+    root = tmp_path_factory.mktemp("eval")
+    ckpt = make_tiny_checkpoint(root, tiny_ctgan_models)
+    return root / "scans", ckpt, tiny_ctgan_models
+
+
+@pytest.mark.tf
+def test_every_column_on_a_phantom_with_two_locations(setup, tmp_path, capsys):
+    data, ckpt, models = setup
+    out = tmp_path / "eval"
+    rc = run_cli(evaluate.main, ["--data", str(data), "--checkpoint", str(ckpt), "--models", str(models),
+                                 "--out", str(out), "-n", "2", "--max-scans", "1", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    md = (out / "results.md").read_text()
+    for col in ("protected MITS-GAN", "protected noise", "tampered MITS-GAN", "tampered noise",
+                "tampered, unprotected (CT-GAN(real))", "published: protected TAFIM"):
+        assert md.count(col) >= 2, col                      # in both the slice and square tables
+    assert "## Whole slice" in md and "## Tampered square only" in md
+    assert "data range 1400 HU" in md and "window -1000..400 HU, range 1400" in md
+    assert "n/a (weights unavailable)" in md
+    assert "| 169.481 |" in md and "| 50.565 |" in md    # the published values beside ours
+
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    samples = {(r["loc"], r["action"]) for r in rows}
+    assert len(samples) == 4                                 # 2 locations x inject, remove
+    assert {r["action"] for r in rows} == {"inject", "remove"}
+    assert len(rows) == 4 * 5 * 2                            # samples x columns x regions
+    assert all(r["lpips"] == "" for r in rows)               # never computed without weights
+    doc = json.loads((out / "results.json").read_text())
+    assert set(doc["summary"]["table"]) == {"slice", "square"}
+    assert len(doc["summary"]["table"]["square"]) == 5
+    assert doc["scale"]["psnr"] == {"window_hu": [-1000.0, 400.0], "data_range_hu": 1400.0}
+    assert (out / "qualitative_vol0.png").read_bytes()[:4] == b"\x89PNG"
+
+    # Perturbation per method; the noise baseline has MITS-GAN's RMS.
+    pert = {p["method"]: p for p in doc["perturbation"]}
+    assert pert["mitsgan"]["rms_hu"] > 0
+    assert pert["noise"]["rms_hu"] == pytest.approx(pert["mitsgan"]["rms_hu"], rel=0.05)
+    # Disruption rows: every sample x method, amplification = disruption / perturbation.
+    assert len(doc["disruption"]) == 8
+    for d in doc["disruption"]:
+        assert d["amplification"] == pytest.approx(d["disruption_rmse_hu"] / d["perturbation_rms_cube_hu"])
+
+    # Recompute one unprotected column independently: CT-GAN on the real scan at that location.
+    from procedures.attack_pipeline import ScanManipulator
+    item = ScanDataset(data)[0]
+    r = next(r for r in rows if r["kind"] == "tampered" and r["method"] == "none" and r["region"] == "slice")
+    z, y, x = int(r["z"]), int(r["y"]), int(r["x"])
+    vol = item.scan.hu.astype(np.float32)
+    ScanManipulator(models).tamper_volume(vol, item.scan.spacing, (z, y, x), r["action"])
+    assert float(r["rmse"]) == pytest.approx(M.rmse(item.scan.hu[z], vol[z]), rel=1e-6)
+    assert float(r["ssim"]) == pytest.approx(M.ssim(item.scan.hu[z], vol[z]), rel=1e-6)
+
+
+@pytest.mark.tf
+def test_an_extra_method_is_one_entry_and_lpips_plumbing(setup, tmp_path):
+    """The hook TAFIM will use: any (item) -> HU callable. LPIPS here runs with FAKE random
+    weights (plumbing only: the numbers mean nothing)."""
+    from procedures.attack_pipeline import ScanManipulator
+
+    data, _, models = setup
+    torch.save(_fake_lpips_state(), tmp_path / "fake_lpips.pt")
+    lp = M.load_lpips(tmp_path / "fake_lpips.pt")
+    plus10 = E.ProtectionMethod("plus10", "+10 HU", lambda item: item.scan.hu.astype(np.float32) + 10)
+    items = [ScanDataset(data)[1]]
+    res = E.evaluate(items, [plus10], ScanManipulator(models), E.EvalSettings(n_locations=1, actions=("inject",)),
+                     tmp_path, lpips_model=lp)
+    prot = [r for r in res.rows if r["kind"] == "protected"]
+    assert {r["region"] for r in prot} == {"slice", "square"}
+    for r in prot:
+        assert r["rmse"] == pytest.approx(10.0)
+        assert 0 < r["lpips"] < math.inf
+    assert res.perturbation[0]["rms_hu"] == pytest.approx(10.0)
+    assert res.disruption[0]["perturbation_rms_cube_hu"] == pytest.approx(10.0)
+    paths = E.write_reports(res, tmp_path)
+    md = paths["md"].read_text()
+    assert "protected +10 HU" in md and "tampered +10 HU" in md and "n/a (weights" not in md
+
+
+def test_locations_inside_the_lungs_and_from_csv(tmp_path):
+    from conftest import make_phantom
+    from utils.lung import lung_mask
+    from utils.scan_io import Scan, save_mhd
+
+    scan = Scan(make_phantom((30, 48, 48), seed=0), (2.5, 0.7, 0.7), (0.0, 0.0, 0.0))
+    save_mhd(scan, tmp_path / "a.mhd")
+    item = ScanDataset(tmp_path)[0]
+    locs = E.sample_locations(item, 3, seed=1)
+    assert len(locs) == 6 and [l.action for l in locs[:2]] == ["inject", "remove"]
+    mask = lung_mask(item.scan.hu)
+    assert all(mask[l.vox] for l in locs)
+    assert locs == E.sample_locations(item, 3, seed=1)       # seeded
+    assert locs != E.sample_locations(item, 3, seed=2)
+    # CSV mode: inject at healthy.csv, remove at nodules.csv; world coordinates converted.
+    (tmp_path / "healthy.csv").write_text("filename,z,y,x,coord\na.mhd,10,20,12,vox\nb.mhd,1,1,1,vox\n")
+    (tmp_path / "nodules.csv").write_text("filename,z,y,x,coord\na.mhd,25.0,14.1,21.1,world\n")
+    locs = E.sample_locations(item, 5, mode="csv")
+    assert [(l.action, l.vox) for l in locs] == [("inject", (10, 20, 12)), ("remove", (10, 20, 30))]
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    rc = run_cli(evaluate.main, ["--methods", "mitsgan,magic"])
+    assert rc == UsageError.exit_code and "unknown method(s) magic" in capsys.readouterr().err
+    rc = run_cli(evaluate.main, ["--methods", "noise"])
+    assert rc == UsageError.exit_code and "--noise-rms" in capsys.readouterr().err
+    # Missing attacker models fail before any scan is protected (and before TensorFlow loads).
+    (tmp_path / "scans").mkdir()
+    from conftest import make_phantom
+    from utils.scan_io import Scan, save_mhd
+    save_mhd(Scan(make_phantom((8, 32, 32)), (2.5, 1, 1), (0, 0, 0)), tmp_path / "scans" / "s.mhd")
+    rc = run_cli(evaluate.main, ["--methods", "noise", "--noise-rms", "5", "--data", str(tmp_path / "scans"),
+                                 "--models", str(tmp_path / "none"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == ModelFileError.exit_code and err.count("\n") == 1 and "model folder not found" in err
+    assert not (tmp_path / "o").exists()
