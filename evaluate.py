@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     for n in names:
         ctx["methods"][n] = METHODS[n](args, ctx)
     lpips_model = load_lpips(args.lpips_weights, device) if args.lpips_weights else None
-    data = ScanDataset(args.data)
+    data = ScanDataset(args.data, cache=False)  # one scan in memory at a time
     manip = ScanManipulator(args.models, backend=args.backend)
     for a in actions:  # load the attacker now: a missing model fails before hours of work
         manip.model(a)

@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     if cfg.max_steps:
         steps = steps[: cfg.max_steps]
     writer = _tensorboard(out / "tb")
-    timing = {"gd": 0.0, "attack": 0.0}
+    timing = {"gd": [], "attack": []}  # seconds per step of this run (bench.py drops warm-up)
 
     def checkpoint(step: int) -> None:
         save_checkpoint(out / "checkpoint.pt", {
@@ -179,8 +179,8 @@ def main(argv=None) -> int:
         for p in D.parameters():
             p.requires_grad_(True)
         t_gd += time.perf_counter() - t2
-        timing["gd"] += t_gd
-        timing["attack"] += t_attack
+        timing["gd"].append(t_gd)
+        timing["attack"].append(t_attack)
 
         # --- logging, samples, checkpoints ---
         with torch.no_grad():
@@ -208,8 +208,9 @@ def main(argv=None) -> int:
     n_run = max(len(steps) - start, 1)
     summary = {"steps": len(steps), "steps_this_run": len(steps) - start, "seed": seed,
                "device": str(device), "dtype": cfg.dtype,
-               "seconds_per_step_gd": timing["gd"] / n_run,
-               "seconds_per_step_attack": timing["attack"] / n_run,
+               "seconds_per_step_gd": sum(timing["gd"]) / n_run,
+               "seconds_per_step_attack": sum(timing["attack"]) / n_run,
+               "step_seconds": timing,
                "disruption": target.stats.as_dict()}
     print(target.stats.summary())
     if steps and target.stats.computed == 0:

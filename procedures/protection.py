@@ -120,11 +120,11 @@ def load_generator(path, device="cpu"):
     own = G.state_dict()
     missing = [k for k in own if k not in weights]
     extra = [k for k in weights if k not in own]
-    bad = [k for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
+    bad = [k for k in own if k in weights and tuple(getattr(weights[k], "shape", ())) != tuple(own[k].shape)]
     if missing or extra or bad:
         what = (f"{len(missing)} missing, {len(extra)} unexpected, {len(bad)} of another shape"
-                + (f" (e.g. {bad[0]}: {tuple(weights[bad[0]].shape)} vs {tuple(own[bad[0]].shape)})" if bad
-                   else f" (e.g. {(missing or extra)[0]})"))
+                + (f" (e.g. {bad[0]}: {tuple(getattr(weights[bad[0]], 'shape', ()))} vs "
+                   f"{tuple(own[bad[0]].shape)})" if bad else f" (e.g. {(missing or extra)[0]})"))
         raise ModelFileError(f"{path}: generator weights do not match a '{cfg.generator}' generator "
                              f"with g_width={cfg.g_width}, slab={cfg.slab}: {what}")
     G.load_state_dict(weights)
