@@ -54,6 +54,12 @@ class Config:
     device: str = "auto"               # auto (CUDA when present) | cpu | cuda | cuda:N
     seed: int = 0                      # -1 = unseeded (published)
     fidelity_weight: float = 0.0       # + w * MSE(x_p, x) (0 = none, as published)
+    batch: int = 1                     # slabs per step, over all ranks (published 1); each slab
+                                       # is its own forward pass, so norms see one slab as published
+    # --- speed (issue 7; bench.py measures them) ------------------------------------------------
+    amp: str = "off"                   # off | bf16: autocast G and D (not the attacker); float32 only
+    channels_last: bool = False        # NHWC memory layout for G and D (faster convs on GPU)
+    compile: bool = False              # torch.compile G and D (pays on GPU for long runs)
     # --- the frozen CT-GAN attacker during training -----------------------------------------
     attack_mode: str = "blackbox"      # blackbox: published constant target T (Keras, NumPy)
                                        # whitebox: gradients through the PyTorch CT-GAN port
@@ -111,6 +117,7 @@ CHOICES = {
     "attack_errors": ("count", "silent"),
     "keras_backend": ("", "tensorflow", "torch"),
     "attack_mode": ("blackbox", "whitebox"),
+    "amp": ("off", "bf16"),
 }
 
 
@@ -171,13 +178,15 @@ def validate(cfg: Config) -> None:
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             raise UsageError(f"--{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
-    for name in ("slab", "epochs", "g_width", "d_width"):
+    for name in ("slab", "epochs", "g_width", "d_width", "batch"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name} must be >= 1")
     if cfg.eps_hu < 0 or cfg.fidelity_weight < 0:
         raise UsageError("--eps_hu and --fidelity_weight must be >= 0")
     if cfg.eps_hu > 0 and cfg.generator != "unet":
         raise UsageError("--eps_hu needs --generator unet (the published generator is unbounded)")
+    if cfg.amp != "off" and cfg.dtype != "float32":
+        raise UsageError("--amp bf16 needs --dtype float32 (autocast does not lower float64)")
 
 
 def given_flags(argv=None, description: str = "") -> dict:
@@ -194,7 +203,8 @@ def parse_args(argv=None, description: str = "") -> Config:
 
 # Fields a resumed run may change: where and how long it runs, not what it trains.
 RESUMABLE_OVERRIDES = ("out_dir", "resume", "progress", "max_steps", "epochs", "device",
-                       "log_every", "sample_every", "ckpt_every", "save_img_result")
+                       "log_every", "sample_every", "ckpt_every", "save_img_result",
+                       "channels_last", "compile")
 
 
 def load_config_dict(d: dict) -> Config:
