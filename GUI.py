@@ -215,11 +215,12 @@ def main(argv=None) -> int:
     except (ValueError, AssertionError):
         raise UsageError(f"--window must be LOW,HIGH in HU, got {args.window!r}") from None
     from procedures.attack_pipeline import ScanManipulator
-    from utils.atomic import ensure_not_input
+    from utils.atomic import check_output_dir, ensure_not_input
     from utils.scan_io import load_scan
 
     scan = load_scan(args.scan)
     ensure_not_input(args.out, [args.scan])
+    check_output_dir(args.out)  # saving must be possible before the user tampers
     protected = None
     if args.protected:
         protected = load_scan(args.protected).hu

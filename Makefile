@@ -32,8 +32,13 @@ ctgan: data
 	@test -f models/REM/G_model.h5 || $(PY) -m procedures.ctgan_train --model rem --preset demo \
 	    --csv data/z2.5/healthy.csv --out models/REM
 
+# The main job: CT-GAN before/after figure, MITS-GAN demo training (protected scans, samples),
+# then the evaluation tables on the two real scans.
 demo: ctgan
+	$(PY) -m procedures.ctgan_demo --data data/z2.5 --models models --out runs/demo
 	$(PY) train.py --preset demo
+	$(PY) evaluate.py --data data/z2.5 --checkpoint runs/demo/checkpoint.pt --models models --out runs/demo/eval
+	@cat runs/demo/eval/results.md
 
 test: data dicom3tools
 	$(PY) -m pytest -q -m "not slow"

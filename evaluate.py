@@ -14,6 +14,8 @@ Protection methods (--methods, comma-separated):
   mitsgan   the checkpoint's generator
   noise     Gaussian noise with the RMS (HU) of MITS-GAN's perturbation of the same scan
             (or --noise-rms HU when mitsgan is not evaluated)
+  tafim     the TAFIM baseline (SPEC.md section 6) from --tafim-checkpoint
+            (trained with `python -m procedures.tafim`)
 Adding a method: one entry in METHODS below (a builder returning a ProtectionMethod).
 
 Outputs in --out: results.md (our table beside the published one), results.csv (one row per
@@ -27,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from utils.errors import UsageError, run_cli
+from utils.errors import OutputError, UsageError, run_cli
 from utils.metrics import LPIPS_WEIGHTS_HELP
 
 
@@ -55,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default="models", help="CT-GAN models folder with INJ/ and REM/")
     p.add_argument("--out", default="runs/eval", help="output folder (default runs/eval)")
     p.add_argument("--methods", default="mitsgan,noise", help="protection methods (default mitsgan,noise)")
+    p.add_argument("--tafim-checkpoint", default="runs/tafim/checkpoint.pt",
+                   help="TAFIM checkpoint for --methods tafim (default runs/tafim/checkpoint.pt)")
     p.add_argument("--noise-rms", type=float, default=None,
                    help="noise RMS in HU (default: MITS-GAN's perturbation RMS of each scan)")
     p.add_argument("-n", "--n-locations", type=int, default=4, help="tamper locations per scan (default 4)")
@@ -102,6 +106,17 @@ def _build_noise(args, ctx):
 METHODS: dict[str, Callable] = {"mitsgan": _build_mitsgan, "noise": _build_noise}
 
 
+def _build_tafim(args, ctx):
+    from procedures.tafim import load_tafim, tafim_method
+
+    model, cfg, state = load_tafim(args.tafim_checkpoint, ctx["device"])
+    return tafim_method(model, ctx["device"], batch=args.batch, progress=ctx["progress"],
+                        label=f"TAFIM (width {cfg.width}, slab {cfg.slab}, {state['step']} steps)")
+
+
+METHODS["tafim"] = _build_tafim
+
+
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -125,8 +140,11 @@ def main(argv=None) -> int:
     from procedures.evaluation import EvalSettings, evaluate, write_reports
     from scanDataset import ScanDataset
     from train import pick_device
+    from utils.atomic import check_output_dir, os_error_message
     from utils.metrics import load_lpips
 
+    out = Path(args.out)
+    check_output_dir(out)  # an impossible output folder fails now, not after hours of work
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     device = pick_device(args.device)
     progress = None if args.no_progress else tqdm
@@ -150,10 +168,12 @@ def main(argv=None) -> int:
     items = (data[i] for i in range(n_scans))
     if progress is not None:
         items = progress(items, total=n_scans, desc="scans", unit="scan")
-    out = Path(args.out)
-    res = evaluate(items, list(ctx["methods"].values()), manip, settings, out,
-                   lpips_model=lpips_model, progress=progress, info=info)
-    paths = write_reports(res, out)
+    try:
+        res = evaluate(items, list(ctx["methods"].values()), manip, settings, out,
+                       lpips_model=lpips_model, progress=progress, info=info)
+        paths = write_reports(res, out)
+    except OSError as e:  # a folder that cannot be made (full disk, read-only); files are atomic
+        raise OutputError(os_error_message(getattr(e, "filename", None) or out, e)) from None
     print(paths["md"].read_text())
     print(f"wrote {paths['md']}, {paths['csv']}, {paths['json']} and {len(res.figures)} figure(s)")
     return 0

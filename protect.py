@@ -82,6 +82,7 @@ def main(argv=None) -> int:
 
     from procedures.protection import load_generator, protect_hu, protected_scan
     from train import pick_device
+    from utils.atomic import check_output_dir
     from utils.metrics import perturbation_stats
     from utils.scan_io import load_scan, save_dicom_series, save_mhd
 
@@ -92,6 +93,7 @@ def main(argv=None) -> int:
     fmt = args.format or ("dicom" if scan_path.is_dir() else "mhd")
     target = output_path(scan_path, Path(args.out), fmt)
     check_output(scan_path, target)
+    check_output_dir(target.parent)  # a read-only or impossible folder fails before the work
 
     scan = load_scan(scan_path)
     depth = scan.hu.shape[0]

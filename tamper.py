@@ -90,6 +90,8 @@ def main(argv=None) -> int:
     dest = Path(args.destination)
     if dest.exists() and not dest.is_dir():
         raise OutputError(f"cannot write {dest}: exists and is not a folder")
+    from utils.atomic import check_output_dir
+    check_output_dir(dest)  # before any model is loaded or any tamper is done
     stem = target.name if is_dicom else target.name.split(".")[0]
     out = dest / f"{stem}_tampered" if fmt == "dicom" else dest / f"{stem}_tampered.{'mhd' if fmt == 'mhd' else 'npy'}"
 

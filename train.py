@@ -207,9 +207,9 @@ def train_step(run: Run, entries, step: int, seed: int) -> tuple[dict, list[Slab
             sl.disruption = run.target.loss(sl.item, sl.s, sl.x_p, sl.k, sl.rng)
         else:
             sl.T = run.target.target(sl.item, sl.s, sl.x_p.detach()[0].double().cpu().numpy(), sl.k, sl.rng)
-            if sl.T is not None:
-                T = torch.from_numpy(sl.T).to(device=dev, dtype=sl.x_p.dtype).unsqueeze(0)
-                sl.disruption = nn.functional.mse_loss(sl.x_p, T)
+            if sl.T is not None:  # in float32 at least (x_p is bfloat16 under --amp bf16)
+                x_p = sl.x_p if sl.x_p.dtype == torch.float64 else sl.x_p.float()
+                sl.disruption = nn.functional.mse_loss(x_p, torch.from_numpy(sl.T).to(x_p).unsqueeze(0))
     _sync(dev)
     t_attack = time.perf_counter() - t1
 
@@ -237,8 +237,8 @@ def train_step(run: Run, entries, step: int, seed: int) -> tuple[dict, list[Slab
 
     # Scalars: means over this rank's slabs.
     with torch.no_grad():
-        pert_hu = torch.stack([((sl.x_p - sl.x).abs() * (sl.item.hu_max - sl.item.hu_min) / 2.0).float()
-                               for sl in slabs])
+        pert_hu = torch.cat([((sl.x_p - sl.x).abs() * (sl.item.hu_max - sl.item.hu_min) / 2.0).float().flatten()
+                             for sl in slabs])
     scalars = {"loss/D": loss_D.item() * cfg.batch / run.world / len(slabs),
                "loss/G_adv": float(loss_adv) * cfg.batch / run.world / len(slabs),
                "loss/G": loss_G.item() * cfg.batch / run.world / len(slabs),
@@ -250,3 +250,200 @@ def train_step(run: Run, entries, step: int, seed: int) -> tuple[dict, list[Slab
     if got:
         scalars["loss/disruption_mse"] = float(np.mean(got))
     return scalars, slabs
+
+
+def main(argv=None) -> int:
+    given = config_mod.given_flags(argv, description=__doc__)
+    cfg = config_mod.make_config(given.pop("preset", "paper"), **given)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    out = Path(cfg.out_dir)
+    resume = out / "checkpoint.pt" if cfg.resume == "auto" else (Path(cfg.resume) if cfg.resume else None)
+    state = None
+    if resume is not None and (cfg.resume != "auto" or resume.exists()):
+        state = load_checkpoint(resume)
+        saved = config_mod.load_config_dict(state["config"])
+        # The run's identity comes from the checkpoint; only where/how long it runs may change.
+        for name in config_mod.RESUMABLE_OVERRIDES:
+            if name in given or name in ("out_dir", "resume"):
+                setattr(saved, name, getattr(cfg, name))
+        cfg = saved
+    rank, world, device = init_distributed(cfg)
+    master = rank == 0
+    if cfg.batch < world:
+        raise UsageError(f"--batch {cfg.batch} is smaller than the {world} ranks: every rank needs a slab")
+    seed = cfg.seed if cfg.seed >= 0 else int(np.random.SeedSequence().entropy % 2**31)
+    if world > 1:  # an unseeded run still needs one seed on every rank
+        seed = _broadcast_int(seed)
+    torch.manual_seed(seed)
+    dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+    if master:
+        (out / "samples").mkdir(parents=True, exist_ok=True)
+        cfg.save(out / "config.json")
+
+    # --- data: stream j owns volumes v % batch == j; this rank loads its streams' volumes only --
+    data = ScanDataset(cfg.data_dir, dtype=dtype, mhd_only=cfg.preset == "reference")
+    if len(data) < cfg.batch:
+        raise UsageError(f"--batch {cfg.batch} needs at least {cfg.batch} volumes (one per stream), "
+                         f"{cfg.data_dir} has {len(data)}")
+    streams = [j for j in range(cfg.batch) if j % world == rank]
+    volumes = {j: [v for v in range(len(data)) if v % cfg.batch == j] for j in streams}
+    items = {v: data[v] for j in streams for v in volumes[j]}  # held in memory for the whole run
+    depths = {v: it.volume.shape[0] for v, it in items.items()}
+    if min(depths.values()) < cfg.slab:
+        raise UsageError(f"a volume has {min(depths.values())} slices, fewer than --slab {cfg.slab}")
+    size = _all_min(min(min(it.volume.shape[1:]) for it in items.values()), world)
+
+    # --- networks, optimisers, attacker -------------------------------------------------------------
+    run = build_run(cfg, size, device, dtype, world)
+    start = 0
+    if state is not None:
+        run.G_raw.load_state_dict(state["generator"])
+        run.D_raw.load_state_dict(state["discriminator"])
+        run.opt_G.load_state_dict(state["opt_G"])
+        run.opt_D.load_state_dict(state["opt_D"])
+        if master:  # the saved counts are the sum over ranks
+            run.target.stats = DisruptionStats.from_dict(state["disruption"])
+        torch.set_rng_state(state["torch_rng"])
+        start = int(state["step"])
+        log.info("resumed from %s at step %d", resume, start)
+
+    plans = {j: schedule(cfg, volumes[j], depths, seed, j) for j in streams}
+    n_steps = _all_min(min(len(p) for p in plans.values()), world)  # streams end together
+    if cfg.max_steps:
+        n_steps = min(n_steps, cfg.max_steps)
+    writer = _tensorboard(out / "tb") if master else None
+    timing = {"gd": [], "attack": []}  # seconds per step of this run (bench.py drops warm-up)
+
+    def checkpoint(step: int) -> None:
+        stats = _merged_stats(run.target.stats, world)  # collective: every rank calls it
+        if master:
+            save_checkpoint(out / "checkpoint.pt", {
+                "generator": run.G_raw.state_dict(), "discriminator": run.D_raw.state_dict(),
+                "opt_G": run.opt_G.state_dict(), "opt_D": run.opt_D.state_dict(),
+                "step": step, "config": cfg.to_dict() | {"seed": seed},
+                "disruption": stats.as_dict(), "torch_rng": torch.get_rng_state()})
+
+    # --- the loop ---------------------------------------------------------------------------------
+    bar = tqdm(range(start, n_steps), total=n_steps, initial=start, disable=not (cfg.progress and master),
+               desc="train", unit="step", dynamic_ncols=True)
+    for step in bar:
+        entries = [(j, items[plans[j][step][1]], plans[j][step][2], plans[j][step][3]) for j in streams]
+        scalars, slabs = train_step(run, entries, step, seed)
+        timing["gd"].append(scalars["time/gd_s"])
+        timing["attack"].append(scalars["time/attack_s"])
+
+        # --- logging, samples, checkpoints (rank 0: its own slabs) ---
+        if master:
+            bar.set_postfix(D=f"{scalars['loss/D']:.3f}", G=f"{scalars['loss/G']:.3f}",
+                            rms=f"{scalars['perturbation/rms_hu']:.1f}HU", T=run.target.stats.computed)
+            if writer is not None and (step % cfg.log_every == 0 or step == n_steps - 1):
+                for name, val in scalars.items():
+                    writer.add_scalar(name, val, step)
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                sl = slabs[0]
+                _sample_grid(out / "samples" / f"step{step:06d}.png", sl.item, sl.s, sl.x, sl.x_p, sl.T, step)
+        if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0:
+            checkpoint(step + 1)
+    bar.close()
+    checkpoint(n_steps)
+
+    # --- summary, warnings, exports ----------------------------------------------------------------
+    stats = _merged_stats(run.target.stats, world)
+    n_run = max(n_steps - start, 1)
+    summary = {"steps": n_steps, "steps_this_run": n_steps - start, "seed": seed,
+               "device": str(device), "dtype": cfg.dtype, "world_size": world, "batch": cfg.batch,
+               "seconds_per_step_gd": sum(timing["gd"]) / n_run,
+               "seconds_per_step_attack": sum(timing["attack"]) / n_run,
+               "step_seconds": timing,
+               "disruption": stats.as_dict()}
+    if master:
+        print(stats.summary())
+    if n_steps > start and stats.computed == 0 and master:
+        # SPEC.md section 9: on short or thick-slice scans the published loop never gets the term.
+        log.warning("no sub-batch got the disruption term: this run was pure adversarial "
+                    "training (near_end_rule=%s, depths=%s, exact_resample=%s)",
+                    cfg.near_end_rule, sorted(depths.values()), cfg.exact_resample)
+    if cfg.save_img_result:  # every rank exports its own volumes
+        prog = tqdm if cfg.progress and master else None
+        exported = []
+        for item in items.values():
+            hu = protect_volume(run.G_raw, item, cfg, device, dtype, seed=seed, progress=prog)
+            paths = export_protected(item, hu, out / "protected")
+            diff = hu - item.scan.hu
+            exported.append({"source": item.path, "written": [str(p) for p in paths],
+                             "perturbation_rms_hu": float(np.sqrt(np.mean(diff ** 2))),
+                             "perturbation_max_hu": float(np.abs(diff).max())})
+            print(f"protected {item.path} -> {paths[0]} (perturbation RMS "
+                  f"{exported[-1]['perturbation_rms_hu']:.1f} HU)")
+        summary["exported"] = _gathered(exported, world)
+    if master:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"G/D {summary['seconds_per_step_gd']:.3f} s/step, attacker "
+              f"{summary['seconds_per_step_attack']:.3f} s/step on {device} x {world}; outputs in {out}")
+    if writer is not None:
+        writer.close()
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+# --- collectives (no-ops on one process) -----------------------------------------------------------
+def _gathered(obj: list, world: int) -> list:
+    """Concatenation of every rank's list, in rank order."""
+    if world == 1:
+        return obj
+    parts = [None] * world
+    dist.all_gather_object(parts, obj)
+    return [x for p in parts for x in p]
+
+
+def _all_min(value: int, world: int) -> int:
+    return value if world == 1 else min(_gathered([value], world))
+
+
+def _broadcast_int(value: int) -> int:
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return int(box[0])
+
+
+def _merged_stats(stats: DisruptionStats, world: int) -> DisruptionStats:
+    """The attacker counters summed over ranks."""
+    if world == 1:
+        return stats
+    total = DisruptionStats()
+    for d in _gathered([stats.as_dict()], world):
+        part = DisruptionStats.from_dict(d)
+        total.sub_batches += part.sub_batches
+        total.computed += part.computed
+        total.not_eligible += part.not_eligible
+        total.errors.update(part.errors)
+        total.attack_seconds += part.attack_seconds
+    return total
+
+
+def _tensorboard(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is in requirements.txt; degrade rather than fail
+        log.warning("tensorboard not installed: no TensorBoard scalars")
+        return None
+    return SummaryWriter(str(path))
+
+
+def _sample_grid(path, item, s, x, x_p, T, step) -> None:
+    """[real | protected | tampered (CT-GAN of protected) | difference] in HU, one row a slice."""
+    to_hu = item.to_hu
+    real = to_hu(x[0].detach().double().cpu().numpy())
+    prot = to_hu(x_p[0].detach().double().cpu().numpy())
+    tamp = to_hu(T) if T is not None else None
+    save_grid(path, {
+        "real": list(real), "protected": list(prot),
+        "tampered": list(tamp) if tamp is not None else [None] * len(real),
+        "difference": list(prot - real)},
+        title=f"{Path(item.path).name} slices {s}-{s + len(real) - 1}, step {step}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

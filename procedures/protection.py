@@ -5,18 +5,21 @@ end of the volume so that every slice is protected (the published loop never use
 depth % 4 slices). Protection streams: only one batch of slabs is normalised and run at a time,
 and protected HU are written straight into the output array (int16 for int16 scans), so a
 512x512x400 scan needs about its own size twice plus one batch of activations.
-The noise delta of each slab is drawn from (seed, first slice), so the protected scan does not
-depend on the batch size or the device. Exported scans keep the source geometry and, for DICOM
-sources, metadata.
+The noise delta of each slab is a counter-based hash of (seed, first slice, voxel), computed
+where the generator runs, so the protected scan does not depend on the batch size or the device.
+On a GPU the scan crosses the bus once each way in its own dtype (int16), and normalisation,
+noise and the mapping back to HU run on the GPU (issue 7: a 512x512x300 scan in about a second;
+bench.py measures it). Exported scans keep the source geometry and, for DICOM sources, metadata.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from scanDataset import VolumeItem, to_hu
+from scanDataset import VolumeItem
 from utils.errors import ModelFileError, UsageError
 from utils.scan_io import Scan
 
@@ -42,23 +45,98 @@ def eps_scale(cfg, item: VolumeItem) -> float | None:
     return _eps_scale(cfg, item.hu_min, item.hu_max)
 
 
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for int64 x in [0, 2^32), without int64 overflow (16-bit halves of c)."""
+    lo = x * (c & 0xFFFF)
+    hi = ((x * (c >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (Wellons' lowbias32): the same bits on every device."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _slab_keys(seed: int, starts) -> np.ndarray:
+    return np.array([np.random.SeedSequence([int(seed), int(s)]).generate_state(2, np.uint32)
+                     for s in starts], dtype=np.uint32).reshape(-1, 2)
+
+
+def _noise_numpy(keys: np.ndarray, n: int) -> np.ndarray:
+    """slab_noise on the CPU: uint32 arithmetic wraps mod 2^32 by definition (~7 ms a 512^2 x 4
+    slab, where torch's int64 ops take ~300 ms)."""
+    idx = np.arange(n, dtype=np.uint32)
+    out = np.empty((len(keys), n), dtype=np.float32)
+    for b, (k1, k2) in enumerate(keys):
+        x = idx + k1
+        for key in (None, k2):
+            if key is not None:
+                x ^= key
+            x ^= x >> np.uint32(16)
+            x *= np.uint32(0x7FEB352D)
+            x ^= x >> np.uint32(15)
+            x *= np.uint32(0x846CA68B)
+            x ^= x >> np.uint32(16)
+        np.multiply(x >> np.uint32(8), np.float32(1.0 / 2**24), out=out[b], casting="unsafe")
+    return out
+
+
+def _noise_torch(keys: np.ndarray, n: int, device) -> torch.Tensor:
+    """slab_noise on a GPU, the same bits in int64 arithmetic (values kept below 2^32)."""
+    k = torch.from_numpy(keys.astype(np.int64)).to(device)
+    idx = torch.arange(n, device=device, dtype=torch.int64).unsqueeze(0)
+    h = _mix32(_mix32((idx + k[:, :1]) & _M32) ^ k[:, 1:])
+    return (h >> 8).to(torch.float32) * (1.0 / 2**24)
+
+
+def slab_noise(seed: int, starts, shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """Uniform [0, 1) noise delta (len(starts), *shape) for the slabs starting at `starts`: voxel i
+    of slab s gets the top 24 bits (as torch.rand's float32) of a 32-bit hash of (i, key(seed, s)),
+    computed on `device`. Depends only on (seed, s, i): not on the batch, the device or other slabs."""
+    device = torch.device(device)
+    keys, n = _slab_keys(seed, starts), int(np.prod(shape))
+    u = torch.from_numpy(_noise_numpy(keys, n)) if device.type == "cpu" else _noise_torch(keys, n, device)
+    return u.to(dtype).reshape(len(starts), *shape)
+
+
 def slab_delta(seed: int, start: int, shape, dtype=torch.float32) -> torch.Tensor:
-    """Uniform [0, 1) noise delta for the slab that starts at slice `start` (seeded by both)."""
-    s = int(np.random.SeedSequence([int(seed), int(start)]).generate_state(1, np.uint64)[0] % 2**63)
-    return torch.rand(tuple(shape), generator=torch.Generator().manual_seed(s), dtype=dtype)
+    """The noise delta of the one slab that starts at slice `start` (see slab_noise)."""
+    return slab_noise(seed, [start], shape, dtype)[0]
 
 
-@torch.no_grad()
+_TORCH_INPUT = (np.uint8, np.int16, np.int32, np.int64, np.float32, np.float64)
+
+
+def _autocast(device: torch.device, amp: str):
+    if amp in ("", "off", None):
+        return contextlib.nullcontext()
+    if amp not in ("bf16", "fp16"):
+        raise UsageError(f"amp must be off, bf16 or fp16, not {amp!r}")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+@torch.inference_mode()
 def protect_hu(G: torch.nn.Module, hu: np.ndarray, cfg, device, *, hu_min: float | None = None,
                hu_max: float | None = None, dtype=torch.float32, seed: int = 0, batch: int = 4,
-               out: np.ndarray | None = None, progress=None, desc: str = "protect") -> np.ndarray:
+               out: np.ndarray | None = None, progress=None, desc: str = "protect",
+               amp: str = "off", channels_last: bool = False) -> np.ndarray:
     """Protect the HU volume `hu` (z, y, x) slab by slab and return the protected HU.
 
     Normalisation is the training one (ScanDataset: min-max of the whole volume to [-1, 1],
     float64 arithmetic), with hu_min/hu_max defaulting to the volume's own. `out` (default: a
     new float32 array) receives the result; an integer `out` gets rounded, clipped values.
-    `progress` is a tqdm-like callable or None."""
+    `progress` is a tqdm-like callable or None. Speed options (issue 7): `batch` slabs per
+    generator call; `amp` 'bf16'/'fp16' autocast of G (its output is mapped to HU in float64);
+    `channels_last` converts G (in place) and its inputs to NHWC."""
     G.eval()
+    device = torch.device(device)
     depth = hu.shape[0]
     lo = float(hu.min()) if hu_min is None else float(hu_min)
     hi = float(hu.max()) if hu_max is None else float(hu_max)
@@ -71,30 +149,49 @@ def protect_hu(G: torch.nn.Module, hu: np.ndarray, cfg, device, *, hu_min: float
     scale = _eps_scale(cfg, lo, hi)
     starts = slab_starts(depth, cfg.slab)
     batch = max(1, int(batch))
+    if channels_last:
+        G.to(memory_format=torch.channels_last)
+    # The scan goes to the device once, in its own dtype (int16: 2 bytes a voxel over the bus);
+    # on the CPU these are views of `hu` and `out`, no copies.
+    src = hu if hu.dtype.isnative and hu.dtype.type in _TORCH_INPUT else hu.astype(np.float32)
+    vol = torch.from_numpy(np.ascontiguousarray(src)).to(device)
+    on_cpu = device.type == "cpu" and out.dtype.isnative and out.flags.c_contiguous
+    res = torch.from_numpy(out) if on_cpu else torch.empty(out.shape, device=device,
+                                                           dtype=_torch_dtype(out.dtype))
     it = range(0, len(starts), batch)
     if progress is not None:
         it = progress(it, desc=desc, leave=False, unit="batch")
     for i in it:
         chunk = starts[i:i + batch]
-        x = np.stack([hu[s:s + cfg.slab] for s in chunk]).astype(np.float64)
-        x = torch.from_numpy((x - lo) / span * 2.0 - 1.0).to(device=device, dtype=dtype)
-        delta = torch.stack([slab_delta(seed, s, x.shape[1:], dtype) for s in chunk]).to(device)
-        xp = G(x, delta, scale=scale).double().cpu().numpy()
-        xp = to_hu(xp, lo, hi)
+        x = torch.stack([vol[s:s + cfg.slab] for s in chunk])
+        x = ((x.to(torch.float64) - lo) / span * 2.0 - 1.0).to(dtype)
+        delta = slab_noise(seed, chunk, x.shape[1:], dtype, device)
+        if channels_last:
+            x, delta = (t.contiguous(memory_format=torch.channels_last) for t in (x, delta))
+        with _autocast(device, amp):
+            xp = G(x, delta, scale=scale)
+        xp = (xp.to(torch.float64) + 1.0) / 2.0 * span + lo  # scanDataset.to_hu
         if info is not None:
-            xp = np.clip(np.rint(xp), info.min, info.max)
-        for j, s in enumerate(chunk):
-            out[s:s + cfg.slab] = xp[j]
+            xp = xp.round().clamp(info.min, info.max)
+        for j, s in enumerate(chunk):  # in order: the end-aligned last slab wins its overlap
+            res[s:s + cfg.slab] = xp[j]
+    if not on_cpu:
+        out[...] = res.cpu().numpy()
     return out
 
 
+def _torch_dtype(np_dtype) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype=np.dtype(np_dtype).newbyteorder("="))).dtype
+
+
 def protect_volume(G: torch.nn.Module, item: VolumeItem, cfg, device, dtype=torch.float32,
-                   seed: int = 0, batch: int = 8, progress=None) -> np.ndarray:
-    """Protected volume in HU (float64), shape of the source. Noise delta is seeded."""
+                   seed: int = 0, batch: int = 8, progress=None, **speed) -> np.ndarray:
+    """Protected volume in HU (float64), shape of the source. Noise delta is seeded.
+    `speed`: protect_hu's amp / channels_last."""
     return protect_hu(G, item.scan.hu, cfg, device, hu_min=item.hu_min, hu_max=item.hu_max,
                       dtype=dtype, seed=seed, batch=batch,
                       out=np.empty(item.scan.hu.shape, dtype=np.float64), progress=progress,
-                      desc=f"protect {Path(item.path).name}")
+                      desc=f"protect {Path(item.path).name}", **speed)
 
 
 def load_generator(path, device="cpu"):

@@ -106,6 +106,36 @@ def atomic_dir(path: str | os.PathLike, *, allow_existing_empty: bool = True) ->
         raise
 
 
+def check_output_dir(path: str | os.PathLike) -> None:
+    """Refuse, before any work, an output folder that cannot be created or written: a parent
+    that is a regular file, a read-only file system, no permission. Creates nothing.
+
+    `path` is the folder outputs go into (it may not exist yet)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"cannot write {path}: exists and is not a folder")
+    probe = path
+    while not probe.exists():  # the nearest existing ancestor decides (lexists: dangling links too)
+        if probe.is_symlink():
+            raise OutputError(f"cannot write {path}: {probe} is a dangling symbolic link")
+        parent = probe.parent
+        if parent == probe:
+            break
+        probe = parent
+    if probe.exists() and not probe.is_dir():
+        raise OutputError(os_error_message(path, OSError(errno.ENOTDIR, "Not a directory")))
+    # access() reports a read-only file system (EROFS) even to root, and missing permissions to
+    # other users; root ignores mode bits, as the real write will.
+    if not os.access(probe, os.W_OK | os.X_OK):
+        try:
+            st = os.statvfs(probe)
+            ro = bool(st.f_flag & os.ST_RDONLY)
+        except (OSError, AttributeError):
+            ro = False
+        err = errno.EROFS if ro else errno.EACCES
+        raise OutputError(os_error_message(path, OSError(err, os.strerror(err))))
+
+
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     a, b = Path(a), Path(b)
     try:

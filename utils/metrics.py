@@ -121,18 +121,15 @@ Other keys (classifier.*, scaling_layer.*) are ignored."""
 
 
 def _lpips_state(path: Path) -> dict:
-    import torch
+    from utils.checkpoint import torch_load_weights
 
     files = sorted(q for q in path.iterdir() if q.suffix in (".pth", ".pt")) if path.is_dir() else [path]
     if not files:
         raise ModelFileError(f"{path}: no .pth/.pt files in this folder")
     merged = {}
     for f in files:
-        try:
-            sd = torch.load(f, map_location="cpu", weights_only=True)
-        except Exception as e:  # pickle refusals and corrupt files alike: one line
-            msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ModelFileError(f"{f}: not a loadable weights file ({msg[:160]})") from None
+        # weights_only=True; a pickle asking for code is an UnsafeFileError, anything else one line
+        sd = torch_load_weights(f, "cpu", what="weights file")
         if not isinstance(sd, dict):
             raise ModelFileError(f"{f}: not a state dict")
         for k, v in sd.items():

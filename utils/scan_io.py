@@ -134,54 +134,178 @@ _MET_SIZES = {
 }
 
 
-def _read_mhd_header(path: Path) -> dict[str, str]:
+def _read_mhd_header(path: Path) -> tuple[dict[str, str], int]:
+    """(key -> value, byte offset just after the ElementDataFile line = LOCAL data start)."""
     try:
-        text = path.read_bytes()[:65536].decode("latin-1")
+        with open(path, "rb") as f:
+            raw = f.read(65536)
     except OSError as e:
         raise InputFileError(f"{path}: cannot read ({e.strerror})") from None
-    header = {}
-    for line in text.splitlines():
-        if "=" in line:
-            k, v = line.split("=", 1)
+    header, pos = {}, 0
+    for line in raw.split(b"\n"):
+        pos += len(line) + 1
+        text = line.decode("latin-1")
+        if "=" in text:
+            k, v = text.split("=", 1)
             header[k.strip()] = v.strip()
             if k.strip() == "ElementDataFile":
                 break
-    return header
+    return header, min(pos, len(raw))
+
+
+_CHUNK = 1 << 20
+
+
+def _inflated_size(path: Path, offset: int, stop_after: int, *, gzip_ok: bool = False,
+                   owner: Path | None = None) -> int:
+    """Bytes a zlib (or gzip) stream starting at `offset` inflates to, counted in bounded memory
+    and stopped once above `stop_after`. A stream that is corrupt or ends early (truncated file)
+    is a one-line ScanFormatError: the readers would otherwise fill the rest with zeros."""
+    import zlib
+
+    wbits = 47 if gzip_ok else 15  # 47: zlib or gzip header, auto-detected
+    label = f"{owner}: compressed data {path.name}" if owner is not None and owner != path else \
+        f"{path}: compressed data"
+    total = 0
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            d = zlib.decompressobj(wbits)
+            while True:
+                chunk = f.read(_CHUNK)
+                if not chunk:
+                    break
+                while chunk:
+                    out = d.decompress(chunk, _CHUNK * 16)
+                    total += len(out)
+                    if total > stop_after:
+                        return total
+                    chunk = d.unconsumed_tail
+                    if d.eof:
+                        rest = d.unused_data + f.read()
+                        if not (gzip_ok and rest.lstrip(b"\0")):
+                            return total
+                        d = zlib.decompressobj(wbits)  # another gzip member
+                        chunk = rest
+            total += len(d.flush())
+            if not d.eof:
+                raise ScanFormatError(f"{label} is truncated (ends after {total} bytes)")
+    except zlib.error as e:
+        raise ScanFormatError(f"{label} is corrupt ({e})") from None
+    except OSError as e:
+        raise InputFileError(f"{path}: cannot read ({e.strerror})") from None
+    return total
+
+
+def _size_mismatch(path: Path, data: Path, have: int, want: int, what: str) -> None:
+    """The data must be exactly what the header describes: fewer bytes is a truncated file (the
+    readers zero-fill or fail with a misleading message), more bytes a header that lies about
+    the size or the voxel type (the readers silently return garbage)."""
+    if have < want:
+        raise ScanFormatError(f"{path}: data {data.name} is truncated or the header lies about the size "
+                              f"({have} bytes, {what} needs {want})")
+    if have > want:
+        raise ScanFormatError(f"{path}: the header lies about the size or voxel type: data {data.name} "
+                              f"has {have} bytes, {what} describes {want}")
 
 
 def _precheck_mhd(path: Path) -> None:
-    """SimpleITK reports a truncated .raw as 'No such file or directory': say what is wrong."""
-    h = _read_mhd_header(path)
+    """Check a MetaImage (.mhd/.mha) header against its data before SimpleITK reads it.
+
+    SimpleITK reports a truncated .raw as 'No such file or directory', zero-fills a short
+    compressed stream (or prints to the terminal), and reads a header that lies about the voxel
+    type as garbage: say what is wrong instead."""
+    h, local_offset = _read_mhd_header(path)
     if "DimSize" not in h or "ElementType" not in h or "ElementDataFile" not in h:
         raise ScanFormatError(f"{path}: not a MetaImage header (DimSize/ElementType/ElementDataFile missing)")
     try:
         dims = [int(v) for v in h["DimSize"].split()]
     except ValueError:
         raise ScanFormatError(f"{path}: bad DimSize '{h['DimSize']}'") from None
+    if not dims or any(d < 1 for d in dims):
+        raise ScanFormatError(f"{path}: bad DimSize '{h['DimSize']}' (sizes must be positive)")
     if len(dims) == 2 or (len(dims) == 3 and dims[2] == 1):
         raise ScanFormatError(f"{path}: is a 2-D image (DimSize {h['DimSize']}), a 3-D CT volume is needed")
     data_file = h["ElementDataFile"]
-    if data_file.upper() in ("LOCAL", "LIST") or "%" in data_file:
-        return  # embedded data or file lists: leave it to SimpleITK
-    raw = path.parent / data_file
-    if not raw.exists():
-        raise InputFileError(f"{path}: its data file {raw} does not exist")
+    if data_file.upper() == "LIST" or "%" in data_file:
+        return  # file lists: leave them to SimpleITK
+    local = data_file.upper() == "LOCAL"
+    raw = path if local else path.parent / data_file
+    if not local:
+        if not raw.exists():
+            raise InputFileError(f"{path}: its data file {raw} does not exist")
+        if not raw.is_file():
+            raise ScanFormatError(f"{path}: its data file {raw} is not a file")
     compressed = h.get("CompressedData", "False").lower() == "true"
     size = _MET_SIZES.get(h["ElementType"])
-    channels = int(h.get("ElementNumberOfChannels", "1") or 1)
-    if size and not compressed and h.get("HeaderSize", "0") in ("0", ""):
-        want = int(np.prod(dims)) * size * channels
-        have = raw.stat().st_size
-        if have < want:
-            raise ScanFormatError(
-                f"{path}: data file {raw.name} is truncated or the header lies about the size "
-                f"({have} bytes, DimSize {h['DimSize']} {h['ElementType']} needs {want})")
+    try:
+        channels = int(h.get("ElementNumberOfChannels", "1") or 1)
+    except ValueError:
+        raise ScanFormatError(f"{path}: bad ElementNumberOfChannels") from None
+    header_size = h.get("HeaderSize", "0") or "0"
+    if not size or header_size not in ("0", ""):
+        return  # unknown type (SimpleITK says so) or skipped bytes: no exact size to check
+    want = int(np.prod(dims, dtype=np.int64)) * size * channels
+    offset = local_offset if local else 0
+    what = f"DimSize {h['DimSize']} {h['ElementType']}"
+    if compressed:
+        have = _inflated_size(raw, offset, want, owner=path)
+    else:
+        have = raw.stat().st_size - offset
+    _size_mismatch(path, raw, have, want, what)
+
+
+def _precheck_nifti(path: Path) -> None:
+    """NIfTI-1/2 (.nii, .nii.gz): the data must be as long as the header says (SimpleITK
+    zero-fills a truncated file, compressed or not)."""
+    import struct
+
+    gz = path.name.lower().endswith(".gz")
+    try:
+        if gz:
+            import gzip
+
+            with gzip.open(path, "rb") as f:
+                head = f.read(544)
+        else:
+            with open(path, "rb") as f:
+                head = f.read(544)
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+        raise ScanFormatError(f"{path}: not a readable NIfTI file ({e})") from None
+    if len(head) < 348:
+        raise ScanFormatError(f"{path}: truncated NIfTI header ({len(head)} bytes)")
+    for end in "<>":
+        n = struct.unpack(end + "i", head[:4])[0]
+        if n in (348, 540):
+            break
+    else:
+        return  # not NIfTI (Analyze .hdr/.img, ...): SimpleITK decides
+    if n == 348:
+        dim = struct.unpack(end + "8h", head[40:56])
+        bitpix = struct.unpack(end + "h", head[72:74])[0]
+        vox_offset = int(struct.unpack(end + "f", head[108:112])[0])
+    else:
+        if len(head) < 540:
+            raise ScanFormatError(f"{path}: truncated NIfTI-2 header ({len(head)} bytes)")
+        bitpix = struct.unpack(end + "h", head[14:16])[0]
+        dim = struct.unpack(end + "8q", head[16:80])
+        vox_offset = struct.unpack(end + "q", head[168:176])[0]
+    ndim = dim[0]
+    if not 1 <= ndim <= 7 or any(d < 1 for d in dim[1:ndim + 1]) or bitpix < 1:
+        raise ScanFormatError(f"{path}: bad NIfTI header (dim {list(dim)}, bitpix {bitpix})")
+    want = max(vox_offset, n) + int(np.prod(dim[1:ndim + 1], dtype=np.int64)) * bitpix // 8
+    have = _inflated_size(path, 0, want, gzip_ok=True) if gz else path.stat().st_size
+    if have < want:
+        raise ScanFormatError(f"{path}: is truncated ({have} bytes, its header needs {want})")
 
 
 def _load_sitk(path: Path) -> Scan:
     sitk = _sitk()
-    if path.name.lower().endswith(".mhd"):
+    name = path.name.lower()
+    if name.endswith((".mhd", ".mha")):
         _precheck_mhd(path)
+    elif name.endswith((".nii", ".nii.gz")):
+        _precheck_nifti(path)
     try:
         img = sitk.ReadImage(str(path))
     except RuntimeError as e:
