@@ -424,6 +424,10 @@ def _merged_stats(stats: DisruptionStats, world: int) -> DisruptionStats:
 
 
 def _tensorboard(path: Path):
+    # TensorBoard's writer imports TensorFlow when installed (6 s here) unless the module
+    # tensorboard.compat.notf exists; then it uses its own stub, which is all scalars need.
+    import types
+    sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is in requirements.txt; degrade rather than fail

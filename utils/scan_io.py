@@ -14,10 +14,12 @@ with its slices reversed (same world geometry, different index order).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +117,34 @@ def _check_volume(hu: np.ndarray, path) -> None:
         raise ScanFormatError(f"{path}: holds a single slice (2-D image), a 3-D CT volume is needed")
     if min(hu.shape) < 1:
         raise ScanFormatError(f"{path}: empty image of shape {hu.shape}")
+
+
+@contextlib.contextmanager
+def _c_output_captured():
+    """Capture what C/C++ code prints on file descriptors 1 and 2 during the block (ITK's MetaIO
+    writes 'M_WriteElementsData: file stream is fail after write' straight to the terminal on a
+    full disk): errors stay one line. Yields a list that receives the captured text."""
+    captured: list[str] = []
+    try:
+        saved = [os.dup(1), os.dup(2)]
+    except OSError:  # no usable descriptors (embedded interpreters): do not capture
+        yield captured
+        return
+    with tempfile.TemporaryFile() as sink:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        try:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            yield captured
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            sink.seek(0)
+            captured.append(sink.read(65536).decode("utf-8", "replace"))
 
 
 def _sitk_message(e: Exception) -> str:
@@ -307,7 +337,8 @@ def _load_sitk(path: Path) -> Scan:
     elif name.endswith((".nii", ".nii.gz")):
         _precheck_nifti(path)
     try:
-        img = sitk.ReadImage(str(path))
+        with _c_output_captured():
+            img = sitk.ReadImage(str(path))
     except RuntimeError as e:
         raise ScanFormatError(f"{path}: cannot read: {_sitk_message(e)}") from None
     if img.GetNumberOfComponentsPerPixel() != 1:
@@ -593,9 +624,11 @@ def save_mhd(scan: Scan, path: str | os.PathLike, *, compress: bool = False) -> 
     try:
         # Final names inside a temporary folder: the header then names the final data file.
         try:
-            sitk.WriteImage(img, str(tmpdir / path.name), useCompression=compress)
+            with _c_output_captured():
+                sitk.WriteImage(img, str(tmpdir / path.name), useCompression=compress)
         except RuntimeError as e:
-            raise OutputError(f"cannot write {path}: {_sitk_message(e)}") from None
+            msg = _sitk_message(e).replace(str(tmpdir / path.name), str(path))
+            raise OutputError(f"cannot write {path}: {msg}") from None
         os.replace(tmpdir / data_name, path.parent / data_name)
         os.replace(tmpdir / path.name, path)
     except OSError as e:
