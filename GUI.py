@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.errors import OutputError, ScanFormatError, UsageError, run_cli
+from utils.errors import MitsError, OutputError, ScanFormatError, UsageError, run_cli
 
 KEYS = ("up", "down", "pageup", "pagedown", "a", "t", "s", "q")
 
@@ -113,7 +113,7 @@ class Viewer:
         elif k == "t":
             self.toggle_volume()
         elif k == "s":
-            self.save()
+            self._guarded(self.save)
         elif k == "q" and self.fig is not None:
             import matplotlib.pyplot as plt
             plt.close(self.fig)
@@ -124,7 +124,19 @@ class Viewer:
         toolbar = getattr(self.fig.canvas, "toolbar", None) if self.fig is not None else None
         if toolbar is not None and getattr(toolbar, "mode", ""):  # zooming/panning, not tampering
             return
-        self.tamper(int(round(event.ydata)), int(round(event.xdata)))
+        self._guarded(self.tamper, int(round(event.ydata)), int(round(event.xdata)))
+
+    def _guarded(self, action, *args):
+        """Run a user action from an event: a MitsError (full disk, read-only folder, a tamper
+        the attack cannot do) becomes one 'error:' line and the status text, not a traceback in
+        the event loop; the viewer keeps running."""
+        try:
+            return action(*args)
+        except MitsError as e:
+            self.status = f"error: {e}"
+            print(self.status, file=sys.stderr, flush=True)
+            self.redraw()
+            return None
 
     def toggle_action(self) -> None:
         self.action = "remove" if self.action == "inject" else "inject"

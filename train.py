@@ -30,7 +30,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -126,6 +126,7 @@ class Run:
 
 def build_run(cfg, size: int, device: torch.device, dtype: torch.dtype, world: int = 1,
               target=None) -> Run:
+    """Networks (for slices of `size`), optimisers and the attacker (`target`, default from cfg)."""
     G_raw = build_generator(cfg).to(device=device, dtype=dtype)
     D_raw = build_discriminator(cfg, size).to(device=device, dtype=dtype)
     if cfg.channels_last:
@@ -159,7 +160,6 @@ class Slab:
     x_p: torch.Tensor | None = None
     T: np.ndarray | None = None   # black-box target (for the sample grid)
     disruption: torch.Tensor | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def _sync(device: torch.device) -> None:

@@ -39,7 +39,7 @@ from conftest import ROOT, make_phantom  # noqa: E402
 from procedures import prepare_data  # noqa: E402
 from utils.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from utils.errors import (CoordinateError, DataFetchError, InputFileError, ModelFileError,  # noqa: E402
-                          OutputError, ScanFormatError, UsageError, run_cli)
+                          OutputError, UsageError, run_cli)
 from utils.scan_io import Scan, save_dicom_series, save_mhd  # noqa: E402
 
 SHAPE = (12, 40, 40)
@@ -410,6 +410,17 @@ def empty_models(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module")
+def held_ctgan_models(tiny_ctgan_models):
+    """The tiny CT-GAN folder, its injector kept loaded: evaluate's ScanManipulator then reuses
+    it (CTGANModel.shared) instead of loading the Keras model again for every bad input."""
+    from procedures.attack_pipeline import SUBDIR, CTGANModel
+
+    held = CTGANModel.shared(tiny_ctgan_models / SUBDIR["inject"])
+    yield tiny_ctgan_models
+    del held
+
+
 @dataclasses.dataclass
 class Ctx:
     root: Path
@@ -453,7 +464,7 @@ def _ctx(request, tmp_path, entry) -> Ctx:
     if entry == "protect":
         c.ckpt = request.getfixturevalue("ckpt")
     if entry == "evaluate":
-        c.models = request.getfixturevalue("tiny_ctgan_models")
+        c.models = request.getfixturevalue("held_ctgan_models")
     return c
 
 
@@ -610,6 +621,34 @@ def test_gui_bad_protected_scan_and_window(empty_models, tmp_path, capfd):
     assert_refused(res, UsageError.exit_code, ("--window",), tmp_path, before)
 
 
+def test_gui_actions_that_fail_keep_the_viewer_running(empty_models, tmp_path, capfd):
+    """A save into an impossible folder or a click without attacker models: one 'error:' line
+    and the status text, no traceback from the event loop, no file."""
+    from types import SimpleNamespace
+
+    import matplotlib.pyplot as plt
+
+    from procedures.attack_pipeline import ScanManipulator
+
+    (tmp_path / "a_file").write_text("x")
+    v = GUI.Viewer(phantom_scan(), ScanManipulator(empty_models), tmp_path / "a_file" / "saved")
+    v.build()
+    before = tree(tmp_path)
+    capfd.readouterr()
+    try:
+        v.on_key(SimpleNamespace(key="s"))
+        err = capfd.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: cannot write") and "a_file" in err, err
+        assert v.status.startswith("error: ") and v.saved == []
+        v.on_click(SimpleNamespace(inaxes=v.ax, button=1, xdata=20.0, ydata=20.0))
+        err = capfd.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and "INJ" in err, err
+        assert v.history["original"] == []
+    finally:
+        plt.close(v.fig)
+    assert tree(tmp_path) == before
+
+
 def _bad_out(kind: str, root: Path) -> Path:
     if kind == "through_regular_file":
         (root / "a_file").write_text("x")
@@ -694,7 +733,8 @@ def test_prepare_data_output_folder_through_a_file(tmp_path, capfd):
 # the real scripts: exit status and one stderr line from a fresh interpreter
 # ==============================================================================================
 def test_scripts_in_subprocesses(ckpt, empty_models, tmp_path):
-    """Every root script (and the set-up module) as a user runs it; started together (2 cores)."""
+    """The root scripts (and the set-up module) as a user runs them, started together (2 cores);
+    tamper.py's is in test_tamper_cli, evaluate.py ends like the others through run_cli."""
     inputs = tmp_path / "in"
     inputs.mkdir()
     trunc = truncated_raw(inputs)
@@ -705,8 +745,6 @@ def test_scripts_in_subprocesses(ckpt, empty_models, tmp_path):
         "GUI": ([py, "GUI.py", "--scan", str(series), "--models", str(empty_models)], 4, series.name),
         "train": ([py, "train.py", *map(str, _train(tmp_path / "nope", tmp_path / "o2", Ctx(tmp_path,
                    empty_models=empty_models)))], 3, "nope"),
-        "evaluate": ([py, "evaluate.py", "--methods", "mitsgan", "--checkpoint", str(tmp_path / "x.pt"),
-                      "--data", str(inputs), "--out", str(tmp_path / "o3")], 6, "x.pt"),
         "prepare_data": ([py, "-m", "procedures.prepare_data", "--data-dir", str(tmp_path / "o4"),
                           "--sdist", str(inputs / "gone.tar.gz")], 9, "gone.tar.gz"),
     }

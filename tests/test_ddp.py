@@ -1,5 +1,5 @@
-"""train.py under torchrun with DistributedDataParallel (gloo, CPU): 2 ranks x 1 slab give the
-same weights as 1 rank x 2 slabs (issue 7). The default preset: U-Net (GroupNorm), PatchGAN,
+"""train.py under torchrun with DistributedDataParallel (gloo, CPU): 2 ranks x 2 slabs give the
+same weights as 1 rank x 4 slabs (issue 7). The default preset: U-Net (GroupNorm), PatchGAN,
 gradients through the PyTorch CT-GAN port, one attacker per rank.
 
 float64: in float32 the runs agree to ~1e-5, not better, because Adam turns the rounding noise of
@@ -51,18 +51,19 @@ def weights(state: dict) -> dict:
 @pytest.fixture(scope="module")
 def volumes(tmp_path_factory):
     d = tmp_path_factory.mktemp("ddp_scans")
-    for i in range(3):  # stream 0 owns volumes 0 and 2, stream 1 volume 1
+    for i in range(5):  # --batch 4: stream 0 owns volumes 0 and 4, streams 1-3 one volume each
         save_mhd(Scan(make_phantom((16, 32, 32), seed=i), (2.5, 1.0, 1.0), (0.0, 0.0, 0.0)), d / f"v{i}.mhd")
     return d
 
 
 def test_two_ranks_equal_one_rank_with_the_same_global_batch(volumes, tiny_ctgan_models, tmp_path):
-    one = torchrun(1, volumes, tiny_ctgan_models, tmp_path / "one", "--batch", "2", "--max_steps", "3")
-    two = torchrun(2, volumes, tiny_ctgan_models, tmp_path / "two", "--batch", "2", "--max_steps", "3")
+    # Each rank runs two slabs a step (two forwards of G and four of D before one backward).
+    one = torchrun(1, volumes, tiny_ctgan_models, tmp_path / "one", "--batch", "4", "--max_steps", "3")
+    two = torchrun(2, volumes, tiny_ctgan_models, tmp_path / "two", "--batch", "4", "--max_steps", "3")
     assert one["step"] == two["step"] == 3
-    # Both slabs of all 3 steps got the white-box term, counted over both ranks.
+    # All 4 slabs of the 3 steps got the white-box term, counted over both ranks.
     for state in (one, two):
-        assert state["disruption"] == {**state["disruption"], "sub_batches": 6, "computed": 6, "errors": {}}
+        assert state["disruption"] == {**state["disruption"], "sub_batches": 12, "computed": 12, "errors": {}}
     a, b = weights(one), weights(two)
     assert a.keys() == b.keys()
     for k in a:

@@ -178,6 +178,7 @@ def test_keras_lambda_refused_by_both_loaders(name, tfk, tiny_ctgan_models, tmp_
     _no_marker(marker)
 
 
+@pytest.mark.tf
 def test_differentiable_tamper_refuses_a_pickle_equaliser(tiny_ctgan_models, tmp_path):
     from procedures.ctgan_torch import DifferentiableTamper
 
@@ -258,6 +259,7 @@ def _attacker_argv(entry: str, scan: Path, models: Path, out: Path, tmp_path: Pa
     return train.main, _train(scan.parent, out, Ctx(tmp_path, empty_models=models), "--attack_mode", mode)
 
 
+@pytest.mark.tf
 @pytest.mark.parametrize("entry", ["tamper", "GUI", "evaluate", "train-blackbox", "train-whitebox"])
 def test_entry_points_refuse_a_pickle_equaliser_that_runs_code(entry, tiny_ctgan_models, tmp_path, capfd):
     marker = tmp_path / "PWNED"

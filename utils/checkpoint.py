@@ -34,14 +34,33 @@ def save_checkpoint(path, state: dict) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"{path}: cannot write checkpoint ({e.strerror or e})") from None
+    except (OSError, RuntimeError) as e:
+        # torch.save reports a full disk as RuntimeError('[enforce fail at inline_container.cc]
+        # ... unexpected pos'), the OSError(ENOSPC) being its context.
+        os_err = _os_error_in_chain(e)
+        if isinstance(e, RuntimeError) and os_err is None and "inline_container" not in str(e):
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        reason = (os_err.strerror or str(os_err)) if os_err is not None else "write failed (disk full?)"
+        raise OutputError(f"{path}: cannot write checkpoint ({reason})") from None
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _os_error_in_chain(e: BaseException) -> OSError | None:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 _GLOBAL = re.compile(r"GLOBAL\s+([\w.]+)")

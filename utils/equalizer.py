@@ -8,7 +8,6 @@ and then checks that the result is a list of two 1-D float arrays of equal lengt
 from __future__ import annotations
 
 import io
-import os
 import pickle
 from pathlib import Path
 
@@ -67,12 +66,12 @@ class HistEqualizer:
 
     # --- storage ---------------------------------------------------------------------------
     def save(self, path) -> None:
-        """Write `.npz` atomically (tmp name + rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, centres=self.centres, cdf=self.cdf)
-        os.replace(tmp, path)
+        """Write `.npz` atomically (hidden tmp name + rename; removed on failure, OutputError)."""
+        from utils.atomic import atomic_path
+
+        with atomic_path(Path(path)) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, centres=self.centres, cdf=self.cdf)
 
     @classmethod
     def load(cls, path) -> "HistEqualizer":

@@ -361,6 +361,39 @@ def _load_sitk(path: Path) -> Scan:
     )
 
 
+def _dicom_quiet(fn):
+    """Run a DICOM reader/writer with pydicom's value validation silenced.
+
+    pydicom reports an invalid header value by printing it (a UserWarning and a 'pydicom' log
+    record, e.g. "Invalid value for VR DA: '1970-01-01'"): for patient attributes that would put
+    identity on the terminal and in logs. Values are copied verbatim, never interpreted, so the
+    checks are not needed here; our own errors never quote patient attributes (issue 6.4)."""
+    import functools
+    import logging
+    import warnings
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from pydicom import config
+
+        settings = config.settings
+        saved = (settings.reading_validation_mode, settings.writing_validation_mode)
+        logger = logging.getLogger("pydicom")
+        level = logger.level
+        try:
+            settings.reading_validation_mode = config.IGNORE
+            settings.writing_validation_mode = config.IGNORE
+            logger.setLevel(logging.ERROR)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                return fn(*args, **kwargs)
+        finally:
+            settings.reading_validation_mode, settings.writing_validation_mode = saved
+            logger.setLevel(level)
+
+    return wrapper
+
+
 def _is_dicom_file(p: Path) -> bool:
     try:
         with open(p, "rb") as f:
@@ -399,6 +432,7 @@ def _decoder_available(ts) -> bool:
         return False
 
 
+@_dicom_quiet
 def _load_dicom_dir(folder: Path, series_uid: str | None) -> Scan:
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -743,6 +777,7 @@ def _ds_str(v: float) -> str:
     return f"{v:.6e}"
 
 
+@_dicom_quiet
 def save_dicom_series(scan: Scan, outdir: str | os.PathLike, *, series_description: str = "MITS-GAN derived",
                       series_number: int | None = None) -> Path:
     """Write `scan` as a DICOM CT series (one file per slice, explicit VR little endian).
