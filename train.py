@@ -46,8 +46,9 @@ from generator import build_generator
 from procedures.disruption import DisruptionStats, DisruptionTarget
 from procedures.protection import eps_scale, export_protected, protect_volume
 from scanDataset import ScanDataset
-from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.errors import UsageError, run_cli
+from utils.atomic import atomic_write_text, check_output_dir, os_error_message
+from utils.checkpoint import load_checkpoint, load_state_into, save_checkpoint
+from utils.errors import ModelFileError, OutputError, UsageError, run_cli
 from utils.images import save_grid
 
 log = logging.getLogger("mitsgan.train")
@@ -261,7 +262,10 @@ def main(argv=None) -> int:
     state = None
     if resume is not None and (cfg.resume != "auto" or resume.exists()):
         state = load_checkpoint(resume)
-        saved = config_mod.load_config_dict(state["config"])
+        try:
+            saved = config_mod.load_config_dict(dict(state["config"]))
+        except (UsageError, TypeError, ValueError) as e:
+            raise ModelFileError(f"{resume}: checkpoint config is not a MITS-GAN config ({e})") from None
         # The run's identity comes from the checkpoint; only where/how long it runs may change.
         for name in config_mod.RESUMABLE_OVERRIDES:
             if name in given or name in ("out_dir", "resume"):
@@ -277,8 +281,7 @@ def main(argv=None) -> int:
     torch.manual_seed(seed)
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     if master:
-        (out / "samples").mkdir(parents=True, exist_ok=True)
-        cfg.save(out / "config.json")
+        check_output_dir(out)  # an impossible run folder fails now; nothing is written yet
 
     # --- data: stream j owns volumes v % batch == j; this rank loads its streams' volumes only --
     data = ScanDataset(cfg.data_dir, dtype=dtype, mhd_only=cfg.preset == "reference")
@@ -297,15 +300,24 @@ def main(argv=None) -> int:
     run = build_run(cfg, size, device, dtype, world)
     start = 0
     if state is not None:
-        run.G_raw.load_state_dict(state["generator"])
-        run.D_raw.load_state_dict(state["discriminator"])
-        run.opt_G.load_state_dict(state["opt_G"])
-        run.opt_D.load_state_dict(state["opt_D"])
-        if master:  # the saved counts are the sum over ranks
-            run.target.stats = DisruptionStats.from_dict(state["disruption"])
-        torch.set_rng_state(state["torch_rng"])
-        start = int(state["step"])
+        load_state_into(run.G_raw, state["generator"], resume, "generator")
+        load_state_into(run.D_raw, state["discriminator"], resume, "discriminator")
+        load_state_into(run.opt_G, state["opt_G"], resume, "generator optimiser")
+        load_state_into(run.opt_D, state["opt_D"], resume, "discriminator optimiser")
+        try:
+            if master:  # the saved counts are the sum over ranks
+                run.target.stats = DisruptionStats.from_dict(state["disruption"])
+            torch.set_rng_state(state["torch_rng"])
+            start = int(state["step"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise ModelFileError(f"{resume}: incomplete checkpoint ({type(e).__name__}: {e})") from None
         log.info("resumed from %s at step %d", resume, start)
+    if master:  # only now that data, checkpoint and attacker are known good
+        try:
+            (out / "samples").mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(os_error_message(out / "samples", e)) from None
+        cfg.save(out / "config.json")
 
     plans = {j: schedule(cfg, volumes[j], depths, seed, j) for j in streams}
     n_steps = _all_min(min(len(p) for p in plans.values()), world)  # streams end together
@@ -377,7 +389,7 @@ def main(argv=None) -> int:
                   f"{exported[-1]['perturbation_rms_hu']:.1f} HU)")
         summary["exported"] = _gathered(exported, world)
     if master:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         print(f"G/D {summary['seconds_per_step_gd']:.3f} s/step, attacker "
               f"{summary['seconds_per_step_attack']:.3f} s/step on {device} x {world}; outputs in {out}")
     if writer is not None:

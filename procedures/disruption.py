@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from scanDataset import VolumeItem, to_hu
+from utils.errors import UnsafeFileError
 from utils.lung import lung_mask
 from utils.scan_io import load_scan
 
@@ -103,6 +104,15 @@ class DisruptionTarget:
                 # The published loader returns the scan unchanged when a model is missing.
                 published=cfg.preset == "reference")
         self.manip = manipulator
+        # Load the attacker now: a model file that asks to run code stops the run before
+        # anything is written (issue 6.2). A missing/broken model stays a counted per-step error.
+        for action in ("inject", "remove"):
+            try:
+                self.manip.model(action)
+            except UnsafeFileError:
+                raise
+            except Exception:  # noqa: BLE001 - reported (and counted) at each step, as before
+                pass
         self.locator = Locator(cfg)
         self.stats = DisruptionStats()
         self._work: dict[int, np.ndarray] = {}     # per-volume float32 HU working copies
@@ -139,9 +149,12 @@ class DisruptionTarget:
         if cfg.quantize:  # what an int16 archive would store
             p_hu = np.round(p_hu)
         work[slab] = p_hu
+        changed = None
         try:
             changed = self.manip.tamper_volume(work, item.scan.spacing, coord, action, rng)
             t_hu = work[slab].astype(np.float64)
+        except UnsafeFileError:  # a model file that asks to run code stops the run (issue 6.2)
+            raise
         except Exception as e:  # counted, logged, and the step simply has no disruption term
             self.stats.errors[type(e).__name__] += 1
             if cfg.attack_errors == "count":

@@ -8,8 +8,6 @@ main(argv) through utils.errors.run_cli. Each run must end with:
   - no traceback, no warning that a terminal would show;
   - no new file anywhere under the test's folder (no output, no temporary left behind), and
     every input byte-for-byte unchanged.
-train.py writes its run folder (config.json, samples/) before it reads the data: that known
-deviation is reported as XFAIL (see TRAIN_WRITES_EARLY) until train.py is changed.
 """
 from __future__ import annotations
 
@@ -44,13 +42,6 @@ from utils.scan_io import Scan, save_dicom_series, save_mhd  # noqa: E402
 
 SHAPE = (12, 40, 40)
 SPACING = (2.5, 0.7, 0.7)
-
-TRAIN_WRITES_EARLY = ("train.py writes config.json and samples/ into --out_dir before it reads the data "
-                      "or the resume checkpoint; move that block after the data/checkpoint are loaded "
-                      "(see the issue-6 report)")
-TRAIN_RESUME_UNCHECKED = ("train.py --resume: a checkpoint whose weights or config do not fit is a raw "
-                          "RuntimeError/UsageError; use utils.checkpoint.load_state_into and wrap "
-                          "load_config_dict (see the issue-6 report)")
 
 # Warnings a terminal would print (the default filters hide these kinds outside __main__).
 _QUIET_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
@@ -107,12 +98,8 @@ def call(main: Callable, argv, capfd) -> Result:
 def assert_refused(res: Result, code: int, mention: tuple[str, ...], root: Path, before: dict[str, str],
                    entry: str = ""):
     """One 'error:' line naming one of `mention`, exit `code`, nothing new or changed under root."""
-    if entry == "train" and res.exc is not None and isinstance(res.exc, RuntimeError):
-        pytest.xfail(TRAIN_RESUME_UNCHECKED)
     assert res.exc is None, f"uncaught {type(res.exc).__name__}: {res.exc}"
     lines = res.err.strip().splitlines()
-    if entry == "train" and res.rc == UsageError.exit_code and code == ModelFileError.exit_code:
-        pytest.xfail(TRAIN_RESUME_UNCHECKED)
     assert res.rc == code, f"exit {res.rc}, expected {code}: {res.err}"
     assert len(lines) == 1 and lines[0].startswith("error: "), res.err
     assert "Traceback" not in res.out + res.err
@@ -120,8 +107,6 @@ def assert_refused(res: Result, code: int, mention: tuple[str, ...], root: Path,
     assert not res.warned, res.warned
     after = tree(root)
     new = sorted(set(after) - set(before))
-    if entry == "train" and new and all(re.fullmatch(r"(.*/)?out(/config\.json|/samples)?", n) for n in new):
-        pytest.xfail(TRAIN_WRITES_EARLY)
     assert not new, f"new files: {new}"
     changed = [k for k in before if after.get(k) != before[k]]
     assert not changed, f"inputs changed or removed: {changed}"
@@ -676,9 +661,6 @@ def test_output_folder_that_cannot_exist(entry, kind, ckpt, empty_models, tmp_pa
     arg = scan.parent if entry in FOLDER_ENTRIES else scan
     before = tree(tmp_path)
     res = call(main, argv(arg, out, c), capfd)
-    if entry == "train" and res.exc is not None and isinstance(res.exc, OSError):
-        pytest.xfail("train.py: (out / 'samples').mkdir raises a raw OSError; wrap it in OutputError "
-                     "(see the issue-6 report)")
     assert_refused(res, OutputError.exit_code, (out.name,), tmp_path, before, entry)
 
 
@@ -759,6 +741,4 @@ def test_scripts_in_subprocesses(ckpt, empty_models, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error: ") and name in lines[0], (k, err)
         assert "Traceback" not in out + err
     left = sorted(os.listdir(tmp_path))
-    if left == ["in", "o2"] and sorted(os.listdir(tmp_path / "o2")) == ["config.json", "samples"]:
-        pytest.xfail(TRAIN_WRITES_EARLY)
     assert left == ["in"]

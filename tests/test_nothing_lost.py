@@ -347,8 +347,6 @@ def test_read_only_output_folder(entry, ckpt, tmp_path, capfd):
                                              "--models", models, "--out", out]),
                 "train": (train.main, _train(scan.parent, out, c))}[entry]
         res = call(*argv, capfd)
-        if entry == "train" and isinstance(res.exc, OSError):
-            pytest.xfail("train.py: (out / 'samples').mkdir raises a raw OSError (see the issue-6 report)")
         line = _one_line(res, OutputError.exit_code)
         assert "read-only file system" in line and "out" in line, line
         assert os.listdir(ro) == []
