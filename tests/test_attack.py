@@ -13,7 +13,6 @@ from conftest import make_phantom
 from procedures.attack_pipeline import (AttackBorderError, AttackShapeError, CTGANModel, ScanManipulator,
                                         check_coord, copy_noise, fix_overflow, kern01, published_shape_error)
 from utils.cubes import cut_cube
-from utils.equalizer import HistEqualizer
 from utils.errors import CoordinateError, ModelFileError, UnsafeFileError
 from utils.scan_io import Scan
 
