@@ -123,6 +123,20 @@ def _autocast(device: torch.device, amp: str):
 
 
 @torch.inference_mode()
+def output_range(hu: np.ndarray, hu_min, hu_max, out):
+    """Shared set-up of slab-wise protection: the normalisation range (the volume's own unless
+    given), the output array (float32 by default) and its integer limits (None for floats)."""
+    lo = float(hu.min()) if hu_min is None else float(hu_min)
+    hi = float(hu.max()) if hu_max is None else float(hu_max)
+    span = hi - lo if hi > lo else 1.0
+    if out is None:
+        out = np.empty(hu.shape, dtype=np.float32)
+    if out.shape != hu.shape:
+        raise ValueError(f"output of shape {out.shape} for a volume of shape {hu.shape}")
+    info = np.iinfo(out.dtype) if np.issubdtype(out.dtype, np.integer) else None
+    return lo, hi, span, out, info
+
+
 def protect_hu(G: torch.nn.Module, hu: np.ndarray, cfg, device, *, hu_min: float | None = None,
                hu_max: float | None = None, dtype=torch.float32, seed: int = 0, batch: int = 4,
                out: np.ndarray | None = None, progress=None, desc: str = "protect",
@@ -138,14 +152,7 @@ def protect_hu(G: torch.nn.Module, hu: np.ndarray, cfg, device, *, hu_min: float
     G.eval()
     device = torch.device(device)
     depth = hu.shape[0]
-    lo = float(hu.min()) if hu_min is None else float(hu_min)
-    hi = float(hu.max()) if hu_max is None else float(hu_max)
-    span = hi - lo if hi > lo else 1.0
-    if out is None:
-        out = np.empty(hu.shape, dtype=np.float32)
-    if out.shape != hu.shape:
-        raise ValueError(f"output of shape {out.shape} for a volume of shape {hu.shape}")
-    info = np.iinfo(out.dtype) if np.issubdtype(out.dtype, np.integer) else None
+    lo, hi, span, out, info = output_range(hu, hu_min, hu_max, out)
     scale = _eps_scale(cfg, lo, hi)
     starts = slab_starts(depth, cfg.slab)
     batch = max(1, int(batch))

@@ -328,19 +328,12 @@ def protect_hu(model: TafimUNet, hu: np.ndarray, device="cpu", *, hu_min: float 
 
     Normalisation as in training (min-max of the volume to [-1, 1], or hu_min/hu_max as given).
     `out` (default float32) receives the result; an integer `out` gets rounded, clipped values."""
-    from procedures.protection import slab_starts
+    from procedures.protection import output_range, slab_starts
     from scanDataset import to_hu
 
     model.eval()
     slab = model.slab
-    lo = float(hu.min()) if hu_min is None else float(hu_min)
-    hi = float(hu.max()) if hu_max is None else float(hu_max)
-    span = hi - lo if hi > lo else 1.0
-    if out is None:
-        out = np.empty(hu.shape, dtype=np.float32)
-    if out.shape != hu.shape:
-        raise ValueError(f"output of shape {out.shape} for a volume of shape {hu.shape}")
-    info = np.iinfo(out.dtype) if np.issubdtype(out.dtype, np.integer) else None
+    lo, hi, span, out, info = output_range(hu, hu_min, hu_max, out)
     try:
         starts = slab_starts(hu.shape[0], slab)
     except ValueError as e:
