@@ -14,6 +14,7 @@ Protection methods (--methods, comma-separated):
   mitsgan   the checkpoint's generator
   noise     Gaussian noise with the RMS (HU) of MITS-GAN's perturbation of the same scan
             (or --noise-rms HU when mitsgan is not evaluated)
+  mitsgan2  a second MITS-GAN checkpoint (--checkpoint2), e.g. the white-box `default` model
   tafim     the TAFIM baseline (SPEC.md section 6) from --tafim-checkpoint
             (trained with `python -m procedures.tafim`)
 Adding a method: one entry in METHODS below (a builder returning a ProtectionMethod).
@@ -57,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default="models", help="CT-GAN models folder with INJ/ and REM/")
     p.add_argument("--out", default="runs/eval", help="output folder (default runs/eval)")
     p.add_argument("--methods", default="mitsgan,noise", help="protection methods (default mitsgan,noise)")
+    p.add_argument("--checkpoint2", default="",
+                   help="a second MITS-GAN checkpoint for --methods mitsgan2 (its own columns)")
     p.add_argument("--tafim-checkpoint", default="runs/tafim/checkpoint.pt",
                    help="TAFIM checkpoint for --methods tafim (default runs/tafim/checkpoint.pt)")
     p.add_argument("--noise-rms", type=float, default=None,
@@ -115,6 +118,23 @@ def _build_tafim(args, ctx):
 
 
 METHODS["tafim"] = _build_tafim
+
+
+def _build_mitsgan2(args, ctx):
+    """A second MITS-GAN checkpoint as its own columns (e.g. the published black-box model
+    beside the bounded white-box `default` one, issue 5)."""
+    from procedures.evaluation import mitsgan_method
+    from procedures.protection import load_generator
+
+    if not args.checkpoint2:
+        raise UsageError("--methods mitsgan2 needs --checkpoint2 CKPT")
+    G, cfg, dtype = load_generator(args.checkpoint2, ctx["device"])
+    return mitsgan_method(G, cfg, ctx["device"], dtype, seed=args.seed, batch=args.batch,
+                          progress=ctx["progress"], name="mitsgan2",
+                          label=f"MITS-GAN 2 ({cfg.preset}, {cfg.generator}, eps {cfg.eps_hu:g} HU, {cfg.attack_mode})")
+
+
+METHODS["mitsgan2"] = _build_mitsgan2
 
 
 def main(argv=None) -> int:

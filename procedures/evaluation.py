@@ -98,7 +98,7 @@ def as_stored(hu: np.ndarray, like: np.ndarray) -> np.ndarray:
 
 
 def mitsgan_method(G, cfg, device, dtype, *, seed: int = 0, batch: int = 4,
-                   progress=None, label: str = "MITS-GAN") -> ProtectionMethod:
+                   progress=None, label: str = "MITS-GAN", name: str = "mitsgan") -> ProtectionMethod:
     """Protection with a trained MITS-GAN generator (procedures.protection.protect_hu)."""
     from procedures.protection import protect_hu
 
@@ -109,7 +109,7 @@ def mitsgan_method(G, cfg, device, dtype, *, seed: int = 0, batch: int = 4,
                           seed=seed, batch=batch, out=out, progress=progress,
                           desc=f"protect {Path(item.path).name}")
 
-    return ProtectionMethod("mitsgan", label, run)
+    return ProtectionMethod(name, label, run)
 
 
 def gaussian_noise_method(rms_hu: float | Callable[[VolumeItem], float], *, seed: int = 0,

@@ -133,3 +133,22 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == ModelFileError.exit_code and err.count("\n") == 1 and "model folder not found" in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.tf
+def test_a_second_mitsgan_checkpoint_gets_its_own_columns(setup, tmp_path, capsys):
+    data, ckpt, models = setup
+    out = tmp_path / "eval2"
+    rc = run_cli(evaluate.main, ["--data", str(data), "--checkpoint", str(ckpt), "--checkpoint2", str(ckpt),
+                                 "--methods", "mitsgan,mitsgan2", "--models", str(models), "--out", str(out),
+                                 "-n", "1", "--max-scans", "1", "--no-progress", "--no-figures"])
+    assert rc == 0, capsys.readouterr().err
+    doc = json.loads((out / "results.json").read_text())
+    pert = {p["method"]: p["rms_hu"] for p in doc["perturbation"]}
+    assert set(pert) == {"mitsgan", "mitsgan2"}
+    assert pert["mitsgan2"] == pytest.approx(pert["mitsgan"])  # the same checkpoint, the same seed
+    assert "MITS-GAN 2 (" in (out / "results.md").read_text()
+    # Without --checkpoint2 the method is a one-line usage error.
+    rc = run_cli(evaluate.main, ["--data", str(data), "--methods", "mitsgan2", "--models", str(models),
+                                 "--out", str(tmp_path / "e3"), "--no-progress"])
+    assert rc == UsageError.exit_code
