@@ -238,7 +238,7 @@ def main(argv=None) -> int:
         protected = load_scan(args.protected).hu
     elif args.checkpoint:
         from procedures.protection import load_generator, protect_hu
-        from train import pick_device
+        from utils.device import pick_device
 
         device = pick_device(args.device)
         G, cfg, dtype = load_generator(args.checkpoint, device)

@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     from procedures.attack_pipeline import ScanManipulator
     from procedures.evaluation import EvalSettings, evaluate, write_reports
     from scanDataset import ScanDataset
-    from train import pick_device
+    from utils.device import pick_device
     from utils.atomic import check_output_dir, os_error_message
     from utils.metrics import load_lpips
 

@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     from procedures.protection import load_generator, protect_hu, protected_scan
-    from train import pick_device
+    from utils.device import pick_device
     from utils.atomic import check_output_dir
     from utils.metrics import perturbation_stats
     from utils.scan_io import load_scan, save_dicom_series, save_mhd

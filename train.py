@@ -48,18 +48,11 @@ from procedures.protection import eps_scale, export_protected, protect_volume
 from scanDataset import ScanDataset
 from utils.atomic import atomic_write_text, check_output_dir, os_error_message
 from utils.checkpoint import load_checkpoint, load_state_into, save_checkpoint
+from utils.device import pick_device
 from utils.errors import ModelFileError, OutputError, UsageError, run_cli
 from utils.images import save_grid
 
 log = logging.getLogger("mitsgan.train")
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine")
-    return torch.device(name)
 
 
 def init_distributed(cfg) -> tuple[int, int, torch.device]:
