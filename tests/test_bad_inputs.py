@@ -11,13 +11,10 @@ main(argv) through utils.errors.run_cli. Each run must end with:
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import os
 import re
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -34,82 +31,14 @@ import protect  # noqa: E402
 import tamper  # noqa: E402
 import train  # noqa: E402
 from conftest import ROOT, make_phantom  # noqa: E402
+from helpers import SHAPE, Ctx, assert_refused, call, make_tiny_checkpoint, phantom_scan, tree  # noqa: E402
+from helpers import train_argv as _train  # noqa: E402
 from procedures import prepare_data  # noqa: E402
 from utils.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from utils.errors import (CoordinateError, DataFetchError, InputFileError, ModelFileError,  # noqa: E402
-                          OutputError, UsageError, run_cli)
-from utils.scan_io import Scan, save_dicom_series, save_mhd  # noqa: E402
+                          OutputError, UsageError)
+from utils.scan_io import save_dicom_series, save_mhd  # noqa: E402
 
-SHAPE = (12, 40, 40)
-SPACING = (2.5, 0.7, 0.7)
-
-# Warnings a terminal would print (the default filters hide these kinds outside __main__).
-_QUIET_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
-
-
-# ==============================================================================================
-# helpers shared with test_untrusted_files / test_nothing_lost
-# ==============================================================================================
-def phantom_scan(seed: int = 0, shape=SHAPE, **kw) -> Scan:
-    return Scan(make_phantom(shape, seed=seed), SPACING, (-20.0, 5.0, -7.5), **kw)
-
-
-def tree(root: Path) -> dict[str, str]:
-    """Every entry under `root` (not following links) -> its SHA-256, 'dir' or 'link -> target'."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        for name in dirnames + filenames:
-            p = Path(dirpath) / name
-            rel = str(p.relative_to(root))
-            if p.is_symlink():
-                out[rel] = f"link -> {os.readlink(p)}"
-            elif p.is_dir():
-                out[rel] = "dir"
-            else:
-                out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
-
-
-@dataclasses.dataclass
-class Result:
-    rc: int | None
-    out: str
-    err: str
-    warned: list[str]
-    exc: BaseException | None = None
-
-
-def call(main: Callable, argv, capfd) -> Result:
-    """run_cli(main, argv) capturing fd 1/2 and the warnings a terminal would show."""
-    capfd.readouterr()
-    exc = None
-    rc = None
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
-        try:
-            rc = run_cli(main, [str(a) for a in argv])
-        except BaseException as e:  # noqa: BLE001 - a traceback is what we are looking for
-            exc = e
-    out, err = capfd.readouterr()
-    shown = [f"{x.category.__name__}: {x.message}" for x in w if not issubclass(x.category, _QUIET_WARNINGS)]
-    return Result(rc, out, err, shown, exc)
-
-
-def assert_refused(res: Result, code: int, mention: tuple[str, ...], root: Path, before: dict[str, str],
-                   entry: str = ""):
-    """One 'error:' line naming one of `mention`, exit `code`, nothing new or changed under root."""
-    assert res.exc is None, f"uncaught {type(res.exc).__name__}: {res.exc}"
-    lines = res.err.strip().splitlines()
-    assert res.rc == code, f"exit {res.rc}, expected {code}: {res.err}"
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.err
-    assert "Traceback" not in res.out + res.err
-    assert any(m in lines[0] for m in mention), (mention, lines[0])
-    assert not res.warned, res.warned
-    after = tree(root)
-    new = sorted(set(after) - set(before))
-    assert not new, f"new files: {new}"
-    changed = [k for k in before if after.get(k) != before[k]]
-    assert not changed, f"inputs changed or removed: {changed}"
 
 
 # ==============================================================================================
@@ -382,7 +311,6 @@ FOLDER_PATHS = ("missing_file", "through_regular_file", "dangling_symlink", "emp
 # ==============================================================================================
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    from test_protect import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("bad_inputs_ckpt"))
 
@@ -406,14 +334,6 @@ def held_ctgan_models(tiny_ctgan_models):
     del held
 
 
-@dataclasses.dataclass
-class Ctx:
-    root: Path
-    ckpt: Path | None = None
-    models: Path | None = None
-    empty_models: Path | None = None
-
-
 # entry point -> (main, argv builder(input, out, ctx)); `input` is a scan for file entry points
 # and a data folder for train/evaluate.
 def _protect(scan, out, c):
@@ -426,12 +346,6 @@ def _tamper(scan, out, c):
 
 def _gui(scan, out, c):
     return ["--scan", scan, "--models", c.empty_models, "--out", out]
-
-
-def _train(data, out, c, *extra):
-    return ["--preset", "demo", "--data_dir", data, "--models_dir", c.empty_models, "--out_dir", out,
-            "--g_width", "4", "--d_width", "4", "--progress", "false", "--sample_every", "0",
-            "--max_steps", "1", "--save_img_result", "false", *extra]
 
 
 def _evaluate(data, out, c, *extra):

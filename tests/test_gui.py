@@ -110,7 +110,7 @@ def test_save_writes_a_readable_tampered_scan_not_the_input(viewer):
 
 
 def test_main_with_a_checkpoint_runs_headless(tmp_path, tiny_ctgan_models, monkeypatch):
-    from test_protect import make_tiny_checkpoint
+    from helpers import make_tiny_checkpoint
 
     ckpt = make_tiny_checkpoint(tmp_path / "ck")
     shown = []

@@ -6,6 +6,7 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+from helpers import fake_lpips_state
 from utils import metrics as M
 from utils.errors import ModelFileError
 
@@ -68,25 +69,10 @@ def test_perturbation_stats_chunked():
 
 
 # --- LPIPS -----------------------------------------------------------------------------------
-def _fake_lpips_state(seed=0) -> dict:
-    """PLUMBING TEST ONLY: random tensors with the shapes of torchvision AlexNet features and the
-    LPIPS v0.1 linear heads. Distances computed with these weights mean nothing; they only check
-    that loading, shapes and the distance's algebra work."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for i, (co, ci, k) in M.ALEX_CONVS.items():
-        sd[f"features.{i}.weight"] = torch.randn(co, ci, k, k, generator=g) * 0.05
-        sd[f"features.{i}.bias"] = torch.randn(co, generator=g) * 0.01
-    for j, c in enumerate(M.LPIPS_CHANNELS):
-        sd[f"lin{j}.model.1.weight"] = torch.rand(1, c, 1, 1, generator=g)  # lpips heads are >= 0
-    sd["classifier.1.weight"] = torch.zeros(2, 2)  # ignored key, as in a torchvision state dict
-    return sd
-
-
 @pytest.fixture(scope="module")
 def fake_lpips_file(tmp_path_factory):
     p = tmp_path_factory.mktemp("lpips") / "fake_lpips_alex.pt"
-    torch.save(_fake_lpips_state(), p)
+    torch.save(fake_lpips_state(), p)
     return p
 
 
@@ -106,7 +92,7 @@ def test_lpips_plumbing_with_fake_weights(fake_lpips_file):
 
 
 def test_lpips_loads_lpips_module_keys_and_split_folder(tmp_path, fake_lpips_file):
-    sd = _fake_lpips_state()
+    sd = fake_lpips_state()
     ref = M.load_lpips(fake_lpips_file)
     a = np.random.default_rng(1).uniform(-1000, 400, (48, 48))
     b = a[::-1].copy()
@@ -129,12 +115,12 @@ def test_lpips_loads_lpips_module_keys_and_split_folder(tmp_path, fake_lpips_fil
 def test_lpips_bad_weights_are_one_line_model_file_errors(tmp_path):
     with pytest.raises(ModelFileError, match="not found"):
         M.load_lpips(tmp_path / "missing.pt")
-    sd = _fake_lpips_state()
+    sd = fake_lpips_state()
     del sd["lin3.model.1.weight"]
     torch.save(sd, tmp_path / "partial.pt")
     with pytest.raises(ModelFileError, match="lack lin3"):
         M.load_lpips(tmp_path / "partial.pt")
-    sd = _fake_lpips_state()
+    sd = fake_lpips_state()
     sd["features.3.weight"] = torch.zeros(192, 64, 3, 3)
     torch.save(sd, tmp_path / "wrong.pt")
     with pytest.raises(ModelFileError, match="features.3.weight has shape"):

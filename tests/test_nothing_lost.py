@@ -37,7 +37,8 @@ import protect  # noqa: E402
 import tamper  # noqa: E402
 import train  # noqa: E402
 from conftest import ROOT, make_phantom  # noqa: E402
-from test_bad_inputs import Ctx, _train, call, tree  # noqa: E402
+from helpers import Ctx, call, tree  # noqa: E402
+from helpers import train_argv as _train  # noqa: E402
 from utils.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from utils.errors import OutputError  # noqa: E402
 from utils.scan_io import Scan, load_scan, save_dicom_series, save_mhd, validate_dicom  # noqa: E402
@@ -49,7 +50,7 @@ SECRETS = (SECRET_NAME, SECRET_ID, "SECRET", "NAME^SECRET")
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    from test_protect import make_tiny_checkpoint
+    from helpers import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("lost_ckpt"))
 

@@ -8,34 +8,13 @@ import torch
 
 import protect
 from conftest import make_phantom
+from helpers import make_tiny_checkpoint
 from procedures.protection import load_generator, protect_hu, protect_volume
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.errors import ModelFileError
 from utils.scan_io import Scan, load_scan, save_mhd
 
 SPACING = (2.5, 0.7, 0.7)
-
-
-def make_tiny_checkpoint(root: Path, models: Path | None = None) -> Path:
-    """A real train.py checkpoint: demo preset (U-Net), width 4, one step on two tiny phantoms.
-    Without `models` the attacker folder is empty: the step has no disruption term (counted),
-    and TensorFlow is never imported."""
-    import train
-
-    data = root / "scans"
-    data.mkdir(parents=True, exist_ok=True)
-    for i in range(2):
-        save_mhd(Scan(make_phantom((24, 48, 48), seed=i), SPACING, (-40.0 * i, 10.0, -20.0)), data / f"vol{i}.mhd")
-    if models is None:
-        models = root / "no_models"
-        for sub in ("INJ", "REM"):
-            (models / sub).mkdir(parents=True, exist_ok=True)
-    out = root / "run"
-    assert train.main(["--preset", "demo", "--data_dir", str(data), "--models_dir", str(models),
-                       "--out_dir", str(out), "--g_width", "4", "--d_width", "4", "--progress", "false",
-                       "--lr_g", "0.01", "--sample_every", "0", "--max_steps", "1",
-                       "--save_img_result", "false"]) == 0
-    return out / "checkpoint.pt"
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,8 @@ import GUI  # noqa: E402
 import protect  # noqa: E402
 import tamper  # noqa: E402
 import train  # noqa: E402
-from test_bad_inputs import Ctx, _train, assert_refused, call, phantom_scan, tree  # noqa: E402
+from helpers import Ctx, assert_refused, call, phantom_scan, tree  # noqa: E402
+from helpers import train_argv as _train  # noqa: E402
 from utils.checkpoint import load_checkpoint, torch_load_weights  # noqa: E402
 from utils.errors import ModelFileError, ScanFormatError, UnsafeFileError  # noqa: E402
 from utils.scan_io import load_scan, save_mhd  # noqa: E402
@@ -197,7 +198,7 @@ def test_differentiable_tamper_refuses_a_pickle_equaliser(tiny_ctgan_models, tmp
 # ==============================================================================================
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    from test_protect import make_tiny_checkpoint
+    from helpers import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("untrusted_ckpt"))
 
