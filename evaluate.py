@@ -15,6 +15,9 @@ Protection methods (--methods, comma-separated):
   noise     Gaussian noise with the RMS (HU) of MITS-GAN's perturbation of the same scan
             (or --noise-rms HU when mitsgan is not evaluated)
   mitsgan2  a second MITS-GAN checkpoint (--checkpoint2), e.g. the white-box `default` model
+  mitsgan_float, mitsgan2_float
+            the same generators' float32 output, not rounded to the scan's int16 storage
+            (every other column is evaluated as stored): what storage does to the protection
   tafim     the TAFIM baseline (SPEC.md section 6) from --tafim-checkpoint
             (trained with `python -m procedures.tafim`)
 Adding a method: one entry in METHODS below (a builder returning a ProtectionMethod).
@@ -85,12 +88,21 @@ def build_parser() -> argparse.ArgumentParser:
 # `context` holds what builders share (device, progress) and the methods built so far, by name.
 def _build_mitsgan(args, ctx):
     from procedures.evaluation import mitsgan_method
-    from procedures.protection import load_generator
 
-    G, cfg, dtype = load_generator(args.checkpoint, ctx["device"])
+    G, cfg, dtype = _generator(ctx, "mitsgan", args.checkpoint)
     ctx["mitsgan_config"] = cfg
     return mitsgan_method(G, cfg, ctx["device"], dtype, seed=args.seed, batch=args.batch,
                           progress=ctx["progress"], label=f"MITS-GAN ({cfg.preset}, {cfg.generator})")
+
+
+def _generator(ctx, key: str, checkpoint):
+    """Load a checkpoint's generator once, shared by its stored and float columns."""
+    from procedures.protection import load_generator
+
+    cache = ctx.setdefault("generators", {})
+    if key not in cache:
+        cache[key] = load_generator(checkpoint, ctx["device"])
+    return cache[key]
 
 
 def _build_noise(args, ctx):
@@ -124,17 +136,36 @@ def _build_mitsgan2(args, ctx):
     """A second MITS-GAN checkpoint as its own columns (e.g. the published black-box model
     beside the bounded white-box `default` one, issue 5)."""
     from procedures.evaluation import mitsgan_method
-    from procedures.protection import load_generator
 
     if not args.checkpoint2:
         raise UsageError("--methods mitsgan2 needs --checkpoint2 CKPT")
-    G, cfg, dtype = load_generator(args.checkpoint2, ctx["device"])
+    G, cfg, dtype = _generator(ctx, "mitsgan2", args.checkpoint2)
     return mitsgan_method(G, cfg, ctx["device"], dtype, seed=args.seed, batch=args.batch,
                           progress=ctx["progress"], name="mitsgan2",
                           label=f"MITS-GAN 2 ({cfg.preset}, {cfg.generator}, eps {cfg.eps_hu:g} HU, {cfg.attack_mode})")
 
 
 METHODS["mitsgan2"] = _build_mitsgan2
+
+
+def _float_variant(base: str):
+    """`<base>_float`: the same generator's float32 output, not rounded to int16 (issue 5:
+    protection evaluated before and after storage, side by side)."""
+    def build(args, ctx):
+        from procedures.evaluation import mitsgan_method
+
+        if base not in ctx["methods"]:
+            raise UsageError(f"--methods {base}_float needs {base} listed before it")
+        stored = ctx["methods"][base]
+        G, cfg, dtype = ctx["generators"][base]
+        return mitsgan_method(G, cfg, ctx["device"], dtype, seed=args.seed, batch=args.batch,
+                              progress=ctx["progress"], name=f"{base}_float", stored=False,
+                              label=f"{stored.label}, float (not stored)")
+    return build
+
+
+METHODS["mitsgan_float"] = _float_variant("mitsgan")
+METHODS["mitsgan2_float"] = _float_variant("mitsgan2")
 
 
 def main(argv=None) -> int:

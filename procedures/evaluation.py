@@ -63,6 +63,7 @@ class ProtectionMethod:
     name: str                                        # short key: mitsgan, noise, tafim, ...
     label: str                                       # column label in the tables
     protect: Callable[[VolumeItem], np.ndarray]      # protected HU, shape of item.scan.hu
+    stored: bool = True                              # False: evaluated in float, not rounded to int16
 
     def __post_init__(self):
         self.protect = _last_item_cache(self.protect)
@@ -97,19 +98,22 @@ def as_stored(hu: np.ndarray, like: np.ndarray) -> np.ndarray:
     return hu.astype(np.float32, copy=False)
 
 
-def mitsgan_method(G, cfg, device, dtype, *, seed: int = 0, batch: int = 4,
-                   progress=None, label: str = "MITS-GAN", name: str = "mitsgan") -> ProtectionMethod:
-    """Protection with a trained MITS-GAN generator (procedures.protection.protect_hu)."""
+def mitsgan_method(G, cfg, device, dtype, *, seed: int = 0, batch: int = 4, progress=None,
+                   label: str = "MITS-GAN", name: str = "mitsgan", stored: bool = True) -> ProtectionMethod:
+    """Protection with a trained MITS-GAN generator (procedures.protection.protect_hu).
+    stored=False keeps the float32 output (what the network made, before int16 storage rounds
+    it): the float-vs-stored comparison of issue 5."""
     from procedures.protection import protect_hu
 
     def run(item: VolumeItem) -> np.ndarray:
         hu = item.scan.hu
-        out = np.empty(hu.shape, dtype=hu.dtype if np.issubdtype(hu.dtype, np.integer) else np.float32)
+        integer = stored and np.issubdtype(hu.dtype, np.integer)
+        out = np.empty(hu.shape, dtype=hu.dtype if integer else np.float32)
         return protect_hu(G, hu, cfg, device, hu_min=item.hu_min, hu_max=item.hu_max, dtype=dtype,
                           seed=seed, batch=batch, out=out, progress=progress,
                           desc=f"protect {Path(item.path).name}")
 
-    return ProtectionMethod(name, label, run)
+    return ProtectionMethod(name, label, run, stored=stored)
 
 
 def gaussian_noise_method(rms_hu: float | Callable[[VolumeItem], float], *, seed: int = 0,
@@ -289,7 +293,8 @@ def evaluate(items: Iterable[VolumeItem], methods: Sequence[ProtectionMethod], m
         t0 = time.perf_counter()
         protected = {}
         for m in methods:
-            protected[m.name] = as_stored(m.protect(item), real_hu)
+            got = m.protect(item)
+            protected[m.name] = as_stored(got, real_hu) if m.stored else np.asarray(got, np.float32)
             if protected[m.name].shape != real.shape:
                 raise MitsError(f"protection method {m.name} returned shape {protected[m.name].shape} "
                                 f"for {name} of shape {real.shape}")

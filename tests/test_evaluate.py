@@ -11,8 +11,7 @@ import torch
 import evaluate
 from procedures import evaluation as E
 from scanDataset import ScanDataset
-from test_metrics import _fake_lpips_state
-from test_protect import make_tiny_checkpoint
+from helpers import fake_lpips_state, make_tiny_checkpoint
 from utils import metrics as M
 from utils.errors import ModelFileError, UsageError, run_cli
 
@@ -79,7 +78,7 @@ def test_an_extra_method_is_one_entry_and_lpips_plumbing(setup, tmp_path):
     from procedures.attack_pipeline import ScanManipulator
 
     data, _, models = setup
-    torch.save(_fake_lpips_state(), tmp_path / "fake_lpips.pt")
+    torch.save(fake_lpips_state(), tmp_path / "fake_lpips.pt")
     lp = M.load_lpips(tmp_path / "fake_lpips.pt")
     plus10 = E.ProtectionMethod("plus10", "+10 HU", lambda item: item.scan.hu.astype(np.float32) + 10)
     items = [ScanDataset(data)[1]]
@@ -140,14 +139,30 @@ def test_a_second_mitsgan_checkpoint_gets_its_own_columns(setup, tmp_path, capsy
     data, ckpt, models = setup
     out = tmp_path / "eval2"
     rc = run_cli(evaluate.main, ["--data", str(data), "--checkpoint", str(ckpt), "--checkpoint2", str(ckpt),
-                                 "--methods", "mitsgan,mitsgan2", "--models", str(models), "--out", str(out),
-                                 "-n", "1", "--max-scans", "1", "--no-progress", "--no-figures"])
+                                 "--methods", "mitsgan,mitsgan2,mitsgan2_float", "--models", str(models),
+                                 "--out", str(out), "-n", "1", "--max-scans", "1", "--no-progress", "--no-figures"])
     assert rc == 0, capsys.readouterr().err
     doc = json.loads((out / "results.json").read_text())
     pert = {p["method"]: p["rms_hu"] for p in doc["perturbation"]}
-    assert set(pert) == {"mitsgan", "mitsgan2"}
+    assert set(pert) == {"mitsgan", "mitsgan2", "mitsgan2_float"}
     assert pert["mitsgan2"] == pytest.approx(pert["mitsgan"])  # the same checkpoint, the same seed
-    assert "MITS-GAN 2 (" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "MITS-GAN 2 (" in md and "float (not stored)" in md
+    # Float = the network's output before int16 storage: within 0.5 HU of the stored one
+    # (rounding), on every voxel, and a different column.
+    item = ScanDataset(data)[0]
+    ctx = {"device": torch.device("cpu"), "progress": None, "methods": {}}
+    args = evaluate.build_parser().parse_args(["--checkpoint2", str(ckpt), "--data", str(data)])
+    for n in ("mitsgan2", "mitsgan2_float"):
+        ctx["methods"][n] = evaluate.METHODS[n](args, ctx)
+    stored, flt = (ctx["methods"][n].protect(item) for n in ("mitsgan2", "mitsgan2_float"))
+    assert stored.dtype == item.scan.hu.dtype and flt.dtype == np.float32
+    assert np.abs(stored.astype(np.float64) - flt).max() <= 0.5 + 1e-3
+    assert not np.array_equal(stored, flt)
+    # The float column needs its stored column first.
+    rc = run_cli(evaluate.main, ["--data", str(data), "--checkpoint2", str(ckpt), "--methods", "mitsgan2_float",
+                                 "--models", str(models), "--out", str(tmp_path / "e4"), "--no-progress"])
+    assert rc == UsageError.exit_code
     # Without --checkpoint2 the method is a one-line usage error.
     rc = run_cli(evaluate.main, ["--data", str(data), "--methods", "mitsgan2", "--models", str(models),
                                  "--out", str(tmp_path / "e3"), "--no-progress"])
