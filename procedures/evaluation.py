@@ -384,6 +384,18 @@ def _mean(vals) -> float | None:
     return float(np.mean(vals))
 
 
+def pooled_psnr(vals) -> float | None:
+    """PSNR of the mean peak-normalised MSE over samples: -10 log10(mean(10^(-PSNR_i / 10))).
+    A mean of per-sample PSNRs is inf as soon as one sample is identical (a perturbation that
+    rounds to 0 in a small square); this one is finite unless every sample is identical, and it
+    is what one PSNR over all samples' pixels (each at its own peak) gives."""
+    vals = [v for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return None
+    mse = float(np.mean([10.0 ** (-v / 10.0) for v in vals]))  # 10^(-inf) = 0: identical samples
+    return float("inf") if mse == 0 else float(-10.0 * math.log10(mse))
+
+
 def summarise(res: EvalResult) -> dict:
     """Means over samples: table[region][column_label][metric]; disruption and perturbation per
     method."""
@@ -397,7 +409,8 @@ def summarise(res: EvalResult) -> dict:
             if not rows:
                 continue
             table[region][column_label(kind, key, labels)] = {
-                "n": len(rows), **{m: _mean([r[m] for r in rows]) for m in METRICS}}
+                "n": len(rows), **{m: (pooled_psnr if m.startswith("psnr") else _mean)([r[m] for r in rows])
+                                   for m in METRICS}}
     disruption = {}
     for name, label in res.methods:
         rows = [r for r in res.disruption if r["method"] == name]
@@ -459,7 +472,8 @@ def markdown_report(res: EvalResult, summary: dict) -> str:
         f"- failed tampers: {len(res.failures)}", "",
         "Every column compares the **real** image with the column's image, on the tamper's centre "
         "slice (whole slice) or on the tampered square (the in-plane footprint of the 32 mm cube "
-        "on that slice). Means over samples.", "",
+        "on that slice). Means over samples; PSNR from the mean peak-normalised MSE over samples "
+        "(finite when a sample is identical).", "",
         "Intensity scale and data range:",
         "- RMSE: raw HU, no clipping (HU).",
         f"- PSNR [window]: HU clipped to [{lo:g}, {hi:g}] HU (lung window), data range {rng_:g} HU "

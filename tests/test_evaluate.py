@@ -167,3 +167,14 @@ def test_a_second_mitsgan_checkpoint_gets_its_own_columns(setup, tmp_path, capsy
     rc = run_cli(evaluate.main, ["--data", str(data), "--methods", "mitsgan2", "--models", str(models),
                                  "--out", str(tmp_path / "e3"), "--no-progress"])
     assert rc == UsageError.exit_code
+
+
+def test_pooled_psnr_is_finite_when_one_sample_is_identical():
+    assert E.pooled_psnr([30.0, 30.0]) == pytest.approx(30.0)
+    # 20 dB = normalised MSE 0.01; an identical sample adds MSE 0: mean 0.005 = 23.01 dB.
+    assert E.pooled_psnr([20.0, math.inf]) == pytest.approx(10 * math.log10(200))
+    assert E.pooled_psnr([math.inf, math.inf]) == math.inf
+    assert E.pooled_psnr([]) is None and E.pooled_psnr([float("nan"), 40.0]) == pytest.approx(40.0)
+    # Never above the mean of the per-sample PSNRs (Jensen): the worst samples weigh more.
+    vals = [12.0, 25.0, 41.0]
+    assert E.pooled_psnr(vals) < np.mean(vals)
