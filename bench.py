@@ -604,7 +604,7 @@ def markdown(res: dict) -> str:
         lines.append("")
     if res.get("protect"):
         lines += ["#### Protection (whole scan through procedures.protection.protect_hu)", "",
-                  "| spec | scan | wall s | slices/s | 512x512x300 s | GFLOP/slice | TFLOP/s | of peak | peak memory (CPU: growth, RSS; CPU time, load) |",
+                  "| spec | scan | wall s | slices/s | 512x512x300 s | GFLOP/slice | GFLOP/s | of peak | peak memory (CPU: growth, RSS; CPU time, load) |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in res["protect"]:
             if "error" in r:
@@ -613,7 +613,7 @@ def markdown(res: dict) -> str:
             frac = f"{100 * r['peak_fraction']:.1f}% {r['peak_kind']}" if r.get("peak_fraction") else ""
             lines.append(f"| {r['spec']} | {'x'.join(map(str, r['shape'][::-1]))} | {r['wall_s']:.2f} | "
                          f"{r['slices_per_s']:.1f} | {r['wall_300_s']:.1f} | {r['gflop_per_slice']:.1f} | "
-                         f"{r['achieved_tflops']:.2f} | {frac} | {_mem(r['memory'])} |")
+                         f"{1e3 * r['achieved_tflops']:.0f} | {frac} | {_mem(r['memory'])} |")
         lines.append("")
     if res.get("tamper"):
         lines += ["#### CT-GAN tamper latency per location (median)", "",

@@ -64,6 +64,8 @@ class Config:
     attack_mode: str = "blackbox"      # blackbox: published constant target T (Keras, NumPy)
                                        # whitebox: gradients through the PyTorch CT-GAN port
     whitebox_both: bool = False        # whitebox: inject and remove at every step
+    whitebox_cube: bool = False        # whitebox: protect every slab the attacked cube touches
+                                       # (as protect.py does), not only the step's slab
     quantize: bool = False             # round protected HU to integers before the attacker
                                        # (straight-through in whitebox): survives int16 storage
     keras_backend: str = ""            # "" = tensorflow when installed, else torch
@@ -99,8 +101,11 @@ PRESETS: dict[str, dict] = {
     "default": dict(
         out_dir="runs/default", generator="unet", discriminator="patch", g_width=32, d_width=32,
         eps_hu=10.0, fidelity_weight=10.0, attack_mode="whitebox", whitebox_both=True,
-        quantize=True, lambda_disrupt=1.0, tamper_z="slab", tamper_yx="lung",
-        hu_mapping="volume", near_end_rule=False),
+        whitebox_cube=True, quantize=True, lambda_disrupt=1.0, tamper_z="slab", tamper_yx="lung",
+        hu_mapping="volume", near_end_rule=False,
+        # 2e-4 left the bounded perturbation at ~3 HU after 5 epochs (disruption 12 HU); 1e-3: 24 HU
+        # (README, issue-5 section).
+        lr_g=1e-3),
     "demo": dict(
         out_dir="runs/demo", generator="unet", discriminator="patch", g_width=8, d_width=8,
         epochs=2, tamper_z="slab", tamper_yx="lung", hu_mapping="volume", near_end_rule=False,

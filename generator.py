@@ -85,7 +85,7 @@ class UNetGenerator(nn.Module):
     of each slice sees its neighbours. GroupNorm, not BatchNorm: a batch is one slab, and
     protection at export time must behave as in training."""
 
-    def __init__(self, slab: int = 4, width: int = 32, depth: int = 4):
+    def __init__(self, slab: int = 4, width: int = 32, depth: int = 4, out_init_std: float = 0.0):
         super().__init__()
         self.slab, self.depth = slab, depth
         chans = [width * min(2 ** i, 8) for i in range(depth + 1)]
@@ -101,7 +101,13 @@ class UNetGenerator(nn.Module):
             self.dec.append(_block(2 * chans[i], chans[i]))
         self.out = nn.Conv2d(chans[0], slab, 1)
         self.apply(init_weights)
-        nn.init.zeros_(self.out.weight)
+        # Unbounded: start at the identity (protected == real). Bounded: start at a few percent
+        # of eps, because the white-box disruption has zero gradient at x_p == x and int16
+        # rounding erases a perturbation below 0.5 HU (the optimiser would never leave 0).
+        if out_init_std:
+            nn.init.normal_(self.out.weight, 0.0, out_init_std)
+        else:
+            nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
     def perturbation(self, x: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:
@@ -140,5 +146,5 @@ def build_generator(cfg) -> nn.Module:
     if cfg.generator == "published":
         return PublishedGenerator(width=cfg.g_width, blocks=cfg.g_blocks)
     if cfg.generator == "unet":
-        return UNetGenerator(slab=cfg.slab, width=cfg.g_width)
+        return UNetGenerator(slab=cfg.slab, width=cfg.g_width, out_init_std=0.1 if cfg.eps_hu > 0 else 0.0)
     raise ValueError(f"unknown generator {cfg.generator!r}")

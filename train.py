@@ -161,6 +161,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _slab_protector(run: Run, sl: Slab):
+    """s2 -> G's protected slab at s2 of sl's volume (with grad; its noise from sl's draws), for
+    the white-box loss over the whole attacked cube (--whitebox_cube)."""
+    cfg, dev = run.cfg, run.device
+
+    def protect(s2: int) -> torch.Tensor:
+        x = sl.item.volume[s2:s2 + cfg.slab].unsqueeze(0)
+        gen = torch.Generator().manual_seed(int(sl.rng.integers(2 ** 63)))
+        delta = torch.rand(x.shape, generator=gen, dtype=run.dtype)
+        x, delta = x.to(dev, non_blocking=True), delta.to(dev, non_blocking=True)
+        if cfg.channels_last:
+            x, delta = x.contiguous(memory_format=torch.channels_last), delta.contiguous(memory_format=torch.channels_last)
+        with run.autocast():
+            return run.G(x, delta, scale=eps_scale(cfg, sl.item))
+    return protect
+
+
 def train_step(run: Run, entries, step: int, seed: int) -> tuple[dict, list[Slab]]:
     """One optimisation step on this rank's slabs `entries` = [(stream, item, k, s)].
     Returns (scalars for logging, incl. time/gd_s and time/attack_s, the slabs)."""
@@ -198,7 +215,8 @@ def train_step(run: Run, entries, step: int, seed: int) -> tuple[dict, list[Slab
     t1 = time.perf_counter()
     for sl in slabs:
         if cfg.attack_mode == "whitebox":
-            sl.disruption = run.target.loss(sl.item, sl.s, sl.x_p, sl.k, sl.rng)
+            sl.disruption = run.target.loss(sl.item, sl.s, sl.x_p, sl.k, sl.rng,
+                                            protect_slab=_slab_protector(run, sl))
         else:
             sl.T = run.target.target(sl.item, sl.s, sl.x_p.detach()[0].double().cpu().numpy(), sl.k, sl.rng)
             if sl.T is not None:  # in float32 at least (x_p is bfloat16 under --amp bf16)
@@ -242,7 +260,7 @@ def train_step(run: Run, entries, step: int, seed: int) -> tuple[dict, list[Slab
                "disruption/computed": run.target.stats.computed}
     got = [sl.disruption.item() for sl in slabs if sl.disruption is not None]
     if got:
-        scalars["loss/disruption_mse"] = float(np.mean(got))
+        scalars["loss/disruption"] = float(np.mean(got))
     return scalars, slabs
 
 

@@ -31,6 +31,19 @@ def test_unet_starts_at_identity_and_respects_eps():
     assert (y - x).abs().max() > eps / 10  # the bound is reached, not trivially satisfied
 
 
+def test_bounded_unet_starts_off_the_identity():
+    """With an eps bound the white-box loss has zero gradient at protected == real and int16
+    rounding erases < 0.5 HU, so a bounded U-Net starts at a small perturbation (a few % of eps
+    on average), an unbounded one at the identity."""
+    torch.manual_seed(0)
+    x = torch.rand(1, 4, 64, 64) * 1.6 - 0.8
+    bounded = build_generator(config_mod.make_config("default", g_width=8))
+    unbounded = build_generator(config_mod.make_config("demo"))
+    assert torch.equal(unbounded(x), x)
+    p = bounded.perturbation(x)
+    assert 0.02 < p.abs().mean().item() < 0.5
+
+
 def test_noise_delta_changes_output():
     torch.manual_seed(0)
     G = PublishedGenerator(width=8, blocks=1)

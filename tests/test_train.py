@@ -134,3 +134,35 @@ def test_whitebox_gradient_reaches_generator_weights(tiny_data, tiny_ctgan_model
     assert sum(g.abs().sum().item() for g in grads) > 0
     # The attacker itself stays frozen.
     assert all(not p.requires_grad for p in wb.dt.parameters())
+
+
+def test_whitebox_cube_protects_every_slab_the_cube_touches(tiny_data, tiny_ctgan_models):
+    """--whitebox_cube: the slabs around the step's one are protected by G too (with grad), as
+    protect.py protects the whole scan; the loss then differs from the one-slab loss."""
+    import config as config_mod
+    from generator import UNetGenerator
+    from procedures.protection import eps_scale
+    from procedures.whitebox import WhiteboxDisruption
+    from scanDataset import ScanDataset
+
+    cfg = config_mod.make_config("default", models_dir=str(tiny_ctgan_models), eps_hu=50.0)
+    assert cfg.whitebox_cube
+    item = ScanDataset(tiny_data)[0]
+    torch.manual_seed(0)
+    G = UNetGenerator(slab=4, width=4, depth=2, out_init_std=0.1)
+    wb = WhiteboxDisruption(cfg, torch.device("cpu"))
+    s, called = 8, []
+
+    def protect_slab(s2):
+        called.append(s2)
+        return G(item.volume[s2:s2 + 4].unsqueeze(0), scale=eps_scale(cfg, item))
+
+    loss = wb.loss(item, s, protect_slab(s), 0, np.random.default_rng(0), protect_slab=protect_slab)
+    # z = s + 2 (slab middle); 2.5 mm slices: the cut is 13 slices, so z +- 7 = slices 3..17.
+    assert called == [8, 0, 4, 12, 16]
+    loss.backward()
+    assert G.out.weight.grad.abs().sum() > 0
+    cfg.whitebox_cube = False
+    called.clear()
+    one = wb.loss(item, s, protect_slab(s), 0, np.random.default_rng(0), protect_slab=protect_slab)
+    assert called == [8] and one.item() != pytest.approx(loss.item())
