@@ -1,7 +1,6 @@
 """procedures.pgd_bound: the per-location upper bound on what eps HU can do to CT-GAN (issue 5)."""
 import json
 
-import numpy as np
 import pytest
 
 from conftest import make_phantom
