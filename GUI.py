@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.errors import MitsError, OutputError, ScanFormatError, UsageError, run_cli
+from utils.errors import CliParser, MitsError, OutputError, ScanFormatError, UsageError, run_cli
 
 KEYS = ("up", "down", "pageup", "pagedown", "a", "t", "s", "q")
 
@@ -196,13 +196,9 @@ class Viewer:
         return path
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
-
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scan", required=True, help="scan to view: .mhd/.nrrd file or DICOM series folder")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--protected", help="its protected version (same shape)")

@@ -43,18 +43,14 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.errors import InputFileError, UsageError, run_cli
+from utils.errors import CliParser, InputFileError, UsageError, run_cli
 
 SPACING_512 = (2.5, 0.5703125, 0.5703125)   # the z2.5 real scans: 2.5 mm slices, 292 mm field
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
-
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", choices=["synthetic", "real"], default="synthetic")
     p.add_argument("--data_dir", default="data/z2.5", help="real scans (--data real)")
     p.add_argument("--size", type=int, default=512, help="synthetic slice size (default 512)")

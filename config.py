@@ -24,7 +24,7 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from utils.errors import UsageError
+from utils.errors import CliParser, UsageError
 
 
 @dataclass
@@ -126,10 +126,6 @@ CHOICES = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage dump
-        raise UsageError(message)
-
 
 def _parse_bool(s: str) -> bool:
     low = s.lower()
@@ -148,7 +144,7 @@ def _field_type(f) -> type:
 
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
-    p = _Parser(description=description or __doc__,
+    p = CliParser(description=description or __doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(Config):
         t = _field_type(f)

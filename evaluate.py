@@ -33,13 +33,9 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from utils.errors import OutputError, UsageError, run_cli
+from utils.errors import CliParser, OutputError, UsageError, run_cli
 from utils.metrics import LPIPS_WEIGHTS_HELP
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line through run_cli (exit code 2)
-        raise UsageError(message)
 
 
 def _window(text: str) -> tuple[float, float]:
@@ -53,7 +49,7 @@ def _window(text: str) -> tuple[float, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description=__doc__, epilog=LPIPS_WEIGHTS_HELP,
+    p = CliParser(description=__doc__, epilog=LPIPS_WEIGHTS_HELP,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data/z2.5", help="folder of scans (default data/z2.5)")
     p.add_argument("--checkpoint", default="runs/demo/checkpoint.pt",

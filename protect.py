@@ -21,16 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.errors import OutputError, ScanFormatError, UsageError, run_cli
+from utils.errors import CliParser, OutputError, ScanFormatError, UsageError, run_cli
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line through run_cli (exit code 2)
-        raise UsageError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("scan", help="scan to protect: .mhd/.mha/.nrrd/.nii(.gz) file or DICOM series folder")
     p.add_argument("-c", "--checkpoint", required=True, help="MITS-GAN checkpoint (train.py's checkpoint.pt)")
     p.add_argument("-o", "--out", default="protected",

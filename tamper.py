@@ -15,20 +15,17 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.errors import CoordinateError, OutputError, UsageError, run_cli
+from utils.errors import CliParser, CoordinateError, OutputError, run_cli
 
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _COORD = re.compile(rf"^\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*$")
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(CliParser):
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         # World coordinates are often negative: "-c -100,20,-40" is a value, not an option.
         self._negative_number_matcher = re.compile(r"^-[\d.]")
-
-    def error(self, message):  # one line through run_cli, exit code 2, instead of usage + exit
-        raise UsageError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:

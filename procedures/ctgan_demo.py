@@ -16,13 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.errors import InputFileError, UsageError, run_cli
+from utils.errors import CliParser, InputFileError, UsageError, run_cli
 from utils.scan_io import Scan, load_scan, save_mhd
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
 
 
 def read_locations(csv_path: Path) -> dict[str, list[tuple[int, int, int]]]:
@@ -41,7 +37,7 @@ def read_locations(csv_path: Path) -> dict[str, list[tuple[int, int, int]]]:
 
 
 def main(argv=None) -> int:
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data/z2.5")
     p.add_argument("--models", default="models")
     p.add_argument("--out", default="runs/demo")

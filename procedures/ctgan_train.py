@@ -30,7 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from procedures.ctgan_dataset import MASK, N_AUG, TrainingSet, build_training_set, save_preprocessing
-from utils.errors import OutputError, UsageError, run_cli
+from utils.errors import CliParser, OutputError, UsageError, run_cli
 
 MODELS = ("inj", "rem")
 
@@ -304,13 +304,9 @@ def train_from_csv(csv_path, out_dir, cfg: CTGANTrainConfig, progress: bool = Tr
 
 
 # --- CLI ----------------------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one-line UsageError instead of argparse's exit
-        raise UsageError(message)
-
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m procedures.ctgan_train",
+    p = CliParser(prog="python -m procedures.ctgan_train",
                 description="Train CT-GAN's injector (nodule locations) or remover (healthy locations).")
     p.add_argument("--model", required=True, choices=MODELS)
     p.add_argument("--csv", required=True, help="locations CSV: filename,z,y,x[,coord]")

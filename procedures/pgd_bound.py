@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from utils.atomic import atomic_write_text
-from utils.errors import UsageError, run_cli
+from utils.errors import CliParser, UsageError, run_cli
 
 
 def _rmse(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -67,11 +67,7 @@ def bound_at(dt, hu: np.ndarray, spacing, center, action: str, *, eps: float, st
 
 
 def build_parser() -> argparse.ArgumentParser:
-    class P(argparse.ArgumentParser):
-        def error(self, message):
-            raise UsageError(message)
-
-    p = P(prog="python -m procedures.pgd_bound", description=__doc__.split("\n\n")[0],
+    p = CliParser(prog="python -m procedures.pgd_bound", description=__doc__.split("\n\n")[0],
           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scan", required=True, help="a scan (.mhd, .nrrd, .nii, DICOM folder)")
     p.add_argument("--models", default="models", help="folder with INJ/ and REM/ CT-GAN models")

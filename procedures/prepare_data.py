@@ -20,7 +20,6 @@ SHA-256, so a second run only verifies (about a second) and `--check` never writ
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import subprocess
@@ -32,7 +31,7 @@ from typing import Sequence
 import numpy as np
 
 from utils.atomic import atomic_path, atomic_write_text, os_error_message
-from utils.errors import DataFetchError, OutputError, UsageError, run_cli
+from utils.errors import CliParser, DataFetchError, OutputError, run_cli
 from utils.lung import lung_masks
 from utils.scan_io import Scan, load_scan, save_mhd
 
@@ -313,13 +312,9 @@ def verify(data_dir: Path) -> list[str]:
     return problems
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line through run_cli (exit code 2), not usage + SystemExit
-        raise UsageError(message)
-
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = _Parser(prog="python -m procedures.prepare_data",
+    ap = CliParser(prog="python -m procedures.prepare_data",
                                  description="Fetch the two real chest CTs (pyradiomics-bhklab 3.1.4 sdist) "
                                              "into data/native and data/z2.5 with nodule/healthy CSVs.")
     ap.add_argument("--data-dir", default="data", type=Path, help="output folder (default: data)")

@@ -52,7 +52,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.errors import InputFileError, ModelFileError, OutputError, UsageError, run_cli
+from utils.errors import CliParser, InputFileError, ModelFileError, OutputError, UsageError, run_cli
 
 ACTIONS = ("inject", "remove")
 CKPT_KIND = "tafim"
@@ -482,14 +482,10 @@ def curve_summary(history: list[dict], parts: int = 5) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line through run_cli (exit code 2)
-        raise UsageError(message)
-
 
 def build_parser() -> argparse.ArgumentParser:
     d = TafimConfig()
-    p = _Parser(prog="python -m procedures.tafim", description=__doc__,
+    p = CliParser(prog="python -m procedures.tafim", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=d.data, help=f"folder of scans (default {d.data})")
     p.add_argument("--models", default=d.models, help="CT-GAN models folder with INJ/ and REM/")

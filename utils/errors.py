@@ -5,6 +5,7 @@ what went wrong without parsing text. Entry points catch `MitsError` and print o
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Callable, Sequence
 
@@ -17,6 +18,13 @@ class MitsError(Exception):
 
 class UsageError(MitsError):
     exit_code = 2
+
+
+class CliParser(argparse.ArgumentParser):
+    """argparse that raises UsageError: one line through run_cli (exit code 2), not usage + exit."""
+
+    def error(self, message):
+        raise UsageError(message)
 
 
 class InputFileError(MitsError):
