@@ -161,20 +161,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _slab_inputs(run: Run, item, s: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """G's inputs for the slab at s: real slices (1, S, H, W) and the noise delta drawn from gen,
+    on the run's device and memory format."""
+    x = item.volume[s:s + run.cfg.slab].unsqueeze(0)
+    delta = torch.rand(x.shape, generator=gen, dtype=run.dtype)
+    x, delta = x.to(run.device, non_blocking=True), delta.to(run.device, non_blocking=True)
+    if run.cfg.channels_last:
+        x, delta = x.contiguous(memory_format=torch.channels_last), delta.contiguous(memory_format=torch.channels_last)
+    return x, delta
+
+
 def _slab_protector(run: Run, sl: Slab):
     """s2 -> G's protected slab at s2 of sl's volume (with grad; its noise from sl's draws), for
     the white-box loss over the whole attacked cube (--whitebox_cube)."""
-    cfg, dev = run.cfg, run.device
-
     def protect(s2: int) -> torch.Tensor:
-        x = sl.item.volume[s2:s2 + cfg.slab].unsqueeze(0)
         gen = torch.Generator().manual_seed(int(sl.rng.integers(2 ** 63)))
-        delta = torch.rand(x.shape, generator=gen, dtype=run.dtype)
-        x, delta = x.to(dev, non_blocking=True), delta.to(dev, non_blocking=True)
-        if cfg.channels_last:
-            x, delta = x.contiguous(memory_format=torch.channels_last), delta.contiguous(memory_format=torch.channels_last)
+        x, delta = _slab_inputs(run, sl.item, s2, gen)
         with run.autocast():
-            return run.G(x, delta, scale=eps_scale(cfg, sl.item))
+            return run.G(x, delta, scale=eps_scale(run.cfg, sl.item))
     return protect
 
 
@@ -186,12 +191,7 @@ def train_step(run: Run, entries, step: int, seed: int) -> tuple[dict, list[Slab
     slabs = []
     for stream, item, k, s in entries:
         rng, gen = step_rng(seed, step, stream)
-        x = item.volume[s:s + cfg.slab].unsqueeze(0)                      # (1, S, H, W)
-        delta = torch.rand(x.shape, generator=gen, dtype=run.dtype)
-        x, delta = x.to(dev, non_blocking=True), delta.to(dev, non_blocking=True)
-        if cfg.channels_last:
-            x, delta = x.contiguous(memory_format=torch.channels_last), delta.contiguous(memory_format=torch.channels_last)
-        slabs.append(Slab(stream, item, k, s, rng, x, delta))
+        slabs.append(Slab(stream, item, k, s, rng, *_slab_inputs(run, item, s, gen)))
     run.G.train(); run.D.train()
     _sync(dev)
     t0 = time.perf_counter()

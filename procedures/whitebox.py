@@ -77,9 +77,8 @@ class WhiteboxDisruption:
         pieces = {s: to_hu(x_p)}
         if self.cfg.whitebox_cube and protect_slab is not None:
             half = cut[0] // 2 + 1  # the cube's z half-extent, rounded up
-            first = s - (s - (z - half) + slab - 1) // slab * slab  # slab holding z - half
-            if first < 0:
-                first = s % slab
+            # The slab (aligned with s) holding z - half; the first whole slab if that is < 0.
+            first = max(s % slab, s + (z - half - s) // slab * slab)
             for s2 in range(first, min(z + half, depth - slab) + 1, slab):
                 if s2 != s:
                     pieces[s2] = to_hu(protect_slab(s2))
