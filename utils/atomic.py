@@ -136,30 +136,40 @@ def check_output_dir(path: str | os.PathLike) -> None:
         raise OutputError(os_error_message(path, OSError(err, os.strerror(err))))
 
 
+def _real(p: str | os.PathLike) -> str:
+    # os.path.realpath never raises (Path.resolve raises RuntimeError on a symlink loop).
+    return os.path.realpath(os.fspath(p))
+
+
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    a, b = Path(a), Path(b)
+    """One file under two names: a symbolic link, a hard link (same inode) or a name that
+    differs only in case (the same file on a case-insensitive file system; refused everywhere
+    so that a scan copied between systems stays safe)."""
     try:
-        if a.exists() and b.exists():
-            return os.path.samefile(a, b)
-    except OSError:
+        if os.path.samefile(a, b):
+            return True
+    except (OSError, ValueError):
         pass
-    return a.resolve() == b.resolve()
+    return _real(a).casefold() == _real(b).casefold()
 
 
 def ensure_not_input(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None]) -> None:
-    """Refuse (OutputError) when `out` is one of `inputs`, or a file inside an input folder
-    would be overwritten by `out` being that folder. A MetaImage's .raw counts as its input."""
+    """Refuse (OutputError) when `out` is one of `inputs` (see same_file) or lies inside an
+    input folder (a DICOM series folder)."""
     out = Path(out)
+    if out.is_symlink() and not out.exists():
+        try:
+            os.stat(out)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise OutputError(f"cannot write {out}: it is a symbolic link loop") from None
+    real_out = _real(out).casefold()
     for inp in inputs:
         if inp is None:
             continue
         inp = Path(inp)
-        candidates = [inp]
-        if inp.suffix.lower() == ".mhd":
-            candidates.append(inp.with_suffix(".raw"))
-            candidates.append(inp.with_suffix(".zraw"))
-        for c in candidates:
-            if same_file(out, c):
-                raise OutputError(f"cannot write {out}: it is the input {inp} (refusing to overwrite)")
-        if inp.is_dir() and same_file(out, inp):
-            raise OutputError(f"cannot write {out}: it is the input folder {inp} (refusing to overwrite)")
+        if same_file(out, inp):
+            kind = "input folder" if inp.is_dir() else "input"
+            raise OutputError(f"cannot write {out}: it is the {kind} {inp} (refusing to overwrite)")
+        if inp.is_dir() and real_out.startswith(_real(inp).casefold().rstrip(os.sep) + os.sep):
+            raise OutputError(f"cannot write {out}: it is inside the input folder {inp} (refusing to overwrite)")
