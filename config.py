@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -188,6 +189,29 @@ def validate(cfg: Config) -> None:
         raise UsageError("--eps_hu needs --generator unet (the published generator is unbounded)")
     if cfg.amp != "off" and cfg.dtype != "float32":
         raise UsageError("--amp bf16 needs --dtype float32 (autocast does not lower float64)")
+    _validate_numbers(cfg)
+
+
+def _validate_numbers(cfg: Config) -> None:
+    """Finite rates and weights, no negative counts: a NaN learning rate or a negative step
+    limit would otherwise run (and checkpoint) without learning anything."""
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise UsageError(f"--{f.name} must be a finite number, got {v}")
+    for name in ("lr_g", "lr_d"):
+        if getattr(cfg, name) <= 0:
+            raise UsageError(f"--{name} must be > 0")
+    if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
+        raise UsageError("--beta1 and --beta2 must be in [0, 1)")
+    for name in ("max_steps", "sample_every", "lambda_disrupt"):
+        if getattr(cfg, name) < 0:
+            raise UsageError(f"--{name} must be >= 0")
+    for name in ("log_every", "ckpt_every"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name} must be >= 1")
+    if cfg.seed < -1:
+        raise UsageError("--seed must be >= -1 (-1 = unseeded)")
 
 
 def given_flags(argv=None, description: str = "") -> dict:

@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     from procedures.evaluation import EvalSettings, evaluate, write_reports
     from scanDataset import ScanDataset
     from utils.device import pick_device
-    from utils.atomic import check_output_dir, os_error_message
+    from utils.atomic import check_output_dir, os_error_message, removed_on_failure
     from utils.metrics import load_lpips
 
     out = Path(args.out)
@@ -216,9 +216,10 @@ def main(argv=None) -> int:
     if progress is not None:
         items = progress(items, total=n_scans, desc="scans", unit="scan")
     try:
-        res = evaluate(items, list(ctx["methods"].values()), manip, settings, out,
-                       lpips_model=lpips_model, progress=progress, info=info)
-        paths = write_reports(res, out)
+        with removed_on_failure(out, "qualitative_*.png"):  # a failed run leaves no figure behind
+            res = evaluate(items, list(ctx["methods"].values()), manip, settings, out,
+                           lpips_model=lpips_model, progress=progress, info=info)
+            paths = write_reports(res, out)
     except OSError as e:  # a folder that cannot be made (full disk, read-only); files are atomic
         raise OutputError(os_error_message(getattr(e, "filename", None) or out, e)) from None
     print(paths["md"].read_text())

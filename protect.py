@@ -53,16 +53,10 @@ def output_path(scan_path: Path, out: Path, fmt: str) -> Path:
 
 
 def check_output(scan_path: Path, target: Path) -> None:
-    """Refuse the input itself, its data file, and anything inside an input DICOM folder."""
-    from utils.atomic import ensure_not_input
+    """Refuse any output file that is a file the input reads (its header's data file included)."""
+    from utils.scan_io import refuse_overwrite
 
-    ensure_not_input(target, [scan_path])
-    if target.suffix.lower() == ".mhd":
-        ensure_not_input(target.with_suffix(".raw"), [scan_path])
-    if scan_path.is_dir():
-        src, dst = scan_path.resolve(), target.resolve()
-        if dst == src or src in dst.parents:
-            raise OutputError(f"cannot write {target}: it is inside the input DICOM folder {scan_path}")
+    refuse_overwrite(target, scan_path)
 
 
 def main(argv=None) -> int:

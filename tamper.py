@@ -91,6 +91,8 @@ def main(argv=None) -> int:
     check_output_dir(dest)  # before any model is loaded or any tamper is done
     stem = target.name if is_dicom else target.name.split(".")[0]
     out = dest / f"{stem}_tampered" if fmt == "dicom" else dest / f"{stem}_tampered.{'mhd' if fmt == 'mhd' else 'npy'}"
+    from utils.scan_io import refuse_overwrite
+    refuse_overwrite(out, target)  # not over any file the input reads, not inside its folder
 
     # All coordinates are checked before any model is loaded or anything is written.
     vox = [c if args.system == "vox" else scan.world2vox(c) for c in coords]

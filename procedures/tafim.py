@@ -52,6 +52,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils.device import pick_device
 from utils.errors import CliParser, InputFileError, ModelFileError, OutputError, UsageError, run_cli
 
 ACTIONS = ("inject", "remove")
@@ -514,17 +515,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r}: not a device") from None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -536,7 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       noise_size=args.noise_size, perturb_weight=args.perturb_weight, lr=args.lr,
                       target=args.target, global_term=not args.no_global_term, seed=args.seed,
                       data=args.data, models=args.models).validate()
-    device = _device(args.device)
+    device = pick_device(args.device)
     out = Path(args.out)
     ckpt_path = out / "checkpoint.pt"
 

@@ -172,4 +172,27 @@ def ensure_not_input(out: str | os.PathLike, inputs: Iterable[str | os.PathLike 
             kind = "input folder" if inp.is_dir() else "input"
             raise OutputError(f"cannot write {out}: it is the {kind} {inp} (refusing to overwrite)")
         if inp.is_dir() and real_out.startswith(_real(inp).casefold().rstrip(os.sep) + os.sep):
-            raise OutputError(f"cannot write {out}: it is inside the input folder {inp} (refusing to overwrite)")
+            raise OutputError(f"cannot write {out}: it is inside the input DICOM folder {inp} (refusing to overwrite)")
+
+
+@contextlib.contextmanager
+def removed_on_failure(folder: str | os.PathLike, pattern: str) -> Iterator[None]:
+    """Files matching `pattern` in `folder` that the block creates or rewrites are deleted when
+    the block fails: a run that ends in an error leaves none of its outputs behind."""
+    folder = Path(folder)
+
+    def stamp() -> dict[Path, int]:
+        try:
+            return {p: p.stat().st_mtime_ns for p in folder.glob(pattern)}
+        except OSError:
+            return {}
+
+    before = stamp()
+    try:
+        yield
+    except BaseException:
+        for p, t in stamp().items():
+            if before.get(p) != t:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+        raise
