@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import os
 import sys
 import time
 import weakref
@@ -150,7 +151,7 @@ class CTGANModel:
         while anything still holds it (inference is stateless; loading + tracing costs ~1 s)."""
         folder = Path(folder)
         files = sorted(folder.glob("*")) if folder.is_dir() else []
-        key = (str(folder.resolve()), backend, missing_ok,
+        key = (os.path.realpath(folder), backend, missing_ok,  # realpath: no RuntimeError on a link loop
                tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.is_file()))
         model = _SHARED.get(key)
         if model is None:

@@ -80,19 +80,22 @@ def _slice_thickness(template, spacing: float) -> str:
     return str(v).strip() if np.isfinite(t) and t > 0 else _ds_str(spacing)
 
 
-# Body parts that come in pairs (DICOM CID 4031 entries with a left and a right).
-_PAIRED = {"BREAST", "KIDNEY", "EYE", "EAR", "HAND", "FOOT", "KNEE", "SHOULDER", "HIP", "ELBOW", "WRIST",
-           "ANKLE", "ARM", "LEG", "THIGH", "FOREARM", "LOWER LIMB", "UPPER LIMB", "EXTREMITY", "FEMUR",
-           "HUMERUS", "CLAVICLE", "SCAPULA", "TMJ", "ORBIT", "ADRENAL", "OVARY", "TESTIS", "LUNG"}
+# Body parts that are single organs or regions (DICOM CID 4031 entries without a left and a
+# right, as dciodvfy knows them); anything else may be paired or is unknown.
+_UNPAIRED = {"ABDOMEN", "CHEST", "HEAD", "PANCREAS", "PELVIS", "NECK", "HEART", "LIVER", "SPLEEN", "STOMACH",
+             "BRAIN", "SKULL", "CSPINE", "TSPINE", "LSPINE", "SPINE", "WHOLEBODY", "CHESTABDOMEN",
+             "ABDOMENPELVIS", "CHESTABDPELVIS", "HEADNECK", "BLADDER", "PROSTATE", "UTERUS", "ESOPHAGUS",
+             "COLON", "AORTA", "COCCYX"}
 
 
 def _laterality(base) -> None:
-    """Laterality is type 2C: present (possibly empty) where the body part is paired or unknown,
-    absent otherwise (dciodvfy reports one on a HEAD or PANCREAS series as an error, empty or not)."""
+    """Laterality is type 2C: absent for a single organ or region (dciodvfy reports one on a
+    HEAD or PANCREAS series as an error, empty or not), present, possibly empty, otherwise."""
     part = str(getattr(base, "BodyPartExamined", "") or "").strip().upper()
-    if "Laterality" in base and part and part not in _PAIRED:
-        del base.Laterality
-    elif "Laterality" not in base and (not part or part in _PAIRED):
+    if part in _UNPAIRED:
+        if "Laterality" in base:
+            del base.Laterality
+    elif "Laterality" not in base:
         base.Laterality = ""
 
 

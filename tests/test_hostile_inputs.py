@@ -1,0 +1,576 @@
+"""Hostile and malformed scans: nothing lost, nothing read that should not be.
+
+A second corpus beside test_bad_inputs.py's: headers that name files outside their folder,
+outputs named like the input's data file, series folders with stray or broken files, lying
+voxel types, geometry that cannot be CT, resource bombs in every format. Each case runs
+through tamper.py and GUI.py (both read the scan before anything else) in the default suite,
+and through protect.py, train.py and evaluate.py in the slow suite. Every run must end with
+one 'error:' line, the right exit code, no output and every input byte-for-byte unchanged.
+Real files from registry packages (pydicom, pydicom-data) check the readers users rely on:
+JPEG Lossless series and Enhanced (multi-frame) CT.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import numpy as np  # noqa: E402
+import pydicom  # noqa: E402
+import pytest  # noqa: E402
+
+import GUI  # noqa: E402
+import evaluate  # noqa: E402
+import protect  # noqa: E402
+import tamper  # noqa: E402
+import train  # noqa: E402
+from conftest import ROOT, make_phantom  # noqa: E402
+from helpers import SHAPE, Ctx, assert_refused, call, phantom_scan, tree  # noqa: E402
+from scanDataset import SCAN_SUFFIXES  # noqa: E402
+from test_bad_inputs import (FILE_ENTRIES, FOLDER_ENTRIES, _ctx, _edit_dicom, _edit_header,  # noqa: E402,F401
+                             _entry_param, _mhd, _series, ckpt, empty_models, held_ctgan_models)
+from utils.errors import OutputError, ScanFormatError  # noqa: E402
+from utils.scan_io import Scan, load_scan, refuse_overwrite, save_dicom_series, save_mhd, validate_dicom  # noqa: E402
+
+
+# ==============================================================================================
+# the corpus: builders write one hostile input into `d` and return its path
+# ==============================================================================================
+def _data_file(name):
+    def build(d):
+        secret = d.parent / "secret.raw"
+        secret.write_bytes(np.arange(np.prod(SHAPE), dtype=np.int16).tobytes())
+        p = _mhd(d, "names_" + name.strip("./").replace("/", "_") + ".mhd")
+        return _edit_header(p, "ElementDataFile", name)
+    return build
+
+
+def mhd_data_link_out(d):
+    outside = d.parent / "elsewhere"
+    outside.mkdir()
+    p = _mhd(outside, "real.mhd")
+    q = d / "link.mhd"
+    shutil.copy(p, q)
+    (d / "link.raw").symlink_to(p.with_suffix(".raw"))
+    return _edit_header(q, "ElementDataFile", "link.raw")
+
+
+def _nrrd_text(sizes: str, typ: str = "short", extra: str = "") -> str:
+    return (f"NRRD0004\ntype: {typ}\ndimension: 3\nsizes: {sizes}\nspacings: 0.7 0.7 2.5\n"
+            f"encoding: raw\nendian: little\n{extra}")
+
+
+def nhdr_data_outside(d):
+    p = d / "outside.nhdr"
+    p.write_text(_nrrd_text("8 8 4", extra="data file: /etc/passwd\n"))
+    return p
+
+
+def nhdr_data_list(d):
+    p = d / "list.nhdr"
+    p.write_text(_nrrd_text("8 8 4", extra="data file: LIST\nslice0.raw\n"))
+    return p
+
+
+def nrrd_bomb(d):  # 4 KB that claims 1500 x 1500 x 1000 shorts (4.5 GB)
+    p = d / "bomb.nrrd"
+    p.write_bytes(_nrrd_text("1500 1500 1000").encode() + b"\n" + b"\0" * 4000)
+    return p
+
+
+def nrrd_gzip_short(d):
+    import gzip
+
+    p = d / "short_gz.nrrd"
+    body = gzip.compress(b"\0" * 1000)
+    p.write_bytes(_nrrd_text("64 64 40").replace("encoding: raw", "encoding: gzip").encode() + b"\n" + body)
+    return p
+
+
+def mhd_bomb(d):
+    return _edit_header(_mhd(d, "bomb.mhd"), "DimSize", "100000 100000 100000")
+
+
+def nifti_bomb(d):
+    import SimpleITK as sitk
+
+    p = d / "bomb.nii"
+    sitk.WriteImage(sitk.GetImageFromArray(make_phantom(SHAPE)), str(p))
+    raw = bytearray(p.read_bytes())
+    raw[40:56] = np.array([3, 30000, 30000, 30000, 1, 1, 1, 1], dtype="<i2").tobytes()
+    p.write_bytes(bytes(raw))
+    return p
+
+
+def npy_bomb(d):  # a header declaring (1e5)^3 voxels over a few bytes of data
+    p = d / "bomb.npy"
+    with open(p, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<i2", "fortran_order": False,
+                                                 "shape": (100000, 100000, 100000)})
+        f.write(b"\0" * 64)
+    return p
+
+
+def npy_strings(d):
+    p = d / "strings.npy"
+    np.save(p, np.full((3, 4, 4), "abc"))
+    return p
+
+
+def npy_structured(d):
+    p = d / "structured.npy"
+    np.save(p, np.zeros((3, 4, 4), dtype=[("a", "<i2"), ("b", "<f4")]))
+    return p
+
+
+def _npy_sidecar(geo):
+    def build(d):
+        p = d / "side.npy"
+        np.save(p, make_phantom(SHAPE))
+        p.with_suffix(".json").write_text(geo if isinstance(geo, str) else json.dumps(geo))
+        return p
+    return build
+
+
+def mhd_nan_spacing(d):
+    return _edit_header(_mhd(d, "nan_spacing.mhd"), "ElementSpacing", "nan 0.7 2.5")
+
+
+def mhd_ushort_for_short(d):  # same voxel size, wrong type: air (-1000) reads as 64536
+    return _edit_header(_mhd(d, "ushort.mhd"), "ElementType", "MET_USHORT")
+
+
+def mhd_not_orthonormal(d):
+    return _edit_header(_mhd(d, "sheared.mhd"), "TransformMatrix", "1 0 0 0.5 1 0 0 0 1")
+
+
+def _dicom_broken(which: int, content: Callable[[Path], bytes], tag: str):
+    def build(d):
+        p, files = _series(d, f"series_{tag}")
+        f = files[which]
+        f.write_bytes(content(f))
+        return p
+    return build
+
+
+def _no_dicm(f: Path) -> bytes:  # the file without its 128-byte preamble and DICM marker
+    return f.read_bytes()[132:]
+
+
+def dicom_stray_file(d):
+    p, _ = _series(d, "series_stray")
+    (p / "notes.txt").write_text("scanner notes\n")
+    return p
+
+
+def _dicom_edit(tag: str, first_only: bool = False, **changes):
+    def build(d):
+        p, files = _series(d, f"series_{tag}")
+        for f in files[:1] if first_only else files:
+            _edit_dicom(f, **changes)
+        return p
+    return build
+
+
+def _dicom_raw_value(tag: str, keyword: str, value: bytes):
+    """Write a raw (possibly invalid) value into every slice: pydicom would refuse to set it."""
+    def build(d):
+        from pydicom.dataelem import RawDataElement
+        from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+        p, files = _series(d, f"series_{tag}")
+        t = tag_for_keyword(keyword)
+        for f in files:
+            ds = pydicom.dcmread(f)
+            ds[t] = RawDataElement(pydicom.tag.Tag(t), dictionary_VR(t), len(value), value, 0, False, True)
+            ds.save_as(f, enforce_file_format=True)
+        return p
+    return build
+
+
+def symlink_loop(d):
+    p = d / "loop.mhd"
+    p.symlink_to(d / "loop2.mhd")
+    (d / "loop2.mhd").symlink_to(p)
+    return p
+
+
+# name -> (builder, exit code)
+HOSTILE: dict[str, tuple[Callable, int]] = {
+    "mhd_data_absolute": (_data_file("/etc/passwd"), 4),
+    "mhd_data_parent": (_data_file("../secret.raw"), 4),
+    "mhd_data_subfolder": (_data_file("sub/data.raw"), 4),
+    "mhd_data_list": (_data_file("LIST"), 4),
+    "mhd_data_link_out": (mhd_data_link_out, 4),
+    "nhdr_data_outside": (nhdr_data_outside, 4),
+    "nhdr_data_list": (nhdr_data_list, 4),
+    "nrrd_bomb": (nrrd_bomb, 4),
+    "nrrd_gzip_short": (nrrd_gzip_short, 4),
+    "mhd_bomb": (mhd_bomb, 4),
+    "nifti_bomb": (nifti_bomb, 4),
+    "npy_bomb": (npy_bomb, 4),
+    "npy_strings": (npy_strings, 4),
+    "npy_structured": (npy_structured, 4),
+    "sidecar_list": (_npy_sidecar([1, 2, 3]), 4),
+    "sidecar_spacing_text": (_npy_sidecar({"spacing_zyx": "abc"}), 4),
+    "sidecar_spacing_two": (_npy_sidecar({"spacing_zyx": [2.5, 0.7]}), 4),
+    "sidecar_nested": (_npy_sidecar({"spacing_zyx": {"z": 1}, "origin_zyx": [[0], [0], [0]]}), 4),
+    "sidecar_zero_spacing": (_npy_sidecar({"spacing_zyx": [0, 0.7, 0.7]}), 4),
+    "sidecar_nan_spacing": (_npy_sidecar('{"spacing_zyx": [NaN, 0.7, 0.7]}'), 4),
+    "sidecar_singular": (_npy_sidecar({"direction_zyx": [[1, 0, 0], [1, 0, 0], [0, 0, 1]]}), 4),
+    "sidecar_wrong_shape": (_npy_sidecar({"shape_zyx": [1, 2, 3]}), 4),
+    "mhd_nan_spacing": (mhd_nan_spacing, 4),
+    "mhd_ushort_for_short": (mhd_ushort_for_short, 4),
+    "mhd_not_orthonormal": (mhd_not_orthonormal, 4),
+    "dicom_first_empty": (_dicom_broken(0, lambda f: b"", "first_empty"), 4),
+    "dicom_last_short": (_dicom_broken(-1, lambda f: f.read_bytes()[:200], "last_short"), 4),
+    "dicom_first_text": (_dicom_broken(0, lambda f: b"not a slice\n", "first_text"), 4),
+    "dicom_last_no_dicm": (_dicom_broken(-1, _no_dicm, "last_no_dicm"), 4),
+    "dicom_stray_file": (dicom_stray_file, 4),
+    "dicom_slope_nan": (_dicom_raw_value("slope_nan", "RescaleSlope", b"NaN "), 4),
+    "dicom_slope_inf": (_dicom_raw_value("slope_inf", "RescaleSlope", b"inf "), 4),
+    "dicom_slope_text": (_dicom_raw_value("slope_abc", "RescaleSlope", b"abc "), 4),
+    "dicom_intercept_huge": (_dicom_raw_value("icpt_huge", "RescaleIntercept", b"1e30"), 4),
+    "dicom_frames_text": (_dicom_raw_value("frames_x", "NumberOfFrames", b"x "), 4),
+    "dicom_spacing_zero": (_dicom_edit("psp_zero", PixelSpacing=[0, 0]), 4),
+    "dicom_spacing_negative": (_dicom_edit("psp_neg", PixelSpacing=[-0.7, -0.7]), 4),
+    "dicom_orientation_not_unit": (_dicom_edit("iop", ImageOrientationPatient=[2, 0, 0, 0, 0.5, 0]), 4),
+    "dicom_huge_rows": (_dicom_edit("rows", Rows=60000, Columns=60000), 4),
+    "symlink_loop": (symlink_loop, 3),
+}
+
+
+def _folder_code(bad: Path, code: int) -> int:
+    """A data folder lists only scan suffixes and DICOM folders; other files leave it empty."""
+    listed = bad.is_dir() or (bad.name.lower().endswith(SCAN_SUFFIXES) and not bad.is_symlink())
+    return code if listed else 3
+
+
+def _run_hostile(entry, case, request, tmp_path, capfd, folder: bool):
+    main, argv = (FOLDER_ENTRIES if folder else FILE_ENTRIES)[entry]
+    c = _ctx(request, tmp_path, entry)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    builder, code = HOSTILE[case]
+    bad = builder(inputs)
+    out = tmp_path / "out"
+    before = tree(tmp_path)
+    res = call(main, argv(inputs if folder else bad, out, c), capfd)
+    code = _folder_code(bad, code) if folder else code
+    assert_refused(res, code, (bad.name, inputs.name) if folder else (bad.name,), tmp_path, before, entry)
+
+
+_CHEAP = ("tamper", "GUI")  # they read the scan before loading any model
+
+
+@pytest.mark.parametrize("entry,case", [pytest.param(e, c, id=f"{e}-{c}") for e in _CHEAP for c in HOSTILE])
+def test_hostile_scan(entry, case, request, tmp_path, capfd):
+    _run_hostile(entry, case, request, tmp_path, capfd, folder=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("entry,case", [_entry_param("protect", c) for c in HOSTILE])
+def test_hostile_scan_protect(entry, case, request, tmp_path, capfd):
+    _run_hostile(entry, case, request, tmp_path, capfd, folder=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("entry,case", [_entry_param(e, c) for e in FOLDER_ENTRIES for c in HOSTILE])
+def test_hostile_scan_in_a_data_folder(entry, case, request, tmp_path, capfd):
+    _run_hostile(entry, case, request, tmp_path, capfd, folder=True)
+
+
+def test_nothing_of_a_named_file_reaches_an_output(tmp_path, capfd, empty_models):
+    """tamper -f numpy on a header naming /etc/passwd: refused, no output at all."""
+    d = tmp_path / "in"
+    d.mkdir()
+    bad = _data_file("/etc/passwd")(d)
+    before = tree(tmp_path)
+    res = call(tamper.main, ["-t", bad, "-d", tmp_path / "out", "-a", "inject", "-c", "6,20,20",
+                             "-f", "numpy", "--models", empty_models], capfd)
+    assert_refused(res, 4, ("not beside it",), tmp_path, before)
+
+
+def test_bomb_refused_before_any_allocation(tmp_path):
+    """The 4 KB NRRD claiming 4.5 GB fails in a fresh process that grows by less than 50 MB."""
+    bad = nrrd_bomb(tmp_path)
+    code = ("import resource, sys\nfrom utils.scan_io import load_scan\nfrom utils.errors import MitsError\n"
+            "import SimpleITK, pydicom\nrss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            f"before = rss()\ntry:\n    load_scan({str(bad)!r})\nexcept MitsError as e:\n    print('refused', e)\n"
+            "print(rss() - before)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    lines = r.stdout.strip().splitlines()
+    assert r.returncode == 0 and lines[0].startswith("refused"), r.stdout + r.stderr
+    assert int(lines[-1]) < 50_000, f"peak RSS grew by {lines[-1]} kB"
+
+
+def test_memory_check_every_format(tmp_path, monkeypatch):
+    """With little memory available, a well-formed scan of every format is refused up front."""
+    import utils.scan as S
+
+    monkeypatch.setattr(S, "available_memory", lambda: 10_000)
+    scan = phantom_scan()
+    paths = [save_mhd(scan, tmp_path / "a.mhd"), save_dicom_series(scan, tmp_path / "series")]
+    np.save(tmp_path / "b.npy", scan.hu)
+    import SimpleITK as sitk
+
+    for name in ("c.nrrd", "d.nii"):
+        sitk.WriteImage(sitk.GetImageFromArray(scan.hu), str(tmp_path / name))
+    paths += [tmp_path / "b.npy", tmp_path / "c.nrrd", tmp_path / "d.nii"]
+    for p in paths:
+        with pytest.raises(ScanFormatError, match="of memory is available"):
+            load_scan(p)
+
+
+# ==============================================================================================
+# nothing lost: outputs named like any file the input reads
+# ==============================================================================================
+def _renamed_data(d: Path, data_name: str) -> Path:
+    """in/scan.mhd whose header names `data_name` (the .raw renamed to match)."""
+    p = _mhd(d, "scan.mhd")
+    p.with_suffix(".raw").rename(d / data_name)
+    return _edit_header(p, "ElementDataFile", data_name)
+
+
+@pytest.mark.parametrize("target,data_name", [("data.mhd", "data.raw"), ("DATA.mhd", "data.raw"),
+                                              (".", "scan_protected.raw")])
+def test_protect_refuses_the_data_file_the_header_names(target, data_name, ckpt, tmp_path, capfd):
+    d = tmp_path / "in"
+    d.mkdir()
+    scan = _renamed_data(d, data_name)
+    out = d if target == "." else d / target
+    before = tree(tmp_path)
+    res = call(protect.main, [scan, "-c", ckpt, "-o", out, "--no-progress"], capfd)
+    assert_refused(res, OutputError.exit_code, ("refusing to overwrite",), tmp_path, before)
+
+
+def test_tamper_refuses_the_data_file_and_the_input_folder(empty_models, tmp_path, capfd):
+    d = tmp_path / "in"
+    d.mkdir()
+    scan = _renamed_data(d, "scan_tampered.raw")
+    series, _ = _series(tmp_path, "series")
+    for target in (scan, series):
+        before = tree(tmp_path)
+        res = call(tamper.main, ["-t", target, "-d", target.parent if target == scan else target, "-a", "inject",
+                                 "-c", "6,20,20", "--models", empty_models], capfd)
+        assert_refused(res, OutputError.exit_code, ("refusing to overwrite",), tmp_path, before)
+
+
+def test_links_and_case_are_the_same_file(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    scan = _mhd(d, "scan.mhd")
+    raw = scan.with_suffix(".raw")
+    (tmp_path / "hard.raw").hardlink_to(raw)
+    (tmp_path / "soft.raw").symlink_to(raw)
+    (tmp_path / "soft_dir").symlink_to(d)
+    for target in (tmp_path / "hard.mhd", tmp_path / "soft.mhd", tmp_path / "soft_dir" / "scan.mhd",
+                   d / "SCAN.mhd"):
+        with pytest.raises(OutputError, match="refusing to overwrite"):
+            refuse_overwrite(target, scan)
+    refuse_overwrite(tmp_path / "other.mhd", scan)  # a plain new name is fine
+    series, _ = _series(tmp_path, "series")
+    (tmp_path / "series_link").symlink_to(series)  # an output folder inside the input series
+    with pytest.raises(OutputError, match="inside the input DICOM folder"):
+        refuse_overwrite(tmp_path / "series_link" / "out", series)
+    with pytest.raises(OutputError, match="input .* is inside it"):
+        refuse_overwrite(tmp_path, series)
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with pytest.raises(OutputError, match="loop"):
+        refuse_overwrite(loop, scan)
+
+
+def test_writers_refuse_the_named_data_file(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    scan_path = _renamed_data(d, "data.raw")
+    digest = tree(tmp_path)
+    scan = load_scan(scan_path)
+    with pytest.raises(OutputError, match="refusing to overwrite"):
+        save_mhd(scan, d / "data.mhd")
+    assert tree(tmp_path) == digest
+
+
+@pytest.mark.parametrize("flag", [["-o", "LOOP"], ["--device", "foo"]])
+def test_protect_bad_output_link_and_device(flag, ckpt, tmp_path, capfd):
+    scan = _mhd(tmp_path, "chest.mhd")
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    argv = [scan, "-c", ckpt, "--no-progress", *[loop if a == "LOOP" else a for a in flag]]
+    before = tree(tmp_path)
+    res = call(protect.main, argv, capfd)
+    assert_refused(res, 7 if flag[0] == "-o" else 2, ("loop", "foo"), tmp_path, before)
+
+
+def test_tamper_models_symlink_loop(tmp_path, capfd):
+    scan = _mhd(tmp_path, "chest.mhd")
+    loop = tmp_path / "models"
+    loop.symlink_to(loop)
+    before = tree(tmp_path)
+    res = call(tamper.main, ["-t", scan, "-d", tmp_path / "out", "-a", "inject", "-c", "6,20,20",
+                             "--models", loop], capfd)
+    assert_refused(res, 6, ("models",), tmp_path, before)
+
+
+# ==============================================================================================
+# one line for bad options
+# ==============================================================================================
+@pytest.mark.parametrize("argv", [["--device", "foo"], ["--lr_g", "nan"], ["--max_steps", "-5"],
+                                  ["--lr_d", "inf"], ["--log_every", "0"]])
+def test_train_bad_options(argv, empty_models, tmp_path, capfd):
+    data = tmp_path / "data"
+    data.mkdir()
+    _mhd(data, "a.mhd")
+    before = tree(tmp_path)
+    res = call(train.main, ["--preset", "demo", "--data_dir", data, "--models_dir", empty_models,
+                            "--out_dir", tmp_path / "run", "--progress", "false", *argv], capfd)
+    assert_refused(res, 2, (argv[0].lstrip("-"), argv[1]), tmp_path, before)
+
+
+def test_device_parser_everywhere(tmp_path, capfd):
+    from procedures import tafim
+    from utils.device import pick_device
+    from utils.errors import UsageError
+
+    for bad in ("foo", "cuda:x", "cpu:0:1", ""):
+        with pytest.raises(UsageError, match="not a device"):
+            pick_device(bad)
+    assert pick_device("cpu").type == "cpu"
+    before = tree(tmp_path)
+    res = call(evaluate.main, ["--methods", "noise", "--data", tmp_path, "--out", tmp_path / "o",
+                               "--device", "foo"], capfd)
+    assert_refused(res, 2, ("foo",), tmp_path, before)
+    res = call(tafim.main, ["--data", tmp_path, "--out", tmp_path / "o", "--device", "foo"], capfd)
+    assert_refused(res, 2, ("foo",), tmp_path, before)
+
+
+def test_failed_run_leaves_no_figure(tmp_path):
+    from utils.atomic import removed_on_failure
+
+    (tmp_path / "qualitative_old.png").write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with removed_on_failure(tmp_path, "qualitative_*.png"):
+            (tmp_path / "qualitative_new.png").write_bytes(b"new")
+            raise RuntimeError("the evaluation failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["qualitative_old.png"]
+    with removed_on_failure(tmp_path, "qualitative_*.png"):
+        (tmp_path / "qualitative_ok.png").write_bytes(b"ok")
+    assert (tmp_path / "qualitative_ok.png").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root to switch user")
+def test_unreadable_folder_as_another_user(tmp_path):
+    """Mode 000 stops everyone but root: run the reader as 'nobody'."""
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="unreadable-"))
+    try:
+        base.chmod(0o755)
+        series, _ = _series(base, "series")
+        series.chmod(0)
+        code = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\nfrom utils.errors import run_cli\n"
+                f"import tamper\nsys.exit(run_cli(tamper.main, ['-t', {str(series)!r}, '-d', '/nonexistent/o', "
+                f"'-a', 'inject', '-c', '1,1,1']))\n")
+        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
+                           capture_output=True, text=True, timeout=120)
+        if "Permission denied" in r.stderr and "python" in r.stderr.lower() and "error:" not in r.stderr:
+            pytest.skip("the interpreter is not readable by 'nobody' here")
+        assert r.returncode == 3, r.stderr
+        assert r.stderr.strip().splitlines() == [f"error: {series}: cannot read (permission denied)"]
+    finally:
+        os.chmod(base / "series", 0o755)
+        shutil.rmtree(base)
+
+
+# ==============================================================================================
+# DICOM written is valid and faithful; real files users expect to read
+# ==============================================================================================
+def _real_series(name: str, d: Path, n: int = 3, **changes) -> Path:
+    """A CT series of `n` slices made from one real registry file (its pixel data untouched)."""
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import CTImageStorage, generate_uid
+
+    src = get_testdata_file(name)
+    if src is None:
+        pytest.skip(f"{name} not installed (pip install pydicom-data)")
+    d.mkdir()
+    series = generate_uid()
+    for k in range(n):
+        ds = pydicom.dcmread(src)
+        ds.Modality, ds.SOPClassUID, ds.SeriesInstanceUID = "CT", CTImageStorage, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [0, 0, 5.0 * k]
+        ds.PixelSpacing = ds.get("PixelSpacing", [0.7, 0.7])
+        for kw, v in changes.items():
+            setattr(ds, kw, v)
+        ds.save_as(d / f"IM{k:03d}.dcm", enforce_file_format=True)
+    return d
+
+
+def test_jpeg_lossless_series_real_file(tmp_path):
+    """pydicom-data's JPEG-LL.dcm (process 14, SV1) as a 3-slice series: decoded exactly."""
+    from pydicom.data import get_testdata_file
+
+    series = _real_series("JPEG-LL.dcm", tmp_path / "jll")
+    ref = pydicom.dcmread(get_testdata_file("JPEG-LL.dcm"))
+    assert ref.file_meta.TransferSyntaxUID == pydicom.uid.JPEGLosslessSV1
+    scan = load_scan(series)
+    expected = ref.pixel_array.astype(np.int64) * int(ref.get("RescaleSlope", 1)) + int(ref.get("RescaleIntercept", 0))
+    assert scan.hu.shape == (3, *ref.pixel_array.shape)
+    for k in range(3):
+        np.testing.assert_array_equal(scan.hu[k], expected)
+    out = save_dicom_series(scan, tmp_path / "out")
+    errors = validate_dicom(out)
+    assert errors in (None, []), errors
+
+
+def test_enhanced_ct_real_file(tmp_path):
+    """pydicom-data's eCT_Supplemental.dcm: one file, two frames 10 mm apart, geometry and
+    rescale in the functional groups."""
+    from pydicom.data import get_testdata_file
+
+    src = get_testdata_file("eCT_Supplemental.dcm")
+    if src is None:
+        pytest.skip("eCT_Supplemental.dcm not installed (pip install pydicom-data)")
+    ds = pydicom.dcmread(src)
+    folder = tmp_path / "enhanced"
+    folder.mkdir()
+    shutil.copy(src, folder / "eCT.dcm")
+    for path in (folder, folder / "eCT.dcm"):
+        scan = load_scan(path)
+        assert scan.hu.shape == (2, 512, 512)
+        np.testing.assert_allclose(scan.spacing, [10.0, 0.388672, 0.388672])
+        # In-stack position 1 is at z = -149, position 2 at -159; IOP row = -x: slices ascend
+        # along row x column = -z, so -149 comes first.
+        np.testing.assert_allclose(scan.origin, [-149.0, -301.5, 99.5])
+        px = ds.pixel_array.astype(np.int64) - 1024  # shared Pixel Value Transformation
+        np.testing.assert_array_equal(scan.hu[0], px[1])
+        np.testing.assert_array_equal(scan.hu[1], px[0])
+    out = save_dicom_series(scan, tmp_path / "out")
+    assert validate_dicom(out) in (None, [])
+    assert pydicom.dcmread(sorted(out.iterdir())[0]).SliceThickness == 10
+
+
+@pytest.mark.parametrize("name", ["J2K_pixelrep_mismatch.dcm", "CT_small.dcm"])
+def test_written_dicom_keeps_thickness_and_passes_dciodvfy(name, tmp_path):
+    """Real sources (HEAD body part; no body part): no empty Laterality where it is an error,
+    and SliceThickness stays the source's, not the slice spacing."""
+    series = _real_series(name, tmp_path / "src", SliceThickness="1.25")
+    scan = load_scan(series)
+    assert scan.spacing[0] == 5.0
+    out = save_dicom_series(scan, tmp_path / "out")
+    first = pydicom.dcmread(sorted(out.iterdir())[0])
+    assert float(first.SliceThickness) == 1.25
+    errors = validate_dicom(out)
+    if errors is None:
+        pytest.skip("dciodvfy (dicom3tools) not installed")
+    assert errors == []
