@@ -133,7 +133,7 @@ def _orientation(item, path) -> np.ndarray:
     iop = _floats(item, "ImageOrientationPatient", 6, path)
     row, col = iop[:3], iop[3:]
     if not (np.allclose([np.linalg.norm(row), np.linalg.norm(col)], 1.0, atol=1e-3) and abs(row @ col) < 1e-3):
-        raise ScanFormatError(f"{path}: ImageOrientationPatient {list(iop)} is not two orthogonal unit vectors")
+        raise ScanFormatError(f"{path}: ImageOrientationPatient {iop.tolist()} is not two orthogonal unit vectors")
     return iop
 
 
@@ -319,7 +319,7 @@ def _pixels(p: Path):
         if ts is not None and ts.is_compressed and not _decoder_available(ts):
             raise ScanFormatError(
                 f"{p}: compressed transfer syntax {ts.name} and no decoder installed "
-                f"(pip install pylibjpeg pylibjpeg-libjpeg, or gdcm)") from None
+                f"(pip install python-gdcm)") from None
         raise ScanFormatError(f"{p}: cannot decode pixel data: {str(e).splitlines()[0][:200]}") from None
     if px.dtype.kind not in "biu":
         raise ScanFormatError(f"{p}: pixel data of type {px.dtype}; CT pixels are integers")

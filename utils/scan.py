@@ -116,9 +116,9 @@ def check_geometry(spacing, origin, direction, path) -> None:
     og = np.asarray(origin, dtype=np.float64).reshape(-1)
     d = np.asarray(direction, dtype=np.float64).reshape(3, 3)
     if sp.shape != (3,) or not np.isfinite(sp).all() or (sp <= 0).any():
-        raise ScanFormatError(f"{path}: spacing {list(sp)} mm; each value must be a positive number")
+        raise ScanFormatError(f"{path}: spacing {sp.tolist()} mm; each value must be a positive number")
     if og.shape != (3,) or not np.isfinite(og).all():
-        raise ScanFormatError(f"{path}: origin {list(og)} is not three finite numbers")
+        raise ScanFormatError(f"{path}: origin {og.tolist()} is not three finite numbers")
     if not np.isfinite(d).all():
         raise ScanFormatError(f"{path}: direction cosines are not finite")
     y, x, z = d[:, 1], d[:, 2], d[:, 0]  # columns: index axes z, y, x

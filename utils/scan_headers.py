@@ -106,6 +106,19 @@ def _dims(path: Path, text: str, what: str) -> list[int]:
     return dims
 
 
+def _positive(path: Path, h: dict[str, str], key: str) -> None:
+    """A spacing field, when present, is positive finite numbers (SimpleITK's own message for
+    NaN or zero names a memory address)."""
+    if key not in h:
+        return
+    try:
+        v = [float(x) for x in h[key].split()]
+    except ValueError:
+        v = []
+    if not v or not all(np.isfinite(x) and x > 0 for x in v):
+        raise ScanFormatError(f"{path}: bad {key} '{h[key]}'; each value must be a positive number")
+
+
 def _data_file(path: Path, name: str, kind: str) -> Path:
     if name.upper() == "LIST" or "%" in name or len(name.split()) > 1:
         raise ScanFormatError(f"{path}: names a list or pattern of {kind} data files; only one data file "
@@ -124,6 +137,7 @@ def precheck_mhd(path: Path) -> None:
     if "DimSize" not in h or "ElementType" not in h or "ElementDataFile" not in h:
         raise ScanFormatError(f"{path}: not a MetaImage header (DimSize/ElementType/ElementDataFile missing)")
     dims = _dims(path, h["DimSize"], "DimSize")
+    _positive(path, h, "ElementSpacing")
     local = mhd_data_name(h).upper() == "LOCAL"
     raw = path if local else _data_file(path, mhd_data_name(h), "MetaImage")
     size = MET_SIZES.get(h["ElementType"])
