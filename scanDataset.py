@@ -27,13 +27,16 @@ def list_scans(folder, mhd_only: bool = False) -> list[Path]:
     if not folder.is_dir():
         raise InputFileError(f"{folder}: data folder not found")
     found = []
-    for p in sorted(folder.iterdir()):
-        name = p.name.lower()
-        if p.is_file() and (name.endswith(".mhd") if mhd_only else name.endswith(SCAN_SUFFIXES)):
-            found.append(p)
-        elif p.is_dir() and not mhd_only and any(q.suffix.lower() == ".dcm" or q.suffix == ""
-                                                 for q in p.iterdir() if q.is_file()):
-            found.append(p)
+    try:
+        for p in sorted(folder.iterdir()):
+            name = p.name.lower()
+            if p.is_file() and (name.endswith(".mhd") if mhd_only else name.endswith(SCAN_SUFFIXES)):
+                found.append(p)
+            elif p.is_dir() and not mhd_only and any(q.suffix.lower() == ".dcm" or q.suffix == ""
+                                                     for q in p.iterdir() if q.is_file()):
+                found.append(p)
+    except OSError as e:  # an unreadable sub-folder (mode 000) is one line, not a traceback
+        raise InputFileError(f"{e.filename or folder}: cannot read ({e.strerror})") from None
     if not found:
         raise InputFileError(f"{folder}: no scans (.mhd/.nrrd files or DICOM series folders)")
     return found
