@@ -97,27 +97,24 @@ def _floats(item, name, n, path, *, positive=False) -> np.ndarray:
     return a
 
 
-def _number(item, name, path, default: float) -> float:
+def _number(item, name, path, default, kind=float):
+    """One numeric attribute as `kind` (float: finite; int: a whole number), `default` when
+    absent or empty; anything else (NaN, inf, 'abc') is one line naming the file."""
     v = getattr(item, name, None)
     if v is None or str(v).strip() == "":
         return default
     try:
-        x = float(v)
+        x = kind(str(v).strip())
     except (TypeError, ValueError):
-        x = float("nan")
-    if not np.isfinite(x):
-        raise ScanFormatError(f"{path}: bad {name} ({v!r}; a finite number is needed)")
+        x = None
+    if x is None or not np.isfinite(x):
+        need = "a finite number" if kind is float else "a whole number"
+        raise ScanFormatError(f"{path}: bad {name} ({str(v)[:40]!r}; {need} is needed)")
     return x
 
 
 def _int(ds, name, path, default: int) -> int:
-    v = getattr(ds, name, None)
-    if v is None or str(v).strip() == "":
-        return default
-    try:
-        return int(str(v).strip())
-    except ValueError:
-        raise ScanFormatError(f"{path}: bad {name} ({str(v)[:40]!r}; a whole number is needed)") from None
+    return _number(ds, name, path, default, int)
 
 
 def _rescale(item, path) -> tuple[float, float]:

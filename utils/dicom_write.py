@@ -99,6 +99,10 @@ def _laterality(base) -> None:
         base.Laterality = ""
 
 
+_SYNTHETIC = {"PatientName": "ANONYMOUS", "PatientID": "ANONYMOUS", "PatientSex": "O",
+              "PatientIdentityRemoved": "YES", "DeidentificationMethod": "synthetic header: no source patient data"}
+
+
 def _identity(template, now):
     """Patient, study, equipment and frame of reference: the source's (a whitelist), else a
     synthetic 'ANONYMOUS' patient; type 2 attributes present, possibly empty."""
@@ -110,21 +114,11 @@ def _identity(template, now):
         for kw in _COPY_TAGS:
             if kw in template:
                 setattr(base, kw, template.data_element(kw).value)
-    else:
-        base.PatientName = "ANONYMOUS"
-        base.PatientID = "ANONYMOUS"
-        base.PatientBirthDate = ""
-        base.PatientSex = "O"
-        base.PatientIdentityRemoved = "YES"
-        base.DeidentificationMethod = "synthetic header: no source patient data"
+    else:  # the type 2 attributes left out here are added empty below
+        for kw, v in _SYNTHETIC.items():
+            setattr(base, kw, v)
         base.StudyDate = now.strftime("%Y%m%d")
         base.StudyTime = now.strftime("%H%M%S")
-        base.ReferringPhysicianName = ""
-        base.StudyID = ""
-        base.AccessionNumber = ""
-        base.PositionReferenceIndicator = ""
-        base.Manufacturer = ""
-        base.KVP = ""
     _laterality(base)
     for kw, default in (("StudyInstanceUID", None), ("FrameOfReferenceUID", None)):
         if not str(getattr(base, kw, "") or ""):
