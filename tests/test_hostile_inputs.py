@@ -581,3 +581,25 @@ def test_written_dicom_keeps_thickness_and_passes_dciodvfy(name, tmp_path):
     if errors is None:
         pytest.skip("dciodvfy (dicom3tools) not installed")
     assert errors == []
+
+
+@pytest.mark.tf
+def test_failed_evaluation_leaves_no_figure(held_ctgan_models, tmp_path, capfd, monkeypatch):
+    """evaluate.py writes a figure per scan; when a later step fails, none of them is left."""
+    import procedures.evaluation as E
+    from utils.errors import MitsError
+
+    def fail(res, out):
+        assert list(Path(out).glob("qualitative_*.png")), "the figure should exist before the failure"
+        raise MitsError("reports failed")
+
+    monkeypatch.setattr(E, "write_reports", fail)
+    data = tmp_path / "data"
+    data.mkdir()
+    save_mhd(Scan(make_phantom((30, 48, 48), seed=0), (2.5, 0.7, 0.7), (0.0, 0.0, 0.0)), data / "a.mhd")
+    out = tmp_path / "out"
+    res = call(evaluate.main, ["--methods", "noise", "--noise-rms", "5", "--actions", "inject", "--data", data,
+                               "--models", held_ctgan_models, "--out", out, "--no-progress", "--device", "cpu",
+                               "--n-locations", "1"], capfd)
+    assert res.rc == 2 and res.err.strip() == "error: reports failed", res.err
+    assert not list(out.glob("qualitative_*.png"))
