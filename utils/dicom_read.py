@@ -316,7 +316,7 @@ def _pixels(p: Path):
         if ts is not None and ts.is_compressed and not _decoder_available(ts):
             raise ScanFormatError(
                 f"{p}: compressed transfer syntax {ts.name} and no decoder installed "
-                f"(pip install python-gdcm)") from None
+                f"(JPEG, JPEG-LS and JPEG 2000: pip install python-gdcm)") from None
         raise ScanFormatError(f"{p}: cannot decode pixel data: {str(e).splitlines()[0][:200]}") from None
     if px.dtype.kind not in "biu":
         raise ScanFormatError(f"{p}: pixel data of type {px.dtype}; CT pixels are integers")
