@@ -603,3 +603,30 @@ def test_failed_evaluation_leaves_no_figure(held_ctgan_models, tmp_path, capfd, 
                                "--n-locations", "1"], capfd)
     assert res.rc == 2 and res.err.strip() == "error: reports failed", res.err
     assert not list(out.glob("qualitative_*.png"))
+
+
+def test_enhanced_ct_broken_or_mixed(tmp_path):
+    """An Enhanced CT frame without its plane position, or a multi-frame file beside single
+    slices, is one line naming the file; a DICOMDIR beside a series is ignored."""
+    from pydicom.data import get_testdata_file
+
+    src = get_testdata_file("eCT_Supplemental.dcm")
+    if src is None:
+        pytest.skip("eCT_Supplemental.dcm not installed (pip install pydicom-data)")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    ds = pydicom.dcmread(src)
+    del ds.PerFrameFunctionalGroupsSequence[1].PlanePositionSequence
+    ds.save_as(broken / "eCT.dcm")
+    with pytest.raises(ScanFormatError, match="frame 2 has no plane position"):
+        load_scan(broken)
+    series, _ = _series(tmp_path, "series")
+    shutil.copy(src, series / "eCT.dcm")
+    _edit_dicom(series / "eCT.dcm", SeriesInstanceUID=pydicom.dcmread(sorted(series.iterdir())[0]).SeriesInstanceUID)
+    with pytest.raises(ScanFormatError, match="eCT.dcm: slice size|several frames"):
+        load_scan(series)
+    (series / "eCT.dcm").unlink()
+    dicomdir = get_testdata_file("DICOMDIR")
+    if dicomdir is not None:
+        shutil.copy(dicomdir, series / "DICOMDIR")
+        assert load_scan(series).hu.shape == SHAPE
