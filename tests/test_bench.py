@@ -5,34 +5,35 @@ import numpy as np
 import pytest
 
 import bench
+from procedures import benchmark
 from utils.errors import UsageError
 
 
 def test_eligible_subbatches_follow_the_published_near_end_rule():
     # 32 < s and s + 32 < depth, s = 4k: the first eligible s is 36 (SPEC.md section 9).
-    assert bench.eligible_subbatches(68, 4) == []
-    assert bench.eligible_subbatches(69, 4) == [9]
-    assert bench.eligible_subbatches(95, 4) == list(range(9, 16))   # lung1 at 2.5 mm: 7 sub-batches
-    assert bench.eligible_subbatches(121, 4) == list(range(9, 23))  # lung2: 14
+    assert benchmark.eligible_subbatches(68, 4) == []
+    assert benchmark.eligible_subbatches(69, 4) == [9]
+    assert benchmark.eligible_subbatches(95, 4) == list(range(9, 16))   # lung1 at 2.5 mm: 7 sub-batches
+    assert benchmark.eligible_subbatches(121, 4) == list(range(9, 23))  # lung2: 14
 
 
 def test_specs_parse_into_typed_config_fields():
-    preset, kv = bench.parse_spec("paper:amp=bf16:channels_last=true:g_width=8")
+    preset, kv = benchmark.parse_spec("paper:amp=bf16:channels_last=true:g_width=8")
     assert preset == "paper"
-    assert bench.typed_overrides(kv) == {"amp": "bf16", "channels_last": True, "g_width": 8}
+    assert benchmark.typed_overrides(kv) == {"amp": "bf16", "channels_last": True, "g_width": 8}
     with pytest.raises(UsageError):
-        bench.typed_overrides({"no_such_field": "1"})
+        benchmark.typed_overrides({"no_such_field": "1"})
     with pytest.raises(UsageError):
-        bench.parse_spec("paper:amp")
+        benchmark.parse_spec("paper:amp")
 
 
 def test_phantom_is_a_chest_like_int16_volume():
-    vol = bench.phantom((12, 64, 64), seed=0)
+    vol = benchmark.phantom((12, 64, 64), seed=0)
     assert vol.dtype == np.int16 and vol.shape == (12, 64, 64)
     assert vol[6, 0, 0] < -900                       # air
     assert -950 < np.median(vol[6, 32, 18]) < -750   # lung
     assert 0 < vol[6, 8:56, 28:36].mean() < 100      # soft tissue between the lungs
-    assert np.array_equal(vol, bench.phantom((12, 64, 64), seed=0))
+    assert np.array_equal(vol, benchmark.phantom((12, 64, 64), seed=0))
 
 
 def test_tiny_benchmark_without_tensorflow(tiny_ctgan_models, tmp_path):
