@@ -69,6 +69,8 @@ class Config:
     quantize: bool = False             # round protected HU to integers before the attacker
                                        # (straight-through in whitebox): survives int16 storage
     keras_backend: str = ""            # "" = tensorflow when installed, else torch
+    attacker_impl: str = "auto"        # black box: keras | torch (procedures.attack_torch, the
+                                       # same within 2 HU, on the device) | auto: torch on a GPU
     exact_resample: bool = True        # resample CT-GAN cubes to exactly 32^3 (SPEC section 9)
     near_end_rule: bool = True         # published: term only when 32 < s and s + 32 < depth
     tamper_z: str = "published"        # published: z = s + 8 | slab: the slab's middle slice
@@ -96,7 +98,7 @@ PRESETS: dict[str, dict] = {
     "paper": {},
     "reference": dict(
         out_dir="runs/reference", dtype="float64", seed=-1, exact_resample=False,
-        attack_errors="silent", reread_scan=True, hu_mapping="published",
+        attack_errors="silent", reread_scan=True, hu_mapping="published", attacker_impl="keras",
         near_end_rule=True, tamper_z="published", tamper_yx="published"),
     "default": dict(
         out_dir="runs/default", generator="unet", discriminator="patch", g_width=32, d_width=32,
@@ -121,6 +123,7 @@ CHOICES = {
     "hu_mapping": ("published", "volume"),
     "attack_errors": ("count", "silent"),
     "keras_backend": ("", "tensorflow", "torch"),
+    "attacker_impl": ("auto", "keras", "torch"),
     "attack_mode": ("blackbox", "whitebox"),
     "amp": ("off", "bf16"),
 }

@@ -96,13 +96,9 @@ class DisruptionTarget:
 
     def __init__(self, cfg, manipulator=None):
         self.cfg = cfg
-        if manipulator is None:
-            from procedures.attack_pipeline import ScanManipulator
-            manipulator = ScanManipulator(
-                cfg.models_dir, backend=cfg.keras_backend or None,
-                exact_resample=cfg.exact_resample,
-                # The published loader returns the scan unchanged when a model is missing.
-                published=cfg.preset == "reference")
+        if manipulator is None:  # Keras, or its torch equal on the device (cfg.attacker_impl)
+            from procedures.attack_torch import blackbox_attacker
+            manipulator = blackbox_attacker(cfg)
         self.manip = manipulator
         # Load the attacker now: a model file that asks to run code stops the run before
         # anything is written (issue 6.2). A missing/broken model stays a counted per-step error.
