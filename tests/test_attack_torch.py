@@ -111,3 +111,28 @@ def test_disruption_target_is_the_same_with_either_attacker(tiny_ctgan_models):
     assert T["keras"] is not None and T["torch"] is not None
     span = item.hu_max - item.hu_min        # T is in [-1, 1] by one min-max of the slab: HU / span * 2
     assert np.abs(T["keras"] - T["torch"]).max() * span / 2 <= MAX_HU
+
+
+@pytest.mark.tf
+def test_tamper_cli_torch_path_equals_keras(tiny_ctgan_models, tmp_path, capsys):
+    """tamper.py --impl torch (a GPU's default) writes the scan --impl keras writes, within the
+    tolerance plus int16 rounding; the Gaussian-noise mode is Keras only."""
+    import tamper
+    from utils.errors import run_cli
+    from utils.scan_io import Scan, load_scan, save_mhd
+
+    src = tmp_path / "chest.mhd"
+    hu = make_phantom((60, 96, 96), seed=2)
+    save_mhd(Scan(hu, SPACING, (0.0, 0.0, 0.0)), src)
+    got = {}
+    for impl in ("keras", "torch"):
+        argv = ["-t", str(src), "-d", str(tmp_path / impl), "-a", "remove", "-c", "30,48,66", "-c", "20,40,30",
+                "--models", str(tiny_ctgan_models), "--impl", impl, "--device", "cpu"]
+        assert run_cli(tamper.main, argv) == 0
+        got[impl] = load_scan(tmp_path / impl / "chest_tampered.mhd").hu
+    capsys.readouterr()
+    assert np.sum(got["keras"] != hu) > 1000
+    assert np.abs(got["keras"].astype(np.int32) - got["torch"]).max() <= MAX_HU + 1
+    rc = run_cli(tamper.main, ["-t", str(src), "-d", str(tmp_path / "g"), "-a", "inject", "-c", "30,48,66",
+                               "--models", str(tiny_ctgan_models), "--impl", "torch", "--noise", "gaussian"])
+    assert rc != 0 and "copy-noise" in capsys.readouterr().err
