@@ -32,13 +32,13 @@ SPACING_512 = (2.5, 0.5703125, 0.5703125)   # the z2.5 real scans: 2.5 mm slices
 def default_specs(device) -> tuple[str, str]:
     if device.type == "cuda":
         fast = "amp=bf16:channels_last=true"
-        train = (f"paper,paper:{fast},paper:{fast}:compile=true,paper:{fast}:batch=4,"
+        train = (f"paper,paper:attacker_impl=keras,paper:{fast},paper:{fast}:compile=true,paper:{fast}:batch=4,"
                  f"demo:{fast},default,default:{fast}")
         protect = (f"paper:batch=8,paper:batch=8:{fast},paper:batch=8:{fast}:compile=true,"
                    f"default:batch=16,default:batch=16:{fast},default:batch=16:{fast}:compile=true,"
                    f"demo:batch=16:{fast}")
     else:
-        train = "paper,demo,default"
+        train = "paper,paper:attacker_impl=torch,demo,default"
         protect = "demo:batch=4,demo:batch=4:channels_last=true,default:batch=4:channels_last=true:slices=40"
     return train, protect
 
@@ -412,50 +412,20 @@ def bench_protect(args, data: dict, device, specs: list[str], peaks: dict) -> li
 # --- tampering -------------------------------------------------------------------------------------
 def bench_tamper(args, data: dict, models: Path, device) -> list[dict]:
     from procedures.attack_pipeline import ScanManipulator
+    from procedures.attack_torch import TorchScanManipulator
     from procedures.ctgan_torch import DifferentiableTamper
     hu = data["protect_hu"][:max(80, min(120, data["protect_hu"].shape[0]))].astype(np.float32)
     spacing = data["spacing"]
     d, h, w = hu.shape
     center = (d // 2, h // 2, int(0.28 * w))   # in the right lung of the phantom
-    results = []
-
-    # Keras (the attacker of the black-box mode and of tamper.py)
-    row = {"attacker": f"keras ({args.keras_backend or 'default backend'}) ScanManipulator.tamper_volume"}
-    try:
-        manip = ScanManipulator(models, backend=args.keras_backend or None)
-        row["keras_backend"] = manip.injector.keras.backend.backend()
-        vol = hu.copy()
-        per = {}
-        with Memory(device) as mem:
-            for action in ("inject", "remove"):
-                ts = []
-                for i in range(args.warmup + args.tamper_reps):
-                    rng = np.random.default_rng(i)
-                    t = time.perf_counter()
-                    changed = manip.tamper_volume(vol, spacing, center, action, rng)
-                    sync(device)
-                    ts.append(time.perf_counter() - t)
-                    vol[changed] = hu[changed]  # restore (not timed)
-                per[action] = ts[args.warmup:]
-            # the generator alone (one 32^3 cube)
-            cube = np.zeros((1, 32, 32, 32, 1), np.float32)
-            gen = manip.injector
-            gen.generate(cube)
-            ts = []
-            for _ in range(args.tamper_reps):
-                t = time.perf_counter()
-                gen.generate(cube)
-                sync(device)
-                ts.append(time.perf_counter() - t)
-        row.update({"inject_ms": 1e3 * float(np.median(per["inject"])),
-                    "remove_ms": 1e3 * float(np.median(per["remove"])),
-                    "generator_ms": 1e3 * float(np.median(ts)),
-                    "each_ms": {k: [1e3 * v for v in vs] for k, vs in per.items()}, "memory": mem.result})
-    except Exception as e:
-        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-    results.append(row)
-    _progress(f"tamper keras: {row.get('error') or row}")
-    _free(device)
+    results = [
+        # Keras (the published attacker; black box on the CPU, tamper.py on the CPU)
+        _pipeline_row(f"keras ({args.keras_backend or 'default backend'}) ScanManipulator.tamper_volume",
+                      lambda: ScanManipulator(models, backend=args.keras_backend or None), hu, spacing,
+                      center, args, device),
+        # its torch equal on the device (black box and tamper.py on a GPU)
+        _pipeline_row("torch TorchScanManipulator.tamper_volume (procedures.attack_torch)",
+                      lambda: TorchScanManipulator(models, device=device), hu, spacing, center, args, device)]
 
     # PyTorch port (the white-box attacker): footprints of one location, then + backward
     row = {"attacker": "torch DifferentiableTamper.footprints (spline resample, float32, no touch-ups)"}
@@ -497,6 +467,58 @@ def bench_tamper(args, data: dict, models: Path, device) -> list[dict]:
 
 
 # --- report ----------------------------------------------------------------------------------------
+def _pipeline_row(label: str, make, hu, spacing, center, args, device) -> dict:
+    """Latency of a whole tamper (ScanManipulator-like `make()`) per action, and of its
+    inject generator alone on one 32^3 cube."""
+    row = {"attacker": label}
+    try:
+        manip = make()
+        gen = manip.model("inject")
+        if hasattr(gen, "keras"):
+            row["keras_backend"] = gen.keras.backend.backend()
+        vol = hu.copy()
+        per = {}
+        with Memory(device) as mem:
+            for action in ("inject", "remove"):
+                ts = []
+                for i in range(args.warmup + args.tamper_reps):
+                    t = time.perf_counter()
+                    changed = manip.tamper_volume(vol, spacing, center, action, np.random.default_rng(i))
+                    sync(device)
+                    ts.append(time.perf_counter() - t)
+                    vol[changed] = hu[changed]  # restore (not timed)
+                per[action] = ts[args.warmup:]
+            ts = _time_generator(gen, args.tamper_reps, device)
+        row.update({"inject_ms": 1e3 * float(np.median(per["inject"])),
+                    "remove_ms": 1e3 * float(np.median(per["remove"])),
+                    "generator_ms": 1e3 * float(np.median(ts)),
+                    "each_ms": {k: [1e3 * v for v in vs] for k, vs in per.items()}, "memory": mem.result})
+    except Exception as e:
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    _progress(f"tamper {label}: {row.get('error') or row}")
+    _free(device)
+    return row
+
+
+def _time_generator(gen, reps: int, device) -> list[float]:
+    """Seconds per call of a CT-GAN generator on one zero 32^3 cube (after one warm-up)."""
+    if hasattr(gen, "generate"):   # attack_pipeline.CTGANModel (Keras)
+        cube = np.zeros((1, 32, 32, 32, 1), np.float32)
+        call = lambda: gen.generate(cube)  # noqa: E731
+    else:                          # ctgan_torch.DifferentiableTamper
+        net = gen.generators["inject"]
+        cube = torch.zeros(1, 1, 32, 32, 32, device=device)
+        call = lambda: net(cube)  # noqa: E731
+    ts = []
+    with torch.inference_mode():
+        for i in range(reps + 1):
+            t = time.perf_counter()
+            call()
+            sync(device)
+            ts.append(time.perf_counter() - t)
+    return ts[1:]
+
+
 def _free(device):
     gc.collect()
     if device.type == "cuda":

@@ -64,14 +64,14 @@ def test_tiny_benchmark_end_to_end(tiny_ctgan_models, tmp_path):
     rc = bench.main(["--size", "64", "--depth", "72", "--protect_slices", "8", "--device", "cpu",
                      "--models_dir", str(tiny_ctgan_models), "--steps", "1", "--warmup", "1",
                      "--tamper_reps", "1", "--out", str(out),
-                     "--train", "paper:g_width=4:g_blocks=1",
+                     "--train", "paper:g_width=4:g_blocks=1,paper:g_width=4:g_blocks=1:attacker_impl=torch",
                      "--reference", "reference:g_width=4:g_blocks=1",
                      "--protect", "demo:g_width=4:batch=2,demo:g_width=4:batch=2:channels_last=true:slices=4"])
     assert rc == 0
     res = json.loads((out / "bench.json").read_text())
-    ref, ours = res["train"]
+    ref, ours, ours_torch = res["train"]
     assert ref["is_reference"] and ref["dtype"] == "float64" and ours["dtype"] == "float32"
-    for row in (ref, ours):
+    for row in (ref, ours, ours_torch):
         assert "error" not in row, row
         # the slab passes the near-end rule (s = 36 of 72 slices): every configuration ran its attacker
         assert row["sub_batches"] == [9, 9] and row["attacker"]["computed"] == 2
@@ -83,8 +83,9 @@ def test_tiny_benchmark_end_to_end(tiny_ctgan_models, tmp_path):
     assert full["shape"] == [8, 64, 64] and part["shape"] == [4, 64, 64]
     assert full["gflop_per_slice"] > 0 and 0 < full["peak_fraction"] < 1
     assert full["voxels_changed"] > 0.5            # a real (random) perturbation was applied
-    keras_row, torch_row = res["tamper"]
-    assert "error" not in keras_row and "error" not in torch_row
-    assert keras_row["inject_ms"] > 0 and torch_row["remove_fwd_bwd_ms"] > 0
+    keras_row, torch_man_row, torch_row = res["tamper"]
+    assert "error" not in keras_row and "error" not in torch_man_row and "error" not in torch_row
+    assert keras_row["inject_ms"] > 0 and torch_man_row["remove_ms"] > 0 and torch_row["remove_fwd_bwd_ms"] > 0
+    assert keras_row["generator_ms"] > 0 and torch_man_row["generator_ms"] > 0
     md = (out / "bench.md").read_text()
     assert "speed-up vs reference" in md and "(reference)" in md and "GFLOP/slice" in md
