@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup data dicom3tools ctgan demo test test-all clean
+.PHONY: setup data dicom3tools ctgan demo test test-all clean gpu-check
 
 setup: $(STAMP)
 $(STAMP): requirements.txt
@@ -48,3 +48,8 @@ test-all: data dicom3tools
 
 clean:
 	rm -rf runs out .pytest_cache
+
+# On a CUDA machine (PyTorch, no TensorFlow needed): bench, a short default training, evaluate,
+# protect and tamper, each timed with a limit; stops at the first failure (docs/performance.md).
+gpu-check: setup
+	$(PY) -m procedures.gpu_check --data data/z2.5 --models models --out runs/gpu_check

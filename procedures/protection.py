@@ -3,8 +3,9 @@
 A volume is processed in slabs of `slab` consecutive slices; the last slab is aligned to the
 end of the volume so that every slice is protected (the published loop never uses the last
 depth % 4 slices). Protection streams: only one batch of slabs is normalised and run at a time,
-and protected HU are written straight into the output array (int16 for int16 scans), so a
-512x512x400 scan needs about its own size twice plus one batch of activations.
+and protected HU are written straight into the output array (int16 for int16 scans) under
+inference mode, so a scan needs its own size twice plus one batch of activations (no graph is
+kept: memory does not grow with the number of slices).
 The noise delta of each slab is a counter-based hash of (seed, first slice, voxel), computed
 where the generator runs, so the protected scan does not depend on the batch size or the device.
 On a GPU the scan crosses the bus once each way in its own dtype (int16), and normalisation,
