@@ -280,7 +280,7 @@ def protected_scan(src: VolumeItem | Scan, protected_hu: np.ndarray) -> Scan:
 def scan_stem(path) -> str:
     """A scan's name without its format suffix (a DICOM folder's name as it is)."""
     name = Path(path).name
-    for suffix in (".nii.gz", ".mhd", ".mha", ".nrrd", ".nii"):
+    for suffix in (".nii.gz", ".mhd", ".mha", ".nrrd", ".nii", ".npy"):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name

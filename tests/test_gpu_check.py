@@ -71,5 +71,5 @@ def test_cpu_dry_run_of_every_step(npy_data, tiny_ctgan_models, tmp_path):
     assert gpu_check.main(["--device", "cpu", "--quick", "--data", str(npy_data),
                            "--models", str(tiny_ctgan_models), "--out", str(out)]) == 0
     assert (out / "bench" / "bench.json").is_file() and (out / "train" / "checkpoint.pt").is_file()
-    assert (out / "eval" / "results.md").is_file() and (out / "protect" / "s0_protected.mhd").is_file()
+    assert (out / "eval" / "results.md").is_file() and (out / "protect" / "s0_protected.mhd").is_file()  # .npy stem
     assert (out / "tamper" / "s0_tampered.npy").is_file()
