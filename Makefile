@@ -51,5 +51,7 @@ clean:
 
 # On a CUDA machine (PyTorch, no TensorFlow needed): bench, a short default training, evaluate,
 # protect and tamper, each timed with a limit; stops at the first failure (docs/performance.md).
-gpu-check: setup
-	$(PY) -m procedures.gpu_check --data data/z2.5 --models models --out runs/gpu_check
+# No install step: the venv's python when there is one, else the machine's (GPU_PY=... to choose).
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-check:
+	$(GPU_PY) -m procedures.gpu_check --data data/z2.5 --models models --out runs/gpu_check

@@ -202,3 +202,11 @@ def test_noise_on_a_gpu_is_the_cpu_noise():
     got = _noise_torch(keys, n, "cpu").numpy()
     np.testing.assert_array_equal(got, _noise_numpy(keys, n))
     assert 0 <= got.min() and got.max() < 1 and 0.45 < got.mean() < 0.55
+
+
+def test_scan_stem_drops_every_scan_suffix():
+    from procedures.protection import scan_stem
+
+    for name in ("a.mhd", "a.nii.gz", "a.NRRD", "a.npy", "dir/a.mha"):
+        assert scan_stem(name) == "a"
+    assert scan_stem("series_folder") == "series_folder"
