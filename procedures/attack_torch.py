@@ -1,8 +1,8 @@
 """CT-GAN's scan manipulator in PyTorch, on the device: the black-box attacker without NumPy/SciPy.
 
 `TorchScanManipulator` computes what procedures.attack_pipeline.ScanManipulator computes with
-its default (non-published) settings (docs/notes.md, attack pipeline; CT-GAN, Mirsky et al.
-2019): cut the cube and the reference cube, resample to 32^3 with SciPy's cubic-spline zoom,
+its default (non-published) settings (CT-GAN, Mirsky et al. 2019; that module's docstring):
+cut the cube and the reference cube, resample to 32^3 with SciPy's cubic-spline zoom,
 equalise, normalise, mask, run the generator, clip, de-normalise, de-equalise, fix overflow,
 resample back, paste, and the copy-noise touch-ups. Steps 1-7 are
 procedures.ctgan_torch.DifferentiableTamper (spline resampling as three small matrices, np.interp
@@ -90,7 +90,8 @@ class TorchScanManipulator(ScanManipulator):
         spacing = np.asarray(spacing, dtype=np.float64).reshape(3)
         if not np.all(spacing > 0):
             raise ScanFormatError(f"invalid voxel spacing {spacing.tolist()} mm")
-        if not (vol.dtype.is_floating_point if isinstance(vol, torch.Tensor) else np.issubdtype(vol.dtype, np.floating)):
+        is_float = vol.dtype.is_floating_point if isinstance(vol, torch.Tensor) else np.issubdtype(vol.dtype, np.floating)
+        if not is_float:  # pasting blends into ints would truncate
             raise UsageError(f"tamper_volume needs a float HU volume, got {vol.dtype}")
         core = self.model(action)
         cube_shape = scaled_shape(CUBE, 1.0 / spacing)
@@ -108,9 +109,9 @@ class TorchScanManipulator(ScanManipulator):
         # steps 1-7 on the reference block (it holds the whole cube, padded where the scan ends)
         part, sl = core.footprints(ben_ext, spacing, center - ref_start, action)[0]
         mal_ext = ben_ext.clone()
-        inside = _inside(ref_start, sdim, vol.shape, self.device)       # the block's voxels that are in the scan
         mal_ext[sl] = part
-        mal_ext[~inside] = self.cut_pad_value              # pasteCube drops what leaves the scan
+        # pasteCube drops what leaves the scan: there the re-cut block holds the padding again
+        mal_ext[~_inside(ref_start, sdim, vol.shape, self.device)] = self.cut_pad_value
         noise = self._copy_noise(vol, mal_ext, ref_start, sdim)
         k = self._kernel(sdim, action)
         if action == "inject":
