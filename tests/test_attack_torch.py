@@ -136,3 +136,20 @@ def test_tamper_cli_torch_path_equals_keras(tiny_ctgan_models, tmp_path, capsys)
     rc = run_cli(tamper.main, ["-t", str(src), "-d", str(tmp_path / "g"), "-a", "inject", "-c", "30,48,66",
                                "--models", str(tiny_ctgan_models), "--impl", "torch", "--noise", "gaussian"])
     assert rc != 0 and "copy-noise" in capsys.readouterr().err
+
+
+def test_the_torch_attacker_needs_no_tensorflow_or_keras(tiny_ctgan_models):
+    """What a GPU machine without TensorFlow runs (make gpu-check): load, tamper, no Keras."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np\n"
+            "from procedures.attack_torch import TorchScanManipulator\n"
+            "from procedures.benchmark import phantom\n"
+            f"m = TorchScanManipulator({str(tiny_ctgan_models)!r})\n"
+            "v = phantom((40, 64, 64)).astype(np.float32)\n"
+            "m.tamper_volume(v, (2.5, 0.7, 0.7), (20, 32, 46), 'inject')\n"
+            "bad = [k for k in ('tensorflow', 'keras') if k in sys.modules]\n"
+            "assert not bad, bad\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
