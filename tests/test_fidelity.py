@@ -98,6 +98,21 @@ def test_reference_attack_cannot_tamper_a_5mm_scan(tiny_ctgan_models, real_data_
 
 
 # --- border cubes: the published paste grows the scan ---------------------------------------
+def test_published_paste_shape_on_the_real_geometries():
+    from procedures.attack_pipeline import published_paste_shape
+    from utils.resample import scaled_shape
+
+    # lung1 at 2.5 x 0.570 mm: cube (13, 56, 56); lung2 at 2.5 x 0.627 mm: cube (13, 51, 51).
+    c1 = scaled_shape((32, 32, 32), 1 / np.array([2.5, 0.570, 0.570]))
+    c2 = scaled_shape((32, 32, 32), 1 / np.array([2.5, 0.627, 0.627]))
+    assert c1.tolist() == [13, 56, 56] and c2.tolist() == [13, 51, 51]
+    assert published_paste_shape((95, 512, 512), (68, 300, 300), c1) == (181, 512, 512)   # s = 60
+    assert published_paste_shape((95, 512, 512), (64, 300, 300), c1) == (95, 512, 512)    # s = 56
+    assert published_paste_shape((121, 512, 512), (96, 90, 410), c2) == (197, 512, 512)   # s = 88
+    assert published_paste_shape((121, 512, 512), (92, 90, 410), c2) == (121, 512, 512)   # s = 84
+    assert published_paste_shape((95, 512, 512), (68, 300, 300), (40, 40, 40)) == (95, 512, 512)
+
+
 def _border_phantom():
     # 2.5 x 0.7 x 0.7 mm: cube (13, 46, 46), reference cube side int(46 * 1.3) = 59.
     return make_phantom((70, 128, 128), seed=3).astype(np.float64)
