@@ -94,8 +94,8 @@ def kern01(kernlen: int, nsig: float) -> np.ndarray:
 
 
 def fix_overflow(cube: np.ndarray) -> np.ndarray:
-    """Overflow fix (docs/attack.md#the-attack): voxels > 2000 HU -> mean of their 5x5x5 neighbourhood (outside = -1000),
-    then everything < -1000 -> -1000. Returns a new float64 array."""
+    """Overflow fix (docs/attack.md#the-attack): voxels > 2000 HU -> mean of their 5x5x5
+    neighbourhood (outside = -1000), then everything < -1000 -> -1000. New float64 array."""
     cube = np.asarray(cube, dtype=np.float64)
     bad = cube > 2000
     if bad.any():

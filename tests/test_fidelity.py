@@ -14,6 +14,18 @@ from utils.scan_io import Scan, load_scan, save_mhd
 Z25 = "data/z2.5"
 
 
+@pytest.fixture(scope="module")
+def models(tiny_ctgan_models):
+    """The tiny CT-GAN models, loaded and traced once for this module (CTGANModel.shared
+    reuses a model while something holds it)."""
+    from procedures.attack_pipeline import ScanManipulator
+
+    keep = [ScanManipulator(tiny_ctgan_models, missing_model=m) for m in ("error", "unchanged")]
+    for k in keep:
+        k.injector, k.remover
+    yield tiny_ctgan_models
+
+
 def _target(cfg, manipulator=None):
     from procedures.disruption import DisruptionTarget
     return DisruptionTarget(cfg, manipulator=manipulator)
@@ -87,11 +99,11 @@ def test_published_zoom_of_a_5mm_cut_gives_30_slices():
 
 @pytest.mark.tf
 @pytest.mark.realdata
-def test_reference_attack_cannot_tamper_a_5mm_scan(tiny_ctgan_models, real_data_dir):
+def test_reference_attack_cannot_tamper_a_5mm_scan(models, real_data_dir):
     from procedures.attack_pipeline import AttackShapeError
 
     scan = load_scan(real_data_dir / "lung1.mhd")        # 5 mm slices
-    man = _target(make_config("reference", models_dir=str(tiny_ctgan_models))).manip
+    man = _target(make_config("reference", models_dir=str(models))).manip
     vol = scan.hu.astype(np.float64)
     with pytest.raises(AttackShapeError, match=r"=30 != 32"):
         man.tamper_volume(vol, scan.spacing, (33, 359, 218), "inject")
@@ -119,11 +131,11 @@ def _border_phantom():
 
 
 @pytest.mark.tf
-def test_border_cube_grows_the_scan_and_copies_noise_from_the_grown_scan(tiny_ctgan_models):
+def test_border_cube_grows_the_scan_and_copies_noise_from_the_grown_scan(models):
     from procedures.attack_pipeline import ScanManipulator
 
     spacing, coord = (2.5, 0.7, 0.7), (50, 64, 64)
-    pub = ScanManipulator(tiny_ctgan_models, exact_resample=False, borders="published")
+    pub = ScanManipulator(models, exact_resample=False, borders="published")
     vol = _border_phantom()
     pub.tamper_volume(vol, spacing, coord, "inject")
     # z + round(46 / 2) + 1 > 70: the paste takes its padding branch; 70 + 2 * (46 - 13) slices.
@@ -132,16 +144,16 @@ def test_border_cube_grows_the_scan_and_copies_noise_from_the_grown_scan(tiny_ct
     # slices (its copy-noise block sits at slice 68 of the grown scan, not at 35).
     grown = np.zeros((136, 128, 128))
     grown[:70] = _border_phantom()
-    ScanManipulator(tiny_ctgan_models, exact_resample=False).tamper_volume(grown, spacing, coord, "inject")
+    ScanManipulator(models, exact_resample=False).tamper_volume(grown, spacing, coord, "inject")
     np.testing.assert_array_equal(vol, grown[:70])
     assert (vol != _border_phantom()).any()
 
 
 @pytest.mark.tf
-def test_border_cube_fails_where_a_touch_up_cut_needs_padding(tiny_ctgan_models):
+def test_border_cube_fails_where_a_touch_up_cut_needs_padding(models):
     from procedures.attack_pipeline import AttackBorderError, ScanManipulator
 
-    pub = ScanManipulator(tiny_ctgan_models, exact_resample=False, borders="published")
+    pub = ScanManipulator(models, exact_resample=False, borders="published")
     vol = _border_phantom()
     # z = 42: no growth (42 + 24 <= 70) but the reference cube needs 42 + 31 > 70 slices.
     with pytest.raises(AttackBorderError, match="reference cube of side 59"):
@@ -151,10 +163,10 @@ def test_border_cube_fails_where_a_touch_up_cut_needs_padding(tiny_ctgan_models)
 
 @pytest.mark.tf
 @pytest.mark.realdata
-def test_reference_preset_forms_T_on_17_of_21_eligible_sub_batches(tiny_ctgan_models, real_data_dir):
+def test_reference_preset_forms_T_on_17_of_21_eligible_sub_batches(models, real_data_dir):
     # reread_scan off: the counts do not depend on it and the re-read costs ~0.4 s per step.
     cfg = make_config("reference", data_dir=str(real_data_dir.parent / "z2.5"),
-                      models_dir=str(tiny_ctgan_models), reread_scan=False)
+                      models_dir=str(models), reread_scan=False)
     t = _target(cfg)
     rng = np.random.default_rng(0)
     outcome, grown = {}, {}
@@ -198,15 +210,15 @@ class _Recorder:
 
 
 @pytest.mark.tf
-def test_T_uses_one_joint_min_max_each_way(tmp_path, tiny_ctgan_models):
+def test_T_uses_one_joint_min_max_each_way(tmp_path, models):
     from procedures.attack_pipeline import ScanManipulator
 
-    cfg = make_config("reference", data_dir=str(_write_scan(tmp_path)), models_dir=str(tiny_ctgan_models))
+    cfg = make_config("reference", data_dir=str(_write_scan(tmp_path)), models_dir=str(models))
     item = _items(cfg.data_dir)[0]
     s = 36
     x_p = np.stack([np.full((128, 128), v) for v in (-0.8, -0.2, 0.1, 0.6)])
     x_p += np.linspace(0, 0.1, 128)[None, None, :]
-    rec = _Recorder(ScanManipulator(tiny_ctgan_models, published=True), slice(s, s + 4))
+    rec = _Recorder(ScanManipulator(models, published=True), slice(s, s + 4))
     T = _target(cfg, rec).target(item, s, x_p, 0, np.random.default_rng(1))
     orig = item.scan.hu[s:s + 4].astype(np.float64)
     # The 4 protected slices mapped together onto [min, max] of the 4 original slices.
@@ -219,14 +231,14 @@ def test_T_uses_one_joint_min_max_each_way(tmp_path, tiny_ctgan_models):
 
 
 @pytest.mark.tf
-def test_constant_protected_slab_gives_the_published_nan(tmp_path, tiny_ctgan_models):
+def test_constant_protected_slab_gives_the_published_nan(tmp_path, models):
     data = _write_scan(tmp_path)
     x_p = np.full((4, 128, 128), 0.25)
-    cfg = make_config("reference", data_dir=str(data), models_dir=str(tiny_ctgan_models))
+    cfg = make_config("reference", data_dir=str(data), models_dir=str(models))
     item = _items(data)[0]
     T = _target(cfg).target(item, 36, x_p, 0, np.random.default_rng(0))
     assert T is not None and np.isnan(T).all()
-    ours = _target(make_config("reference", data_dir=str(data), models_dir=str(tiny_ctgan_models),
+    ours = _target(make_config("reference", data_dir=str(data), models_dir=str(models),
                                span_guard=True)).target(item, 36, x_p, 0, np.random.default_rng(0))
     assert np.isfinite(ours).all()
 
