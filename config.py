@@ -10,7 +10,8 @@ Presets:
              engineering fixes (float32, scan in memory, counted attacker errors, exact 32^3
              resampling, seeds, checkpoints). This is the default.
   reference  the published code's behaviour, quirks included (float64, whole-scan re-read per
-             step, near-end rule, silent zero on attacker errors, HU mapping by slab min-max).
+             step, near-end rule, silent zero on attacker errors, HU mapping by slab min-max,
+             CT-GAN's border cut/paste, bias-free D); each is a field (docs/fidelity.md).
   demo       small networks on CPU in minutes, on the real scans resampled to 2.5 mm.
   default    our recommended model (beyond the paper): U-Net on slabs with a perturbation
              bound in HU, PatchGAN, gradients through a PyTorch port of CT-GAN (inject and remove
