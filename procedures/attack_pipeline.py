@@ -94,7 +94,7 @@ def kern01(kernlen: int, nsig: float) -> np.ndarray:
 
 
 def fix_overflow(cube: np.ndarray) -> np.ndarray:
-    """Overflow fix (docs/attack.md#the-attack): voxels > 2000 HU -> mean of their 5x5x5
+    """Overflow fix (docs/attack.md#overflow-fix): voxels > 2000 HU -> mean of their 5x5x5
     neighbourhood (outside = -1000), then everything < -1000 -> -1000. New float64 array."""
     cube = np.asarray(cube, dtype=np.float64)
     bad = cube > 2000
@@ -221,7 +221,7 @@ class CTGANModel:
         y = self.model.predict_on_batch(x)
         return np.asarray(self.keras.ops.convert_to_numpy(y), dtype=np.float32)
 
-    # equalise + normalise, and back (docs/attack.md#the-attack)
+    # equalise + normalise, and back (docs/attack.md#equaliser)
     def to_net(self, cube_hu: np.ndarray) -> np.ndarray:
         return (self.eq.equalize(cube_hu) - self.norm[0]) / (self.norm[2] - self.norm[1])
 
@@ -398,7 +398,7 @@ class ScanManipulator:
 
 
 # --------------------------------------------------------------------------------------------
-# noise touch-ups (docs/attack.md#the-attack, step 8)
+# noise touch-ups (docs/attack.md#touch-ups)
 # --------------------------------------------------------------------------------------------
 def noise_block_center(vol_shape) -> np.ndarray:
     """The copy-noise block's centre: (depth/2, 0.43 rows, 0.27 cols), truncated."""

@@ -1,4 +1,4 @@
-"""CT-GAN training-set builder (docs/attack.md#training-ct-gan).
+"""CT-GAN training-set builder (docs/ctgan-training.md).
 
 From a CSV of locations (filename,z,y,x[,coord]) and the scans it names: cut a cube of
 round((32 + 8) / spacing) voxels per location (pad -1000 HU), resample it to 1 mm (40^3),
@@ -175,7 +175,7 @@ def equalize_and_normalize(samples_hu: np.ndarray):
 # --- the whole set ----------------------------------------------------------------------------
 def build_training_set(csv_path, exact_resample: bool = True, progress: bool = True,
                        loader: Callable | None = None, integer_hu: bool = False) -> TrainingSet:
-    """Build CT-GAN's training set from a locations CSV (docs/attack.md#training-ct-gan).
+    """Build CT-GAN's training set from a locations CSV (docs/ctgan-training.md).
 
     `loader(path) -> utils.scan_io.Scan` defaults to utils.scan_io.load_scan; each scan is
     read once however many locations it has.

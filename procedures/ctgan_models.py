@@ -1,4 +1,4 @@
-"""CT-GAN's 3-D pix2pix networks in Keras 3 (docs/attack.md#training-ct-gan).
+"""CT-GAN's 3-D pix2pix networks in Keras 3 (docs/ctgan-training.md).
 
 Layer names are fixed so that the PyTorch port (procedures/ctgan_torch.py) can map weights by name, and so that
 a G_model.h5 saved here reloads anywhere. `keras` is passed in (see procedures.keras_env) so

@@ -1,4 +1,4 @@
-"""Train CT-GAN's injector or remover: the 3-D pix2pix of CT-GAN (docs/attack.md#training-ct-gan), in Keras 3.
+"""Train CT-GAN's injector or remover: the 3-D pix2pix of CT-GAN (docs/ctgan-training.md), in Keras 3.
 
     python -m procedures.ctgan_train --model inj --csv data/z2.5/nodules.csv --out models/INJ --preset demo
 
@@ -330,7 +330,7 @@ def train(data: TrainingSet, out_dir, cfg: CTGANTrainConfig, progress: bool = Tr
 
 
 def train_from_csv(csv_path, out_dir, cfg: CTGANTrainConfig, progress: bool = True) -> TrainResult:
-    """Build the training set from `csv_path` (docs/attack.md#training-ct-gan) and train."""
+    """Build the training set from `csv_path` (docs/ctgan-training.md) and train."""
     data = build_training_set(csv_path, exact_resample=cfg.exact_resample, progress=progress,
                               integer_hu=cfg.integer_hu)
     return train(data, out_dir, cfg, progress=progress, extra_config={"csv": str(csv_path)})

@@ -1,4 +1,4 @@
-"""CT-GAN training set (procedures.ctgan_dataset) and trainer (procedures.ctgan_train), docs/attack.md#training-ct-gan."""
+"""CT-GAN training set (procedures.ctgan_dataset) and trainer (procedures.ctgan_train), docs/ctgan-training.md."""
 from __future__ import annotations
 
 import json
