@@ -123,6 +123,7 @@ class TorchScanManipulator(ScanManipulator):
             m = torch.minimum(mal_ext.min(), ben_ext.min())
             final = (mal_ext + m) * k + (ben_ext + m) * (1 - k) - m
         changed = self._paste(vol, final, ref_start)
+        self.last_scan_shape = tuple(int(n) for n in vol.shape)  # padded borders: never grows
         self.timings.append(time.perf_counter() - t0)
         return changed
 
@@ -185,17 +186,16 @@ def attacker_impl(cfg) -> str:
 
 
 def blackbox_attacker(cfg) -> ScanManipulator:
-    """The black-box training attacker of a config: ScanManipulator (Keras; the only one for
-    the published behaviour) or TorchScanManipulator on the training device."""
+    """The black-box training attacker of a config: ScanManipulator (Keras; it also has the
+    published border and missing-model behaviours) or TorchScanManipulator on the device."""
     from utils.device import pick_device
 
-    published = cfg.preset == "reference"
     if attacker_impl(cfg) == "torch":
-        if published:
-            raise UsageError("--attacker_impl torch does not reproduce the published attacker "
-                             "(border failures, missing models); use keras with the reference preset")
+        if cfg.attack_borders != "pad" or cfg.missing_model != "error":
+            raise UsageError("--attacker_impl torch has only --attack_borders pad and --missing_model "
+                             "error (the published behaviours are Keras'); use --attacker_impl keras")
         return TorchScanManipulator(cfg.models_dir, device=pick_device(cfg.device),
                                     exact_resample=cfg.exact_resample)
-    # The published loader returns the scan unchanged when a model is missing.
     return ScanManipulator(cfg.models_dir, backend=cfg.keras_backend or None,
-                           exact_resample=cfg.exact_resample, published=published)
+                           exact_resample=cfg.exact_resample, borders=cfg.attack_borders,
+                           missing_model=cfg.missing_model)
