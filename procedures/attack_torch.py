@@ -1,13 +1,14 @@
 """CT-GAN's scan manipulator in PyTorch, on the device: the black-box attacker without NumPy/SciPy.
 
 `TorchScanManipulator` computes what procedures.attack_pipeline.ScanManipulator computes with
-its default (non-published) settings (CT-GAN, Mirsky et al. 2019; that module's docstring):
+its default (non-published) settings (docs/attack.md#overview, steps 1-8):
 cut the cube and the reference cube, resample to 32^3 with SciPy's cubic-spline zoom,
 equalise, normalise, mask, run the generator, clip, de-normalise, de-equalise, fix overflow,
 resample back, paste, and the copy-noise touch-ups. Steps 1-7 are
 procedures.ctgan_torch.DifferentiableTamper (spline resampling as three small matrices, np.interp
 as torch_interp, plain clip, float64 work like the NumPy pipeline; its generator is the
-layer-for-layer PyTorch port in float32, like Keras). Step 8 is written here in torch.
+layer-for-layer PyTorch port in float32, like Keras; docs/attack.md#pytorch-port). Step 8
+(docs/attack.md#touch-ups) is written here in torch.
 
 Only the two blocks a tamper reads (the reference cube and the copy-noise block) go to the
 device and only the reference cube comes back: on a GPU a tamper moves ~3 x sdim^3 values
