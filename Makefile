@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup data dicom3tools ctgan demo test test-all clean
+.PHONY: setup data dicom3tools ctgan demo test test-all clean gpu-check
 
 setup: $(STAMP)
 $(STAMP): requirements.txt
@@ -48,3 +48,10 @@ test-all: data dicom3tools
 
 clean:
 	rm -rf runs out .pytest_cache
+
+# On a CUDA machine (PyTorch, no TensorFlow needed): bench, a short default training, evaluate,
+# protect and tamper, each timed with a limit; stops at the first failure (docs/performance.md).
+# No install step: the venv's python when there is one, else the machine's (GPU_PY=... to choose).
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-check:
+	$(GPU_PY) -m procedures.gpu_check --data data/z2.5 --models models --out runs/gpu_check

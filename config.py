@@ -10,7 +10,8 @@ Presets:
              engineering fixes (float32, scan in memory, counted attacker errors, exact 32^3
              resampling, seeds, checkpoints). This is the default.
   reference  the published code's behaviour, quirks included (float64, whole-scan re-read per
-             step, near-end rule, silent zero on attacker errors, HU mapping by slab min-max).
+             step, near-end rule, silent zero on attacker errors, HU mapping by slab min-max,
+             CT-GAN's border cut/paste, bias-free D); each is a field (docs/fidelity.md).
   demo       small networks on CPU in minutes, on the real scans resampled to 2.5 mm.
   default    our recommended model (beyond the paper): U-Net on slabs with a perturbation
              bound in HU, PatchGAN, gradients through a PyTorch port of CT-GAN (inject and remove
@@ -42,6 +43,8 @@ class Config:
     g_width: int = 64                  # published G: 64 channels; U-Net: base width
     g_blocks: int = 3                  # published G: residual blocks
     d_width: int = 1                   # published D: ndf 1; PatchGAN: ndf
+    d_bias: bool = True                # conv biases in the published D (published: none)
+    d_sigmoid: bool = False            # published D ends in sigmoid + BCELoss (ours: logits)
     eps_hu: float = 0.0                # perturbation bound in HU for the U-Net (0 = none)
     # --- optimisation (SPEC.md section 5) ---------------------------------------------------
     epochs: int = 5
@@ -70,6 +73,8 @@ class Config:
     quantize: bool = False             # round protected HU to integers before the attacker
                                        # (straight-through in whitebox): survives int16 storage
     keras_backend: str = ""            # "" = tensorflow when installed, else torch
+    attacker_impl: str = "auto"        # black box: keras | torch (procedures.attack_torch, the
+                                       # same within 2 HU, on the device) | auto: torch on a GPU
     exact_resample: bool = True        # resample CT-GAN cubes to exactly 32^3 (SPEC section 9)
     near_end_rule: bool = True         # published: term only when 32 < s and s + 32 < depth
     tamper_z: str = "published"        # published: z = s + 8 | slab: the slab's middle slice
@@ -77,6 +82,11 @@ class Config:
     hu_mapping: str = "published"      # published: slab min-max | volume: exact inverse of norm
     attack_errors: str = "count"       # count (logged, step has no term) | silent (published)
     reread_scan: bool = False          # published: re-read the scan from disk per eligible step
+    attack_borders: str = "pad"        # pad: cubes crossing the scan end are padded with 0 HU
+                                       # published: CT-GAN's cut/paste (fails or grows the scan)
+    missing_model: str = "error"       # error | unchanged (published: message, scan unchanged)
+    span_guard: bool = True            # a constant slab maps with span 1 (published: NaN)
+    mhd_only: bool = False             # published ScanDataset lists only .mhd files
     # --- logging / outputs ------------------------------------------------------------------
     log_every: int = 10                # TensorBoard scalars every N steps
     sample_every: int = 50             # sample grid PNG every N steps (0 = never)
@@ -97,8 +107,10 @@ PRESETS: dict[str, dict] = {
     "paper": {},
     "reference": dict(
         out_dir="runs/reference", dtype="float64", seed=-1, exact_resample=False,
-        attack_errors="silent", reread_scan=True, hu_mapping="published",
-        near_end_rule=True, tamper_z="published", tamper_yx="published"),
+        attack_errors="silent", reread_scan=True, hu_mapping="published", attacker_impl="keras",
+        near_end_rule=True, tamper_z="published", tamper_yx="published", d_bias=False,
+        d_sigmoid=True, attack_borders="published", missing_model="unchanged", span_guard=False,
+        mhd_only=True),
     "default": dict(
         out_dir="runs/default", generator="unet", discriminator="patch", g_width=32, d_width=32,
         eps_hu=10.0, fidelity_weight=10.0, attack_mode="whitebox", whitebox_both=True,
@@ -122,8 +134,11 @@ CHOICES = {
     "hu_mapping": ("published", "volume"),
     "attack_errors": ("count", "silent"),
     "keras_backend": ("", "tensorflow", "torch"),
+    "attacker_impl": ("auto", "keras", "torch"),
     "attack_mode": ("blackbox", "whitebox"),
     "amp": ("off", "bf16"),
+    "attack_borders": ("pad", "published"),
+    "missing_model": ("error", "unchanged"),
 }
 
 

@@ -1,10 +1,11 @@
 """MITS-GAN discriminators. Input: a slab (B, S, H, W) in [-1, 1].
 
-- PublishedDiscriminator: SPEC.md section 9: per slice, convs 1-1-2-4-8-8-8-8-1 (ndf = 1),
+- PublishedDiscriminator: the published D, per slice: convs 1-1-2-4-8-8-8-8-1 (ndf = 1),
   seven k4 s2 p1 convs then k4 s1 p0, BatchNorm on convs 2-7, LeakyReLU 0.2: one value per
   512x512 slice. For other slice sizes the number of strided convs adapts (log2(size) - 2),
   so the last conv still sees 4x4. Returns logits (B*S,) or, with sigmoid_head, probabilities
-  (the reference preset uses the published sigmoid + BCELoss).
+  (`d_sigmoid`: the published sigmoid + BCELoss). The published convs have no bias
+  (`d_bias false`); ours keep PyTorch's default bias (docs/fidelity.md).
 - PatchDiscriminator: pix2pix's 70x70 PatchGAN on the slab (slices as channels): a map of
   logits, one per overlapping patch; sees inter-slice consistency.
 """
@@ -19,7 +20,7 @@ from generator import init_weights
 
 
 class PublishedDiscriminator(nn.Module):
-    def __init__(self, ndf: int = 1, size: int = 512, sigmoid_head: bool = False):
+    def __init__(self, ndf: int = 1, size: int = 512, sigmoid_head: bool = False, bias: bool = True):
         super().__init__()
         n_strided = max(1, int(math.log2(max(size, 8))) - 2)  # 512 -> 7
         mults = [1, 2, 4] + [8] * max(0, n_strided - 3)
@@ -28,12 +29,12 @@ class PublishedDiscriminator(nn.Module):
         cin = 1
         for i, m in enumerate(mults):
             cout = ndf * m
-            layers.append(nn.Conv2d(cin, cout, 4, stride=2, padding=1))
+            layers.append(nn.Conv2d(cin, cout, 4, stride=2, padding=1, bias=bias))
             if i > 0:
                 layers.append(nn.BatchNorm2d(cout))
             layers.append(nn.LeakyReLU(0.2, inplace=True))
             cin = cout
-        layers.append(nn.Conv2d(cin, 1, 4, stride=1, padding=0))
+        layers.append(nn.Conv2d(cin, 1, 4, stride=1, padding=0, bias=bias))
         self.net = nn.Sequential(*layers)
         self.sigmoid_head = sigmoid_head
         self.apply(init_weights)
@@ -65,8 +66,8 @@ class PatchDiscriminator(nn.Module):
 
 def build_discriminator(cfg, size: int) -> nn.Module:
     if cfg.discriminator == "published":
-        # The reference preset keeps the published sigmoid + BCELoss; ours uses logits.
-        return PublishedDiscriminator(ndf=cfg.d_width, size=size, sigmoid_head=cfg.preset == "reference")
+        return PublishedDiscriminator(ndf=cfg.d_width, size=size, sigmoid_head=cfg.d_sigmoid,
+                                      bias=cfg.d_bias)
     if cfg.discriminator == "patch":
         return PatchDiscriminator(slab=cfg.slab, ndf=cfg.d_width)
     raise ValueError(f"unknown discriminator {cfg.discriminator!r}")

@@ -1,7 +1,7 @@
 """MITS-GAN generators. Both map a slab of slices (B, S, H, W) in [-1, 1] to its protected
 version, same shape, and take the noise input delta (uniform [0, 1), drawn per forward pass).
 
-- PublishedGenerator: SPEC.md section 5 / 9, one slice at a time: a noise net on delta
+- PublishedGenerator: the published generator (docs/fidelity.md), one slice at a time: a noise net on delta
   (1x1 convs 1-2-4-4-2-1, BN + ReLU) concatenated before x, conv 3x3 to 64 + ReLU, three
   residual blocks, conv 1x1 to 1 channel, tanh. No skip, no bound.
 - UNetGenerator: the user's design card: a U-Net on slabs of consecutive slices that *adds* a
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 def init_weights(m: nn.Module) -> None:
     """DCGAN init used by the published code: conv ~ N(0, 0.02); BN gamma ~ N(1, 0.02), beta 0.
-    Conv biases keep PyTorch's default init (SPEC.md section 9)."""
+    Conv biases keep PyTorch's default init, as published."""
     if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
         nn.init.normal_(m.weight, 0.0, 0.02)
     elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)) and m.weight is not None:
@@ -50,7 +50,7 @@ class ResidualBlock(nn.Module):
             nn.Conv2d(ch, ch, 3, padding=1, bias=False), nn.BatchNorm2d(ch))
 
     def forward(self, x):
-        # No ReLU after the sum, as published (SPEC.md section 9).
+        # No ReLU after the sum, as published.
         return x + self.body(x)
 
 
@@ -67,7 +67,7 @@ class PublishedGenerator(nn.Module):
         b, s, h, w = x.shape
         xs = x.reshape(b * s, 1, h, w)
         delta = draw_delta(xs) if delta is None else delta.reshape(b * s, 1, h, w)
-        # N(delta) is concatenated *before* x (SPEC.md section 9).
+        # N(delta) is concatenated *before* x, as published.
         z = torch.cat([self.noise(delta), xs], dim=1)
         out = torch.tanh(self.tail(self.trunk(self.head(z))))
         return out.reshape(b, s, h, w)

@@ -8,7 +8,9 @@ HU with the source geometry (and, for DICOM, the source's patient/study metadata
   -o ending in .mhd     that file (with its .raw)
   -o anything else      a folder: <name>_protected.mhd, or the DICOM series <name>_protected/
 Prints the perturbation size (RMS and max |protected - original|, HU). The scan is processed in
-slabs (procedures.protection.protect_hu): memory is about twice the scan plus one batch.
+slabs (procedures.protection.protect_hu, no autograd): memory is the scan twice (int16) plus one
+batch of the generator's activations plus PyTorch itself; a 121 x 512 x 512 scan with the
+width-32 U-Net at --batch 4 peaks at 1.6 GB RSS on the CPU (docs/performance.md).
 Never writes over the input; outputs appear complete or not at all.
 """
 from __future__ import annotations

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.errors import CliParser, CoordinateError, OutputError, run_cli
+from utils.errors import CliParser, CoordinateError, OutputError, UsageError, run_cli
 
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _COORD = re.compile(rf"^\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*$")
@@ -47,7 +47,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="noise touch-up: copied from the scan (published default) or smoothed Gaussian")
     p.add_argument("--published-resample", action="store_true",
                    help="CT-GAN's own zoom (fails on 5 mm slices) instead of exact resampling to 32^3")
+    p.add_argument("--impl", choices=["auto", "keras", "torch"], default="auto",
+                   help="keras, or torch (procedures.attack_torch: equal within 2 HU, copy noise only, "
+                        "no TensorFlow); auto: torch on a GPU with copy noise")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (the torch attacker)")
     return p
+
+
+def _manipulator(args):
+    """The attacker: Keras (procedures.attack_pipeline) or its torch equal on the device."""
+    from procedures.attack_pipeline import ScanManipulator
+    from utils.device import pick_device
+
+    device = pick_device(args.device)
+    impl = args.impl
+    if impl == "auto":
+        impl = "torch" if device.type == "cuda" and args.noise == "copy" else "keras"
+    if impl == "keras":
+        return ScanManipulator(args.models, backend=args.backend, noise=args.noise, seed=args.seed,
+                               exact_resample=not args.published_resample)
+    if args.noise != "copy":
+        raise UsageError("--impl torch has only the copy-noise touch-up; use --impl keras")
+    from procedures.attack_torch import TorchScanManipulator
+    return TorchScanManipulator(args.models, device=device, seed=args.seed,
+                                exact_resample=not args.published_resample)
 
 
 def parse_coord(text: str) -> np.ndarray:
@@ -77,7 +100,7 @@ def main(argv=None) -> int:
         return int(e.code or 0)
     coords = [parse_coord(c) for c in args.coord]
 
-    from procedures.attack_pipeline import AttackShapeError, ScanManipulator, check_coord, published_shape_error
+    from procedures.attack_pipeline import AttackShapeError, check_coord, published_shape_error
     from utils.scan_io import save_dicom_series, save_mhd, save_numpy
 
     target = Path(args.target)
@@ -101,8 +124,7 @@ def main(argv=None) -> int:
     if args.published_resample and published_shape_error(scan.spacing):
         raise AttackShapeError(f"{target}: {published_shape_error(scan.spacing)}")
 
-    man = ScanManipulator(args.models, backend=args.backend, noise=args.noise, seed=args.seed,
-                          exact_resample=not args.published_resample)
+    man = _manipulator(args)
     man.load_target(scan)
     t0 = time.perf_counter()
     man.model(args.action)

@@ -295,7 +295,7 @@ def main(argv=None) -> int:
         check_output_dir(out)  # an impossible run folder fails now; nothing is written yet
 
     # --- data: stream j owns volumes v % batch == j; this rank loads its streams' volumes only --
-    data = ScanDataset(cfg.data_dir, dtype=dtype, mhd_only=cfg.preset == "reference")
+    data = ScanDataset(cfg.data_dir, dtype=dtype, mhd_only=cfg.mhd_only)
     if len(data) < cfg.batch:
         raise UsageError(f"--batch {cfg.batch} needs at least {cfg.batch} volumes (one per stream), "
                          f"{cfg.data_dir} has {len(data)}")

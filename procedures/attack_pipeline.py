@@ -1,7 +1,8 @@
-"""CT-GAN's scan manipulator: inject or remove a lung nodule at one location (SPEC.md section 2).
+"""CT-GAN's scan manipulator: inject or remove a lung nodule at one location (docs/attack.md).
 
 Follows the arithmetic of CT-GAN's procedures/attack_pipeline.py (Mirsky et al. 2019), which
-MITS-GAN uses unchanged as its frozen attacker, with these deliberate differences:
+MITS-GAN uses unchanged as its frozen attacker, with these deliberate differences
+(docs/fidelity.md lists each with its measured effect):
 - `exact_resample=True` (default) zooms the cut cube to exactly 32^3 and back to exactly its
   cut shape, so 5 mm scans work; `exact_resample=False` is the published zoom, which cannot
   reach 32^3 for some slice spacings: we raise AttackShapeError where it crashed.
@@ -13,10 +14,14 @@ MITS-GAN uses unchanged as its frozen attacker, with these deliberate difference
   large as needed, from a caller's np.random.Generator (reproducible).
 - The published Gaussian-noise mode cannot run (it slices with the cube's shape tuple); ours
   is the evident intent: N(0, sd) noise zoomed by rf = 1.3 * 60 / std(lung HU), cropped.
-- The published pasteCube returns a scan of the wrong shape when a non-cubic cube crosses the
-  scan border; we paste with utils.cubes.paste_cube (parts outside the scan are dropped).
-- A missing model is an error (ModelFileError) unless `published=True`, which, like the
-  published code, warns and leaves the scan unchanged.
+- Cubes that cross the scan's border are padded with 0 HU (`borders="pad"`). With
+  `borders="published"` the published cut and paste are reproduced (docs/attack.md#border-cubes):
+  a touch-up cut that needs padding fails (AttackBorderError), and the paste of a non-cubic
+  cube that seems to cross the border grows the scan at its end; the touch-ups then run on the
+  grown scan. The caller's volume keeps its shape: it receives the grown scan's first slices,
+  which is all MITS-GAN reads back.
+- A missing model is an error (ModelFileError) unless `missing_model="unchanged"`, which, like
+  the published code, prints a message and leaves the scan unchanged.
 """
 from __future__ import annotations
 
@@ -39,13 +44,15 @@ from utils.errors import (CoordinateError, MitsError, ModelFileError, ScanFormat
                           UsageError)
 from utils.resample import resample_exact, scale_published, scaled_shape
 
-CUBE = np.array([32, 32, 32])             # z, y, x voxels at 1 mm (SPEC 2)
+CUBE = np.array([32, 32, 32])             # z, y, x voxels at 1 mm
 MASK = (slice(6, 26),) * 3                # in-painting region, config mask_{z,y,x}lims
 REF_SCALE = 1.3                           # reference (touch-up) cube side = int(max(cube) * 1.3)
 KERNEL_SIGMA = {"inject": 3.0, "remove": 0.1}
 ACTIONS = ("inject", "remove")
 NOISE_MODES = ("copy", "gaussian")
-G_NAMES = ("G_model.h5", "G_model_inj.h5", "G_model_rem.h5")   # SPEC 3: code vs README names
+G_NAMES = ("G_model.h5", "G_model_inj.h5", "G_model_rem.h5")   # code vs README names
+BORDERS = ("pad", "published")
+MISSING_MODEL = ("error", "unchanged")
 SUBDIR = {"inject": "INJ", "remove": "REM"}
 
 
@@ -59,11 +66,12 @@ class AttackShapeError(MitsError):
 
 
 class AttackBorderError(AttackShapeError):
-    """Published preset only: the reference cube or the copy-noise block leaves the scan.
+    """borders="published" only: the reference cube or the copy-noise block leaves the scan
+    (after any growth by the paste).
 
     The published touch-up cuts pass the cube shape as a tuple, and its cutCube pads with
     `shape * 2`, which for a tuple repeats it: NumPy raises ValueError whenever padding is
-    needed (its test is start < 0 or centre + round(side / 2) + 1 > size)."""
+    needed (its test is centre - round(side / 2) < 0 or centre + round(side / 2) + 1 > size)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,8 +95,8 @@ def kern01(kernlen: int, nsig: float) -> np.ndarray:
 
 
 def fix_overflow(cube: np.ndarray) -> np.ndarray:
-    """SPEC 2 step 6: voxels > 2000 HU -> mean of their 5x5x5 neighbourhood (outside = -1000),
-    then everything < -1000 -> -1000. Returns a new float64 array."""
+    """Overflow fix (docs/attack.md#overflow-fix): voxels > 2000 HU -> mean of their 5x5x5
+    neighbourhood (outside = -1000), then everything < -1000 -> -1000. New float64 array."""
     cube = np.asarray(cube, dtype=np.float64)
     bad = cube > 2000
     if bad.any():
@@ -105,7 +113,8 @@ def _fmt(v: float) -> str:
 
 
 def published_shape_error(spacing) -> str | None:
-    """Message when CT-GAN's zoom cannot give 32^3 at this spacing (SPEC 2 step 2), else None."""
+    """Message when CT-GAN's zoom cannot give 32^3 at this spacing, else None: round(32 / s)
+    slices zoomed by round(n * s) / n give 30 slices at 5 mm (docs/fidelity.md)."""
     spacing = np.asarray(spacing, dtype=np.float64)
     cut = scaled_shape(CUBE, 1.0 / spacing)
     got = scaled_shape(cut, spacing)
@@ -127,7 +136,7 @@ _SHARED: "weakref.WeakValueDictionary[tuple, CTGANModel]" = weakref.WeakValueDic
 class CTGANModel:
     """One CT-GAN model folder: generator .h5, normalization.npy, equaliser (.npz or legacy .pkl).
 
-    With `missing_ok=True` (the published preset only) a missing folder/file leaves
+    With `missing_ok=True` (missing_model="unchanged", as published) a missing folder/file leaves
     `available` False instead of raising ModelFileError."""
 
     def __init__(self, folder, *, backend: str | None = None, missing_ok: bool = False):
@@ -213,7 +222,7 @@ class CTGANModel:
         y = self.model.predict_on_batch(x)
         return np.asarray(self.keras.ops.convert_to_numpy(y), dtype=np.float32)
 
-    # SPEC 2 steps 3 and 5
+    # equalise + normalise, and back (docs/attack.md#equaliser)
     def to_net(self, cube_hu: np.ndarray) -> np.ndarray:
         return (self.eq.equalize(cube_hu) - self.norm[0]) / (self.norm[2] - self.norm[1])
 
@@ -228,23 +237,29 @@ class CTGANModel:
 class ScanManipulator:
     """CT-GAN's scan_manipulator. `model_dir` holds INJ/ and REM/ model folders (loaded lazily).
 
-    published=True is the reference preset: the published zoom (unless exact_resample is given)
-    and a missing model warns and leaves the scan unchanged instead of raising."""
+    `published=True` is shorthand for every published behaviour: the published zoom (unless
+    exact_resample is given), borders="published" and missing_model="unchanged" (each can
+    also be given on its own)."""
 
     def __init__(self, model_dir="models", *, backend: str | None = None,
                  exact_resample: bool | None = None, noise: str = "copy",
-                 cut_pad_value: float = 0.0, seed: int | None = None, published: bool = False):
+                 cut_pad_value: float = 0.0, seed: int | None = None, published: bool = False,
+                 borders: str | None = None, missing_model: str | None = None):
         if noise not in NOISE_MODES:
             raise UsageError(f"unknown noise mode {noise!r}; choose one of {', '.join(NOISE_MODES)}")
+        self.borders = borders or ("published" if published else "pad")
+        self.missing_model = missing_model or ("unchanged" if published else "error")
+        if self.borders not in BORDERS or self.missing_model not in MISSING_MODEL:
+            raise UsageError(f"borders must be one of {BORDERS}, missing_model one of {MISSING_MODEL}")
         self.model_dir = Path(model_dir)
         self.backend = backend
-        self.published = bool(published)
-        self.exact_resample = (not self.published) if exact_resample is None else bool(exact_resample)
+        self.exact_resample = (not published) if exact_resample is None else bool(exact_resample)
         self.noise = noise
         self.cut_pad_value = float(cut_pad_value)
         self.rng = np.random.default_rng(seed)
         self._models: dict[str, CTGANModel] = {}
         self.scan = None
+        self.last_scan_shape: tuple | None = None  # scan shape after the last tamper's paste
         self.timings: collections.deque[float] = collections.deque(maxlen=1000)  # s per tamper_volume
 
     # --- models -------------------------------------------------------------------------------
@@ -252,7 +267,7 @@ class ScanManipulator:
         _check_action(action)
         if action not in self._models:
             self._models[action] = CTGANModel.shared(self.model_dir / SUBDIR[action], backend=self.backend,
-                                                     missing_ok=self.published)
+                                                     missing_ok=self.missing_model == "unchanged")
         return self._models[action]
 
     @property
@@ -285,8 +300,9 @@ class ScanManipulator:
         """Tamper float HU volume `vol` (z, y, x) IN PLACE at voxel `coord_vox`.
 
         Touches only the reference-cube footprint and returns its bounding slices (empty
-        slices if nothing changed: published preset with a missing model)."""
+        slices if nothing changed: missing_model="unchanged" without a model)."""
         t0 = time.perf_counter()
+        self.last_scan_shape = None
         _check_action(action)
         center = check_coord(coord_vox, vol.shape)
         spacing = np.asarray(spacing, dtype=np.float64).reshape(3)
@@ -295,7 +311,7 @@ class ScanManipulator:
         if not np.issubdtype(vol.dtype, np.floating):  # pasting blends into ints would truncate
             raise UsageError(f"tamper_volume needs a float HU volume, got {vol.dtype}")
         model = self.model(action)
-        if not model.available:  # published preset: message, scan unchanged (SPEC 3)
+        if not model.available:  # as published: a message, the scan unchanged
             print(f"warning: cannot {action}: no model in {model.folder}; scan left unchanged",
                   file=sys.stderr)
             return (slice(0, 0),) * 3
@@ -303,6 +319,35 @@ class ScanManipulator:
         pad = self.cut_pad_value
 
         # 1. cut the cube (round(32 / spacing) voxels) and the larger reference cube
+        cube_shape = self._cube_shape(spacing)
+        sdim = int(np.max(cube_shape) * REF_SCALE)
+        ref_shape = (sdim, sdim, sdim)
+        grown = tuple(int(n) for n in vol.shape)
+        if self.borders == "published":  # fail where the published code fails, before touching `vol`
+            grown = published_paste_shape(vol.shape, center, cube_shape)
+            _published_border_check(grown, center, sdim)
+        clean_unscaled = cut_cube(vol, center, cube_shape, pad).astype(np.float64)
+        ben_ext = cut_cube(vol, center, ref_shape, pad).astype(np.float64)
+
+        # 2-7. to 1 mm, generate, overflow fix, back to the scan's spacing
+        mal_scaled = self._generate(model, clean_unscaled, cube_shape, spacing)
+        work = vol
+        if grown != vol.shape:  # the published paste returns a scan grown at its end (0 HU)
+            work = np.zeros(grown, dtype=vol.dtype)
+            work[tuple(slice(0, n) for n in vol.shape)] = vol
+        paste_cube(work, mal_scaled, center)
+
+        # 8. noise touch-ups on the reference-cube footprint (of the grown scan, if it grew)
+        final = self._touch_up(work, center, ref_shape, ben_ext, clean_unscaled, action, rng)
+        changed = paste_cube(work, final, center)
+        if work is not vol:  # the caller keeps its shape: the grown scan's first slices
+            changed = tuple(slice(sl.start, min(sl.stop, n)) for sl, n in zip(changed, vol.shape))
+            vol[changed] = work[changed]
+        self.last_scan_shape = grown
+        self.timings.append(time.perf_counter() - t0)
+        return changed
+
+    def _cube_shape(self, spacing) -> np.ndarray:
         cube_shape = scaled_shape(CUBE, 1.0 / spacing)
         if np.any(cube_shape < 1):
             raise AttackShapeError(f"voxel spacing {spacing.tolist()} mm is too coarse for a 32 mm cube")
@@ -310,55 +355,39 @@ class ScanManipulator:
             msg = published_shape_error(spacing)
             if msg:
                 raise AttackShapeError(msg)
-        sdim = int(np.max(cube_shape) * REF_SCALE)
-        ref_shape = (sdim, sdim, sdim)
-        if self.published:  # fail where the published code fails, before touching `vol`
-            _published_border_check(vol.shape, center, sdim)
-        clean_unscaled = cut_cube(vol, center, cube_shape, pad).astype(np.float64)
-        ben_ext = cut_cube(vol, center, ref_shape, pad).astype(np.float64)
+        return cube_shape
 
-        # 2. to 1 mm isotropic
+    def _generate(self, model: CTGANModel, clean_unscaled, cube_shape, spacing) -> np.ndarray:
+        """Steps 2-7 without the paste: the generated cube at the scan's spacing."""
         if self.exact_resample:
             clean = resample_exact(clean_unscaled, CUBE)
         else:
             clean = scale_published(clean_unscaled, spacing)
-
-        # 3-5. equalise + normalise, mask, generate, clip, de-normalise + de-equalise
-        x = model.to_net(clean)
+        x = model.to_net(clean)            # equalise + normalise
         x[MASK] = 0
         y = model.generate(x.reshape(1, 32, 32, 32, 1).astype(np.float32))
-        mal_cube = model.from_net(y.reshape(32, 32, 32))
-
-        # 6. overflow fix
-        mal_cube = fix_overflow(mal_cube)
-
-        # 7. back to the scan's spacing and paste
+        mal_cube = fix_overflow(model.from_net(y.reshape(32, 32, 32)))
         if self.exact_resample:
-            mal_scaled = resample_exact(mal_cube, cube_shape)
-        else:
-            mal_scaled = scale_published(mal_cube, 1.0 / spacing)
-        paste_cube(vol, mal_scaled, center)
+            return resample_exact(mal_cube, cube_shape)
+        return scale_published(mal_cube, 1.0 / spacing)
 
-        # 8. noise touch-ups on the reference-cube footprint
+    def _touch_up(self, vol, center, ref_shape, ben_ext, clean_unscaled, action, rng) -> np.ndarray:
+        """The final reference-cube block: generated + noise blended into the benign block."""
+        pad = self.cut_pad_value
         mal_ext = cut_cube(vol, center, ref_shape, pad).astype(np.float64)
-        if action == "inject":
-            k = kern01(sdim, KERNEL_SIGMA["inject"])
-            factors = sigmoid((mal_ext + 700.0) / 70.0) * k  # (sdim, sdim) kernel on every slice
-        else:
-            k = kern01(sdim, KERNEL_SIGMA["remove"])
+        sdim = ref_shape[0]
+        k = kern01(sdim, KERNEL_SIGMA[action])
         if self.noise == "copy":
             noise = copy_noise(vol, ref_shape, pad)
         else:
             noise = gaussian_noise(clean_unscaled, ref_shape, action, rng)
-        mal_ext += noise
         if action == "inject":
-            final = np.maximum(mal_ext * factors + ben_ext * (1 - factors), ben_ext)
-        else:
-            m = min(mal_ext.min(), ben_ext.min())
-            final = (mal_ext + m) * k + (ben_ext + m) * (1 - k) - m
-        changed = paste_cube(vol, final, center)
-        self.timings.append(time.perf_counter() - t0)
-        return changed
+            factors = sigmoid((mal_ext + 700.0) / 70.0) * k  # before the noise, as published
+            mal_ext += noise
+            return np.maximum(mal_ext * factors + ben_ext * (1 - factors), ben_ext)
+        mal_ext += noise
+        m = min(mal_ext.min(), ben_ext.min())
+        return (mal_ext + m) * k + (ben_ext + m) * (1 - k) - m
 
     def footprint(self, vol_shape, spacing, coord_vox) -> tuple[slice, slice, slice]:
         """The slices tamper_volume would touch (the reference cube, clipped to the volume)."""
@@ -370,7 +399,7 @@ class ScanManipulator:
 
 
 # --------------------------------------------------------------------------------------------
-# noise touch-ups (SPEC 2 step 8)
+# noise touch-ups (docs/attack.md#touch-ups)
 # --------------------------------------------------------------------------------------------
 def noise_block_center(vol_shape) -> np.ndarray:
     """The copy-noise block's centre: (depth/2, 0.43 rows, 0.27 cols), truncated."""
@@ -378,15 +407,41 @@ def noise_block_center(vol_shape) -> np.ndarray:
     return np.array([int(d / 2), int(h * 0.43), int(w * 0.27)])
 
 
+def published_paste_shape(vol_shape, center, cube_shape) -> tuple[int, ...]:
+    """Shape of the scan CT-GAN's pasteCube returns for a cube of `cube_shape` at `center`.
+
+    Its border test compares the centre on every axis with every half-side, so a non-cubic
+    cube "crosses" when centre - H < 0 or centre + H + 1 > size on any axis, H the largest
+    round(side / 2). It then pads every axis by 2 x max(side) but crops back by only each
+    axis' own side: axis i grows at its end by 2 x (max(side) - side_i) slices (at 2.5 mm and
+    0.57 mm pixels: 2 x (56 - 13) = 86 slices). A cubic cube never grows the scan."""
+    cs = np.asarray(cube_shape, dtype=np.int64)
+    shape = np.asarray(vol_shape[:3], dtype=np.int64)
+    c = np.asarray(center, dtype=np.int64)
+    h = np.max(np.round(cs / 2))
+    if np.any(c - h < 0) or np.any(c + h + 1 > shape):
+        return tuple(int(n) for n in shape + 2 * (cs.max() - cs))
+    return tuple(int(n) for n in shape)
+
+
+def published_cut_pads(vol_shape, center, shape) -> bool:
+    """Whether CT-GAN's cutCube pads: centre - round(side / 2) < 0 or centre + round(side / 2)
+    + 1 > size on some axis (a cube that ends exactly at the border counts as crossing)."""
+    hl = np.round(np.broadcast_to(np.asarray(shape, dtype=np.float64), (3,)) / 2)
+    c = np.asarray(center, dtype=np.int64)
+    return bool(np.any(c - hl < 0) or np.any(c + hl + 1 > np.asarray(vol_shape[:3])))
+
+
 def _published_border_check(vol_shape, center, sdim):
-    hl = np.round(sdim / 2)
+    """Raise AttackBorderError where a published touch-up cut (reference cube at `center`,
+    copy-noise block at the scan's middle) would need padding, on a scan of `vol_shape`."""
     shape = np.asarray(vol_shape[:3])
     for name, c in (("reference cube", center), ("copy-noise block", noise_block_center(vol_shape))):
-        if np.any(c - hl < 0) or np.any(c + hl + 1 > shape):
+        if published_cut_pads(shape, c, sdim):
             raise AttackBorderError(
                 f"the {name} of side {sdim} at (z,y,x)={tuple(int(v) for v in c)} leaves the scan of "
                 f"shape {tuple(int(v) for v in shape)}: the published attack fails there (ValueError in "
-                f"cutCube, or a scan of the wrong shape from pasteCube); use the default attack, which pads")
+                f"cutCube); use the default attack, which pads")
 
 
 def copy_noise(vol: np.ndarray, ref_shape, pad: float = 0.0) -> np.ndarray:

@@ -1,12 +1,16 @@
-"""CT-GAN training-set builder (SPEC.md section 3).
+"""CT-GAN training-set builder (docs/ctgan-training.md).
 
 From a CSV of locations (filename,z,y,x[,coord]) and the scans it names: cut a cube of
 round((32 + 8) / spacing) voxels per location (pad -1000 HU), resample it to 1 mm (40^3),
 augment it into 67 variants, centre-crop every variant to 32^3, fit the histogram equaliser
 on all of them, equalise, and normalise v' = (v - mean) / (max - min).
 
-The published builder resamples the *whole scan* first and cuts 40^3 from it; cutting first
-and resampling the cube is equivalent up to the spline's boundary and far cheaper.
+Like the published builder, we cut each cube first and then resample the cube (the published
+whole-scan resample line is commented out). Differences (docs/fidelity.md): `exact_resample`
+(default) gives exactly 40^3 for any spacing where the published zoom gives e.g. 39 slices at
+3 mm; and our samples are float HU, where the published ones stay integer HU (int16 cubes
+through SciPy's zoom, shift and rotate, which round) except cubes that needed padding
+(`integer_hu=True` restores that).
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from utils.equalizer import HistEqualizer
 from utils.errors import CoordinateError, InputFileError
 from utils.resample import resample_exact, scale_published
 
-CUBE = 32            # voxels per axis at 1 mm (SPEC section 2)
+CUBE = 32            # voxels per axis at 1 mm
 MARGIN = 8           # extra border cut for the augmentations, cropped away afterwards
 MASK = (6, 26)       # in-painting region on every axis
 SHIFTS = ((0, 4, 4), (0, -4, 4), (0, 4, -4), (0, -4, -4))
@@ -80,29 +84,38 @@ def read_locations(csv_path) -> list[Location]:
 
 
 # --- one location -> 67 cubes ---------------------------------------------------------------
-def extract_cube(hu: np.ndarray, spacing, center_vox, exact_resample: bool = True) -> np.ndarray:
+def extract_cube(hu: np.ndarray, spacing, center_vox, exact_resample: bool = True,
+                 integer_hu: bool = False) -> np.ndarray:
     """Cut round(40 / spacing) voxels around `center_vox` (pad -1000) and resample to 1 mm.
 
     exact_resample=True gives exactly 40^3 for any spacing; False is the published zoom,
-    which gives e.g. 39 slices at 3 mm (SPEC section 9).
+    which gives e.g. 39 slices at 3 mm. Float32, or with `integer_hu` int16 as published
+    when the cut needed no padding (the published padded cut is float64).
     """
+    from procedures.attack_pipeline import published_cut_pads
+
     spacing = np.asarray(spacing, dtype=np.float64)
     size = np.round((CUBE + MARGIN) / spacing).astype(np.int64)
-    cube = cut_cube(hu, center_vox, size, pad_value=PAD_HU).astype(np.float32)
+    dtype = np.float32
+    if integer_hu and not published_cut_pads(hu.shape, np.asarray(center_vox).astype(np.int64), size):
+        dtype = np.int16
+    cube = cut_cube(hu, center_vox, size, pad_value=PAD_HU).astype(dtype)
     if exact_resample:
-        return resample_exact(cube, (CUBE + MARGIN,) * 3).astype(np.float32, copy=False)
-    return scale_published(cube, spacing).astype(np.float32, copy=False)
+        return resample_exact(cube, (CUBE + MARGIN,) * 3)
+    return scale_published(cube, spacing)
 
 
 def augment(x0: np.ndarray) -> np.ndarray:
-    """The 67 published variants of one cube, stacked (67, *x0.shape), float32.
+    """The 67 published variants of one cube, stacked (67, *x0.shape): int16 for an int16
+    cube (SciPy rounds each variant, as published), else float32.
 
     Order: original; flips on axis 1, axis 2, both; shifts (0,+-4,+-4) (constant fill,
     cval 0 as published: the filled border is cropped away); rotations in the y-x plane
     every 6 degrees from 6 to 354 (reflect padding, shape kept).
     """
-    x0 = np.asarray(x0, dtype=np.float32)
-    out = np.empty((N_AUG,) + x0.shape, dtype=np.float32)
+    if x0.dtype != np.int16:
+        x0 = np.asarray(x0, dtype=np.float32)
+    out = np.empty((N_AUG,) + x0.shape, dtype=x0.dtype)
     out[0] = x0
     out[1] = x0[:, ::-1, :]
     out[2] = x0[:, :, ::-1]
@@ -131,9 +144,11 @@ def centre_crop(cubes: np.ndarray, size: int = CUBE) -> np.ndarray:
     return np.stack([cut_cube(c, center, size, pad_value=PAD_HU) for c in cubes])
 
 
-def location_samples(hu, spacing, center_vox, exact_resample: bool = True) -> np.ndarray:
+def location_samples(hu, spacing, center_vox, exact_resample: bool = True,
+                     integer_hu: bool = False) -> np.ndarray:
     """(67, 32, 32, 32) float32 HU samples for one location."""
-    return centre_crop(augment(extract_cube(hu, spacing, center_vox, exact_resample)))
+    x0 = extract_cube(hu, spacing, center_vox, exact_resample, integer_hu)
+    return centre_crop(augment(x0)).astype(np.float32, copy=False)
 
 
 # --- equalise + normalise ---------------------------------------------------------------------
@@ -159,8 +174,8 @@ def equalize_and_normalize(samples_hu: np.ndarray):
 
 # --- the whole set ----------------------------------------------------------------------------
 def build_training_set(csv_path, exact_resample: bool = True, progress: bool = True,
-                       loader: Callable | None = None) -> TrainingSet:
-    """Build CT-GAN's training set from a locations CSV (SPEC section 3).
+                       loader: Callable | None = None, integer_hu: bool = False) -> TrainingSet:
+    """Build CT-GAN's training set from a locations CSV (docs/ctgan-training.md).
 
     `loader(path) -> utils.scan_io.Scan` defaults to utils.scan_io.load_scan; each scan is
     read once however many locations it has.
@@ -180,7 +195,7 @@ def build_training_set(csv_path, exact_resample: bool = True, progress: bool = T
         if not np.all((vox >= 0) & (vox < np.asarray(scan.shape))):
             raise CoordinateError(f"{csv_path}: row {loc.row}: {loc.coord} ({', '.join(f'{v:g}' for v in loc.center)}) "
                                   f"is outside {loc.path.name} (shape {scan.shape})")
-        parts.append(location_samples(scan.hu, scan.spacing, vox, exact_resample))
+        parts.append(location_samples(scan.hu, scan.spacing, vox, exact_resample, integer_hu))
     samples = np.concatenate(parts)
     x, eq, norm = equalize_and_normalize(samples)
     return TrainingSet(x[..., None], eq, norm)

@@ -1,6 +1,6 @@
-"""CT-GAN's 3-D pix2pix networks in Keras 3 (SPEC.md section 3).
+"""CT-GAN's 3-D pix2pix networks in Keras 3 (docs/ctgan-training.md).
 
-Layer names are fixed so that the PyTorch port (issue 5) can map weights by name, and so that
+Layer names are fixed so that the PyTorch port (procedures/ctgan_torch.py) can map weights by name, and so that
 a G_model.h5 saved here reloads anywhere. `keras` is passed in (see procedures.keras_env) so
 that importing this module never imports TensorFlow.
 """
@@ -62,6 +62,40 @@ def build_discriminator(keras, df: int = 100, img_shape=CUBE):
     x = d_layer(x, df * 8, "d_4")
     validity = L.Conv3D(1, 4, strides=1, padding="same", name="d_out")(x)
     return keras.Model([img_a, img_b], validity, name="discriminator")
+
+
+def call_frozen_batch_stats(keras, D, img, cond):
+    """D applied to `img`, `cond` as Keras 2 ran a frozen D inside a combined model.
+
+    Keras 2's BatchNormalization chose batch statistics or moving averages by the learning
+    phase alone, so a frozen (trainable=False) D still normalised each training batch with
+    that batch's statistics, updating nothing. Keras 3 uses the moving averages whenever a
+    layer is not trainable. This rebuilds D's chain of layers (shared weights) with each
+    BatchNormalization replaced by a view that normalises with the batch's statistics and
+    D's gamma and beta in training, and calls the layer itself (moving averages) otherwise."""
+    ops = keras.ops
+
+    class BatchStatsNorm(keras.layers.Layer):
+        def __init__(self, bn, **kw):
+            super().__init__(name=f"{bn.name}_batchstats", **kw)
+            self.bn = bn
+
+        def call(self, x, training=None):
+            if not training:
+                return self.bn(x, training=False)
+            mean, var = ops.moments(x, axes=list(range(len(x.shape) - 1)))
+            return ops.batch_normalization(x, mean, var, axis=-1, offset=self.bn.beta,
+                                           scale=self.bn.gamma, epsilon=self.bn.epsilon)
+
+        def compute_output_shape(self, shape):
+            return shape
+
+    cat = D.get_layer("d_cat")
+    x = cat([img, cond])
+    chain = D.layers[D.layers.index(cat) + 1:]   # a linear chain after the concatenation
+    for layer in chain:
+        x = BatchStatsNorm(layer)(x) if isinstance(layer, keras.layers.BatchNormalization) else layer(x)
+    return keras.layers.Identity(name=D.name)(x)  # the loss keeps D's name: discriminator_loss
 
 
 def write_untrained_model_dir(folder, gf: int, keras, sample_hu, seed: int = 0):

@@ -1,4 +1,4 @@
-"""Train CT-GAN's injector or remover: the 3-D pix2pix of SPEC.md section 3, in Keras 3.
+"""Train CT-GAN's injector or remover: the 3-D pix2pix of CT-GAN (docs/ctgan-training.md), in Keras 3.
 
     python -m procedures.ctgan_train --model inj --csv data/z2.5/nodules.csv --out models/INJ --preset demo
 
@@ -9,11 +9,16 @@ progress/epoch_NNN.png (middle slices of condition / generated / original).
 
 Published behaviour kept: condition = cube with [6:26]^3 zeroed; D = least squares with the
 inverted labels (real 0, fake 1), Adam(1e-6, beta1 0.5); combined G = MSE adversarial + 100 x L1,
-Adam(2e-4, beta1 0.5); one D step on real and one on fake, then one G step, per batch.
-Deliberate differences: the data are reshuffled every epoch (seeded) instead of once, the last
-partial batch is dropped (the published loader also drops one full batch), and G is saved at
-the end of every epoch; `published_save_schedule` restores saving at the start of every epoch
-after the first, which never saves the last epoch's weights.
+Adam(2e-4, beta1 0.5); one D step on real and one on fake, then one G step, per batch. The
+frozen D inside the combined model normalises with batch statistics, as Keras 2 did
+(`frozen_d_batch_stats`; Keras 3 alone would use its moving averages).
+Deliberate differences (docs/fidelity.md; the `reference` preset restores each): the data are
+reshuffled every epoch (seeded) and every full batch is used, where the published loader
+shuffles once and runs n_batches - 1 batches per epoch (`published_batching`); samples are
+float HU, not integer HU (`integer_hu`); cubes are resampled to exactly 40^3
+(`exact_resample`); G is saved at the end of every epoch, where the published trainer saves
+at the start of every epoch after the first, never saving the last epoch's weights
+(`published_save_schedule`).
 """
 from __future__ import annotations
 
@@ -52,6 +57,9 @@ class CTGANTrainConfig:
     backend: str | None = None         # Keras backend; None = see resolve_backend()
     exact_resample: bool = True        # False: the published zoom (5 mm -> 30 or 42 mm cubes)
     published_save_schedule: bool = False
+    published_batching: bool = False   # shuffled once, n_batches - 1 batches per epoch
+    integer_hu: bool = False           # samples stay integer HU (published: int16 through SciPy)
+    frozen_d_batch_stats: bool = True  # frozen D in the combined model: batch statistics (Keras 2)
     run_eagerly: bool = False          # skip TensorFlow's graph tracing (~30 s): very short runs
     progress_samples: int = 3          # cubes shown in each progress image
     preset: str = "paper"
@@ -74,6 +82,9 @@ class CTGANTrainConfig:
 PRESETS = {
     "paper": dict(gf=100, df=100, epochs=200, batch=32, max_steps_per_epoch=None),
     "demo": dict(gf=8, df=8, epochs=12, batch=8, max_steps_per_epoch=16, g_lr=1e-3),
+    "reference": dict(gf=100, df=100, epochs=200, batch=32, max_steps_per_epoch=None,
+                      exact_resample=False, published_save_schedule=True, published_batching=True,
+                      integer_hu=True, frozen_d_batch_stats=True),
 }
 
 
@@ -85,7 +96,7 @@ def make_config(preset: str = "paper", **overrides) -> CTGANTrainConfig:
     bad = set(overrides) - names
     if bad:
         raise UsageError(f"unknown config field(s): {', '.join(sorted(bad))}")
-    cfg = CTGANTrainConfig(preset=preset, **PRESETS[preset])
+    cfg = CTGANTrainConfig(**{**PRESETS[preset], "preset": preset})
     return replace(cfg, **{k: v for k, v in overrides.items() if v is not None}).validate()
 
 
@@ -141,7 +152,7 @@ class TrainResult:
 # --- Keras pieces -------------------------------------------------------------------------------
 def build_models(keras, cfg: CTGANTrainConfig):
     """(G, D, combined), compiled as published. D.trainable is toggled by train_step."""
-    from procedures.ctgan_models import CUBE, build_discriminator, build_generator
+    from procedures.ctgan_models import CUBE, build_discriminator, build_generator, call_frozen_batch_stats
 
     G = build_generator(keras, cfg.gf)
     D = build_discriminator(keras, cfg.df)
@@ -153,7 +164,9 @@ def build_models(keras, cfg: CTGANTrainConfig):
     # Keras 3 reads `trainable` when a train function is first built (TF) or at every call
     # (torch), not at compile time as Keras 2 did: train_step sets it before each call.
     D.trainable = False
-    valid = D([fake, img_b])
+    # Keras 2 ran a frozen D's BatchNorm on batch statistics in training; Keras 3 on its
+    # moving averages (docs/fidelity.md, CT-GAN trainer).
+    valid = call_frozen_batch_stats(keras, D, fake, img_b) if cfg.frozen_d_batch_stats else D([fake, img_b])
     combined = keras.Model([img_a, img_b], [valid, fake], name="combined")
     combined.compile(loss=["mse", "mae"], loss_weights=[1.0, cfg.l1_weight],
                      optimizer=keras.optimizers.Adam(cfg.g_lr, beta_1=cfg.beta1),
@@ -191,6 +204,20 @@ def save_generator(G, out_dir: Path) -> Path:
             raise OutputError(f"{tmp}: cannot write the generator ({e})") from None
     os.replace(tmp, dst)
     return dst
+
+
+def epoch_batches(n: int, batch: int, steps: int, rng: np.random.Generator,
+                  published: bool, once: np.ndarray | None = None) -> list[np.ndarray]:
+    """Sample indices of each batch of one epoch.
+
+    Ours: a fresh permutation every epoch, `steps` full batches. Published (the CT-GAN
+    loader): the order `once` drawn when the data were loaded, the same every epoch, and
+    n // batch - 1 batches (its loop stops one batch early)."""
+    if published:
+        order = np.arange(n) if once is None else once
+        return [order[b * batch:(b + 1) * batch] for b in range(min(steps, n // batch - 1))]
+    order = rng.permutation(n)
+    return [order[b * batch:(b + 1) * batch] for b in range(steps)]
 
 
 def _progress_indices(n: int, k: int) -> np.ndarray:
@@ -256,7 +283,11 @@ def train(data: TrainingSet, out_dir, cfg: CTGANTrainConfig, progress: bool = Tr
     n = len(x)
     batch = min(cfg.batch, n)
     n_batches = n // batch
-    steps = n_batches if cfg.max_steps_per_epoch is None else min(n_batches, cfg.max_steps_per_epoch)
+    usable = n_batches - 1 if cfg.published_batching else n_batches
+    if usable < 1:
+        raise UsageError(f"{n} samples make {n_batches} batch(es) of {batch}: the published loader "
+                         "runs n_batches - 1 per epoch, so it needs at least 2")
+    steps = usable if cfg.max_steps_per_epoch is None else min(usable, cfg.max_steps_per_epoch)
     show = x[_progress_indices(n, cfg.progress_samples)]
 
     try:
@@ -269,18 +300,19 @@ def train(data: TrainingSet, out_dir, cfg: CTGANTrainConfig, progress: bool = Tr
 
     result = TrainResult(out_dir=out_dir, n_samples=n, backend=backend)
     saves = set(save_schedule(cfg.epochs, cfg.published_save_schedule))
+    once = rng.permutation(n)  # the published loader's one shuffle (unused otherwise)
     t0 = time.perf_counter()
     for epoch in range(cfg.epochs):
         if (epoch, "start") in saves:
             save_generator(G, out_dir)
             result.saved_epochs = epoch
         te = time.perf_counter()
-        order = rng.permutation(n)
+        batches = epoch_batches(n, batch, steps, rng, cfg.published_batching, once)
         losses = []
-        bar = tqdm(range(steps), desc=f"{cfg.model} epoch {epoch + 1}/{cfg.epochs}",
+        bar = tqdm(batches, desc=f"{cfg.model} epoch {epoch + 1}/{cfg.epochs}",
                    unit="batch", disable=not progress, leave=True)
-        for b in bar:
-            losses.append(train_step(G, D, combined, x[order[b * batch:(b + 1) * batch]]))
+        for idx in bar:
+            losses.append(train_step(G, D, combined, x[idx]))
             bar.set_postfix(d=f"{losses[-1]['d_loss']:.4f}", g=f"{losses[-1]['g_loss']:.3f}",
                             l1=f"{losses[-1]['g_l1']:.4f}")
         bar.close()
@@ -298,8 +330,9 @@ def train(data: TrainingSet, out_dir, cfg: CTGANTrainConfig, progress: bool = Tr
 
 
 def train_from_csv(csv_path, out_dir, cfg: CTGANTrainConfig, progress: bool = True) -> TrainResult:
-    """Build the training set from `csv_path` (SPEC section 3) and train."""
-    data = build_training_set(csv_path, exact_resample=cfg.exact_resample, progress=progress)
+    """Build the training set from `csv_path` (docs/ctgan-training.md) and train."""
+    data = build_training_set(csv_path, exact_resample=cfg.exact_resample, progress=progress,
+                              integer_hu=cfg.integer_hu)
     return train(data, out_dir, cfg, progress=progress, extra_config={"csv": str(csv_path)})
 
 
@@ -312,7 +345,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", required=True, help="locations CSV: filename,z,y,x[,coord]")
     p.add_argument("--out", required=True, help="model folder, e.g. models/INJ")
     p.add_argument("--preset", default="paper", choices=sorted(PRESETS),
-                   help="paper: published settings (GPU, days); demo: minutes on a CPU")
+                   help="paper: published settings (GPU, days); reference: also the published "
+                        "loader, integer-HU samples, zoom and save schedule; demo: minutes on a CPU")
     p.add_argument("--epochs", type=int)
     p.add_argument("--gf", type=int)
     p.add_argument("--df", type=int)
@@ -325,6 +359,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="CT-GAN's zoom instead of an exact 40^3 resample (5 mm scans then give 30/42 mm)")
     p.add_argument("--published-save-schedule", action="store_true",
                    help="save G only at the start of epochs 2.. (the last epoch is never saved)")
+    p.add_argument("--published-batching", action="store_true",
+                   help="shuffle once at load and run n_batches - 1 batches per epoch, as published")
+    p.add_argument("--integer-hu", action="store_true",
+                   help="keep the samples integer HU (int16 through SciPy), as published")
+    p.add_argument("--keras3-frozen-d", action="store_true",
+                   help="the frozen D inside the combined model uses its moving averages (Keras 3) "
+                        "instead of the published batch statistics (Keras 2)")
     p.add_argument("--eager", action="store_true",
                    help="run Keras eagerly (TensorFlow: skips ~30 s of graph tracing; for very short runs)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -339,8 +380,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = make_config(a.preset, model=a.model, epochs=a.epochs, gf=a.gf, df=a.df, batch=a.batch,
                       max_steps_per_epoch=a.max_steps_per_epoch, seed=a.seed,
                       backend=resolve_backend(a.backend, prefer_torch=True),
-                      exact_resample=not a.published_resample,
-                      published_save_schedule=a.published_save_schedule, run_eagerly=a.eager or None)
+                      exact_resample=False if a.published_resample else None,
+                      published_save_schedule=a.published_save_schedule or None, run_eagerly=a.eager or None,
+                      published_batching=a.published_batching or None, integer_hu=a.integer_hu or None,
+                      frozen_d_batch_stats=False if a.keras3_frozen_d else None)
     res = train_from_csv(a.csv, a.out, cfg, progress=not a.quiet)
     last = res.history[-1]
     print(f"trained {cfg.model} ({cfg.preset}: gf={cfg.gf} df={cfg.df} batch={cfg.batch} "

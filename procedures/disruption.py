@@ -96,13 +96,9 @@ class DisruptionTarget:
 
     def __init__(self, cfg, manipulator=None):
         self.cfg = cfg
-        if manipulator is None:
-            from procedures.attack_pipeline import ScanManipulator
-            manipulator = ScanManipulator(
-                cfg.models_dir, backend=cfg.keras_backend or None,
-                exact_resample=cfg.exact_resample,
-                # The published loader returns the scan unchanged when a model is missing.
-                published=cfg.preset == "reference")
+        if manipulator is None:  # Keras, or its torch equal on the device (cfg.attacker_impl)
+            from procedures.attack_torch import blackbox_attacker
+            manipulator = blackbox_attacker(cfg)
         self.manip = manipulator
         # Load the attacker now: a model file that asks to run code stops the run before
         # anything is written (issue 6.2). A missing/broken model stays a counted per-step error.
@@ -131,29 +127,29 @@ class DisruptionTarget:
         coord = self.locator.location(item, s, rng)
         slab = slice(s, s + x_p.shape[0])
         t0 = time.perf_counter()
-        if cfg.reread_scan:
-            # Published: the whole scan is read again from disk, as float64, for every step.
-            work = load_scan(item.path).hu.astype(np.float64)
-            source = None
-        else:
-            work = self._work.get(item.index)
-            if work is None:
-                work = self._work[item.index] = item.scan.hu.astype(np.float32)
-            source = item.scan.hu
-        orig = item.scan.hu[slab].astype(np.float64)
-        if cfg.hu_mapping == "published":
-            # One joint min-max of the protected slices onto the original slices' HU range.
-            p_hu = _minmax(x_p, orig.min(), orig.max())
-        else:
-            p_hu = to_hu(x_p.astype(np.float64), item.hu_min, item.hu_max)
-        if cfg.quantize:  # what an int16 archive would store
-            p_hu = np.round(p_hu)
-        work[slab] = p_hu
-        changed = None
+        changed = source = work = None
         try:
+            if cfg.reread_scan:
+                # Published: the whole scan is read again from disk, as float64, for every step
+                # (inside the try: a failed read is a counted error, silent under attack_errors=silent).
+                work = load_scan(item.path).hu.astype(np.float64)
+            else:
+                work = self._work.get(item.index)
+                if work is None:
+                    work = self._work[item.index] = item.scan.hu.astype(np.float32)
+                source = item.scan.hu
+            orig = item.scan.hu[slab].astype(np.float64)
+            if cfg.hu_mapping == "published":
+                # One joint min-max of the protected slices onto the original slices' HU range.
+                p_hu = _minmax(x_p, orig.min(), orig.max(), cfg.span_guard)
+            else:
+                p_hu = to_hu(x_p.astype(np.float64), item.hu_min, item.hu_max)
+            if cfg.quantize:  # what an int16 archive would store
+                p_hu = np.round(p_hu)
+            work[slab] = p_hu
             changed = self.manip.tamper_volume(work, item.scan.spacing, coord, action, rng)
             t_hu = work[slab].astype(np.float64)
-        except UnsafeFileError:  # a model file that asks to run code stops the run (issue 6.2)
+        except UnsafeFileError:  # a model file that asks to run code stops the run
             raise
         except Exception as e:  # counted, logged, and the step simply has no disruption term
             self.stats.errors[type(e).__name__] += 1
@@ -174,11 +170,14 @@ class DisruptionTarget:
             return None
         self.stats.computed += 1
         if cfg.hu_mapping == "published":
-            return _minmax(t_hu, -1.0, 1.0)  # one joint min-max of the tampered slices
+            return _minmax(t_hu, -1.0, 1.0, cfg.span_guard)  # one joint min-max of the tampered slices
         return (t_hu - item.hu_min) / max(item.hu_max - item.hu_min, 1.0) * 2.0 - 1.0
 
 
-def _minmax(a: np.ndarray, lo: float, hi: float) -> np.ndarray:
+def _minmax(a: np.ndarray, lo: float, hi: float, guard: bool = True) -> np.ndarray:
+    """Joint min-max of `a` onto [lo, hi]. A constant `a` maps to lo with `guard`; without it
+    to NaN, as the published division by zero does (NumPy's warning silenced)."""
     amin, amax = float(a.min()), float(a.max())
-    span = amax - amin if amax > amin else 1.0
-    return (a - amin) / span * (hi - lo) + lo
+    span = amax - amin if (amax > amin or not guard) else 1.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (a - amin) / span * (hi - lo) + lo

@@ -3,13 +3,13 @@
 A volume is processed in slabs of `slab` consecutive slices; the last slab is aligned to the
 end of the volume so that every slice is protected (the published loop never uses the last
 depth % 4 slices). Protection streams: only one batch of slabs is normalised and run at a time,
-and protected HU are written straight into the output array (int16 for int16 scans), so a
-512x512x400 scan needs about its own size twice plus one batch of activations.
+and protected HU are written straight into the output array (int16 for int16 scans) under
+inference mode, so a scan needs its own size twice plus one batch of activations (no graph is
+kept: memory does not grow with the number of slices).
 The noise delta of each slab is a counter-based hash of (seed, first slice, voxel), computed
 where the generator runs, so the protected scan does not depend on the batch size or the device.
 On a GPU the scan crosses the bus once each way in its own dtype (int16), and normalisation,
-noise and the mapping back to HU run on the GPU (issue 7: a 512x512x300 scan in about a second;
-bench.py measures it). Exported scans keep the source geometry and, for DICOM sources, metadata.
+noise and the mapping back to HU run on the GPU (docs/performance.md; bench.py measures it). Exported scans keep the source geometry and, for DICOM sources, metadata.
 """
 from __future__ import annotations
 
@@ -32,6 +32,12 @@ def slab_starts(depth: int, slab: int) -> list[int]:
     if starts[-1] + slab < depth:
         starts.append(depth - slab)
     return starts
+
+
+def slabs_meeting(depth: int, slab: int, z_lo: int, z_hi: int) -> list[int]:
+    """Starts of the protection tiling's slabs (slab_starts) that meet slices [z_lo, z_hi): the
+    slabs a protected scan has perturbed inside a tampered cube's z-range."""
+    return [s for s in slab_starts(depth, slab) if s < z_hi and s + slab > z_lo]
 
 
 def _eps_scale(cfg, hu_min: float, hu_max: float) -> float | None:
@@ -106,11 +112,6 @@ def slab_noise(seed: int, starts, shape, dtype=torch.float32, device="cpu") -> t
     return u.to(dtype).reshape(len(starts), *shape)
 
 
-def slab_delta(seed: int, start: int, shape, dtype=torch.float32) -> torch.Tensor:
-    """The noise delta of the one slab that starts at slice `start` (see slab_noise)."""
-    return slab_noise(seed, [start], shape, dtype)[0]
-
-
 _TORCH_INPUT = (np.uint8, np.int16, np.int32, np.int64, np.float32, np.float64)
 
 
@@ -122,12 +123,17 @@ def _autocast(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-@torch.inference_mode()
+def value_range(hu: np.ndarray, hu_min=None, hu_max=None) -> tuple[float, float]:
+    """The normalisation range: the volume's own unless given."""
+    lo = float(hu.min()) if hu_min is None else float(hu_min)
+    hi = float(hu.max()) if hu_max is None else float(hu_max)
+    return lo, hi
+
+
 def output_range(hu: np.ndarray, hu_min, hu_max, out):
     """Shared set-up of slab-wise protection: the normalisation range (the volume's own unless
     given), the output array (float32 by default) and its integer limits (None for floats)."""
-    lo = float(hu.min()) if hu_min is None else float(hu_min)
-    hi = float(hu.max()) if hu_max is None else float(hu_max)
+    lo, hi = value_range(hu, hu_min, hu_max)
     span = hi - lo if hi > lo else 1.0
     if out is None:
         out = np.empty(hu.shape, dtype=np.float32)
@@ -137,27 +143,25 @@ def output_range(hu: np.ndarray, hu_min, hu_max, out):
     return lo, hi, span, out, info
 
 
-def protect_hu(G: torch.nn.Module, hu: np.ndarray, cfg, device, *, hu_min: float | None = None,
-               hu_max: float | None = None, dtype=torch.float32, seed: int = 0, batch: int = 4,
-               out: np.ndarray | None = None, progress=None, desc: str = "protect",
-               amp: str = "off", channels_last: bool = False) -> np.ndarray:
-    """Protect the HU volume `hu` (z, y, x) slab by slab and return the protected HU.
+@torch.inference_mode()
+def run_slabs(net, hu: np.ndarray, slab: int, device, *, hu_min: float | None = None,
+              hu_max: float | None = None, dtype=torch.float32, batch: int = 4,
+              out: np.ndarray | None = None, progress=None, desc: str = "protect") -> np.ndarray:
+    """Stream the HU volume `hu` (z, y, x) through `net` slab by slab; the protected HU.
 
-    Normalisation is the training one (ScanDataset: min-max of the whole volume to [-1, 1],
-    float64 arithmetic), with hu_min/hu_max defaulting to the volume's own. `out` (default: a
-    new float32 array) receives the result; an integer `out` gets rounded, clipped values.
-    `progress` is a tqdm-like callable or None. Speed options (issue 7): `batch` slabs per
-    generator call; `amp` 'bf16'/'fp16' autocast of G (its output is mapped to HU in float64);
-    `channels_last` converts G (in place) and its inputs to NHWC."""
-    G.eval()
+    net(x, starts) maps a batch x (B, slab, H, W) of slabs in normalised units ([-1, 1] by the
+    training normalisation: min-max of the volume in float64, hu_min/hu_max defaulting to the
+    volume's own) to protected slabs in the same units; `starts` are their first slices. The
+    last slab is aligned to the end of the volume and wins its overlap. `out` (default a new
+    float32 array) receives the result; an integer `out` gets rounded, clipped values.
+
+    Inference mode: no autograd graph is kept (the in-place writes into `out` would otherwise
+    chain every batch's graph: memory grew with the number of slices, and a tensor that requires
+    grad cannot go back to NumPy from a GPU). `progress` is a tqdm-like callable or None."""
     device = torch.device(device)
-    depth = hu.shape[0]
     lo, hi, span, out, info = output_range(hu, hu_min, hu_max, out)
-    scale = _eps_scale(cfg, lo, hi)
-    starts = slab_starts(depth, cfg.slab)
+    starts = slab_starts(hu.shape[0], slab)
     batch = max(1, int(batch))
-    if channels_last:
-        G.to(memory_format=torch.channels_last)
     # The scan goes to the device once, in its own dtype (int16: 2 bytes a voxel over the bus);
     # on the CPU these are views of `hu` and `out`, no copies.
     src = hu if hu.dtype.isnative and hu.dtype.type in _TORCH_INPUT else hu.astype(np.float32)
@@ -170,21 +174,43 @@ def protect_hu(G: torch.nn.Module, hu: np.ndarray, cfg, device, *, hu_min: float
         it = progress(it, desc=desc, leave=False, unit="batch")
     for i in it:
         chunk = starts[i:i + batch]
-        x = torch.stack([vol[s:s + cfg.slab] for s in chunk])
+        x = torch.stack([vol[s:s + slab] for s in chunk])
         x = ((x.to(torch.float64) - lo) / span * 2.0 - 1.0).to(dtype)
+        xp = (net(x, chunk).to(torch.float64) + 1.0) / 2.0 * span + lo  # scanDataset.to_hu
+        if info is not None:
+            xp = xp.round().clamp(info.min, info.max)
+        for j, s in enumerate(chunk):  # in order: the end-aligned last slab wins its overlap
+            res[s:s + slab] = xp[j]
+    if not on_cpu:
+        out[...] = res.cpu().numpy()
+    return out
+
+
+def protect_hu(G: torch.nn.Module, hu: np.ndarray, cfg, device, *, hu_min: float | None = None,
+               hu_max: float | None = None, dtype=torch.float32, seed: int = 0, batch: int = 4,
+               out: np.ndarray | None = None, progress=None, desc: str = "protect",
+               amp: str = "off", channels_last: bool = False) -> np.ndarray:
+    """Protect the HU volume `hu` (z, y, x) with the MITS-GAN generator G (run_slabs: slab-wise,
+    the training normalisation, result into `out`). The noise delta of each slab is slab_noise
+    of (seed, first slice). Speed options: `batch` slabs per generator call; `amp`
+    'bf16'/'fp16' autocast of G (its output is mapped to HU in float64); `channels_last`
+    converts G (in place) and its inputs to NHWC."""
+    G.eval()
+    device = torch.device(device)
+    lo, hi = value_range(hu, hu_min, hu_max)
+    scale = _eps_scale(cfg, lo, hi)
+    if channels_last:
+        G.to(memory_format=torch.channels_last)
+
+    def net(x, chunk):
         delta = slab_noise(seed, chunk, x.shape[1:], dtype, device)
         if channels_last:
             x, delta = (t.contiguous(memory_format=torch.channels_last) for t in (x, delta))
         with _autocast(device, amp):
-            xp = G(x, delta, scale=scale)
-        xp = (xp.to(torch.float64) + 1.0) / 2.0 * span + lo  # scanDataset.to_hu
-        if info is not None:
-            xp = xp.round().clamp(info.min, info.max)
-        for j, s in enumerate(chunk):  # in order: the end-aligned last slab wins its overlap
-            res[s:s + cfg.slab] = xp[j]
-    if not on_cpu:
-        out[...] = res.cpu().numpy()
-    return out
+            return G(x, delta, scale=scale)
+
+    return run_slabs(net, hu, cfg.slab, device, hu_min=lo, hu_max=hi, dtype=dtype, batch=batch,
+                     out=out, progress=progress, desc=desc)
 
 
 def _torch_dtype(np_dtype) -> torch.dtype:
@@ -209,6 +235,7 @@ def load_generator(path, device="cpu"):
     import config as config_mod
     from generator import build_generator
     from utils.checkpoint import load_checkpoint
+    from utils.device import torch_dtype
 
     path = Path(path)
     state = load_checkpoint(path)
@@ -216,7 +243,7 @@ def load_generator(path, device="cpu"):
         cfg = config_mod.load_config_dict(dict(state["config"]))
     except (UsageError, TypeError, ValueError) as e:
         raise ModelFileError(f"{path}: checkpoint config is not a MITS-GAN config ({e})") from None
-    dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+    dtype = torch_dtype(cfg.dtype)
     G = build_generator(cfg)
     weights = state["generator"]
     if not isinstance(weights, dict):
@@ -253,7 +280,7 @@ def protected_scan(src: VolumeItem | Scan, protected_hu: np.ndarray) -> Scan:
 def scan_stem(path) -> str:
     """A scan's name without its format suffix (a DICOM folder's name as it is)."""
     name = Path(path).name
-    for suffix in (".nii.gz", ".mhd", ".mha", ".nrrd", ".nii"):
+    for suffix in (".nii.gz", ".mhd", ".mha", ".nrrd", ".nii", ".npy"):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name

@@ -52,6 +52,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from procedures.protection import run_slabs, slab_starts, slabs_meeting
 from utils.device import pick_device
 from utils.errors import CliParser, InputFileError, ModelFileError, OutputError, UsageError, run_cli
 
@@ -216,13 +217,6 @@ def build_model(cfg: TafimConfig) -> TafimUNet:
 # ----------------------------------------------------------------------------------------------
 # the loss: CT-GAN through the differentiable tamper
 # ----------------------------------------------------------------------------------------------
-def _slabs_for_cube(depth: int, slab: int, z_lo: int, z_hi: int) -> list[int]:
-    """Starts of the protection tiling's slabs that meet slices [z_lo, z_hi)."""
-    from procedures.protection import slab_starts
-
-    return [s for s in slab_starts(depth, slab) if s < z_hi and s + slab > z_lo]
-
-
 def _assemble(xp: torch.Tensor, starts: list[int]) -> tuple[torch.Tensor, int]:
     """Slices [first start, last start + slab) from the slabs xp (k, S, H, W); where slabs
     overlap (the last slab is aligned to the end of the volume) the later one wins, as in
@@ -281,7 +275,7 @@ class TafimObjective:
         depth = item.volume.shape[0]
         cut = self.tamper.cut_shape(item.scan.spacing)
         _, _, a, e = cube_bounds(center, cut, item.volume.shape)
-        return _slabs_for_cube(depth, self.cfg.slab, int(a[0]), int(max(e[0], a[0] + 1)))
+        return slabs_meeting(depth, self.cfg.slab, int(a[0]), int(max(e[0], a[0] + 1)))
 
     def _recon(self, sub: torch.Tensor, z0: int, item, center, action, target: float) -> torch.Tensor:
         span = max(item.hu_max - item.hu_min, 1.0)
@@ -321,38 +315,20 @@ class TafimObjective:
 # ----------------------------------------------------------------------------------------------
 # protection of whole volumes
 # ----------------------------------------------------------------------------------------------
-@torch.no_grad()
 def protect_hu(model: TafimUNet, hu: np.ndarray, device="cpu", *, hu_min: float | None = None,
                hu_max: float | None = None, batch: int = 4, out: np.ndarray | None = None,
                progress=None, desc: str = "TAFIM protect") -> np.ndarray:
     """Protect the HU volume `hu` (z, y, x) slab by slab with the TAFIM net; protected HU.
 
-    Normalisation as in training (min-max of the volume to [-1, 1], or hu_min/hu_max as given).
-    `out` (default float32) receives the result; an integer `out` gets rounded, clipped values."""
-    from procedures.protection import output_range, slab_starts
-    from scanDataset import to_hu
-
+    procedures.protection.run_slabs: normalisation as in training (min-max of the volume to
+    [-1, 1], or hu_min/hu_max as given); `out` (default float32) receives the result, an
+    integer `out` gets rounded, clipped values."""
     model.eval()
-    slab = model.slab
-    lo, hi, span, out, info = output_range(hu, hu_min, hu_max, out)
-    try:
-        starts = slab_starts(hu.shape[0], slab)
-    except ValueError as e:
-        raise UsageError(f"TAFIM: {e}") from None
-    dtype = next(model.parameters()).dtype
-    it = range(0, len(starts), max(1, int(batch)))
-    if progress is not None:
-        it = progress(it, desc=desc, leave=False, unit="batch")
-    for i in it:
-        chunk = starts[i:i + max(1, int(batch))]
-        x = np.stack([hu[s:s + slab] for s in chunk]).astype(np.float64)
-        x = torch.from_numpy((x - lo) / span * 2.0 - 1.0).to(device=device, dtype=dtype)
-        xp = to_hu(model(x).double().cpu().numpy(), lo, hi)
-        if info is not None:
-            xp = np.clip(np.rint(xp), info.min, info.max)
-        for j, s in enumerate(chunk):
-            out[s:s + slab] = xp[j]
-    return out
+    if hu.shape[0] < model.slab:
+        raise UsageError(f"TAFIM: volume has {hu.shape[0]} slices, fewer than a slab of {model.slab}")
+    return run_slabs(lambda x, _starts: model(x), hu, model.slab, device, hu_min=hu_min,
+                     hu_max=hu_max, dtype=next(model.parameters()).dtype, batch=batch, out=out,
+                     progress=progress, desc=desc)
 
 
 def tafim_method(model: TafimUNet, device="cpu", *, batch: int = 4, progress=None,
@@ -419,8 +395,6 @@ def step_seeds(seed: int, step: int) -> tuple[np.random.Generator, int]:
 def draw_sample(items, locator, cfg: TafimConfig, step: int, rng: np.random.Generator):
     """(item, center, action) of a step: a random volume and slab of the protection tiling; the
     location in the lungs on the slab's middle slice; inject on even steps, remove on odd."""
-    from procedures.protection import slab_starts
-
     item = items[int(rng.integers(len(items)))]
     starts = slab_starts(item.volume.shape[0], cfg.slab)
     s = starts[int(rng.integers(len(starts)))]

@@ -7,30 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from procedures.benchmark import phantom as make_phantom  # the one synthetic chest
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
 
 # Keep TensorFlow quiet and single-threaded enough for CI's 2 cores.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-def make_phantom(shape=(40, 64, 64), seed=0) -> np.ndarray:
-    """A tiny chest-like int16 HU volume: body ~40 HU, two lungs ~-850 HU with noise,
-    a 'nodule' of ~60 HU in the right lung, air outside the body."""
-    rng = np.random.default_rng(seed)
-    z, y, x = np.indices(shape, dtype=np.float32)
-    cz, cy, cx = (s / 2 for s in shape)
-    vol = np.full(shape, -1000.0, dtype=np.float32)
-    body = ((y - cy) / (0.45 * shape[1])) ** 2 + ((x - cx) / (0.48 * shape[2])) ** 2 < 1
-    vol[body] = 40.0
-    for sx in (-0.22, 0.22):
-        lung = ((y - cy) / (0.3 * shape[1])) ** 2 + ((x - cx - sx * shape[2]) / (0.16 * shape[2])) ** 2 < 1
-        lung &= np.abs(z - cz) < 0.45 * shape[0]
-        vol[lung] = -850.0
-    nod = (z - cz) ** 2 + (y - cy) ** 2 + (x - cx - 0.22 * shape[2]) ** 2 < 9
-    vol[nod] = 60.0
-    vol += rng.normal(0, 15, shape).astype(np.float32)
-    return np.clip(np.round(vol), -1024, 3071).astype(np.int16)
 
 
 @pytest.fixture

@@ -3,20 +3,19 @@ from __future__ import annotations
 
 import shutil
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import build_tiny_ctgan_models as make_tiny_ctgan
 from conftest import make_phantom
+from test_equalizer import _reference_dir
 from procedures.attack_pipeline import (AttackBorderError, AttackShapeError, CTGANModel, ScanManipulator,
                                         check_coord, copy_noise, fix_overflow, kern01, published_shape_error)
 from utils.cubes import cut_cube
 from utils.errors import CoordinateError, ModelFileError, UnsafeFileError
 from utils.scan_io import Scan
 
-REFERENCE = Path("/work/shared/reference/ctgan-lidc")
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +112,7 @@ def test_missing_model_folder_is_an_error(tmp_path):
 def test_published_preset_leaves_scan_unchanged_without_model(tmp_path, capsys):
     vol = big_phantom()
     before = vol.copy()
-    sl = ScanManipulator(tmp_path, published=True).tamper_volume(vol, (2.5, 0.7, 0.7), (30, 48, 60), "inject")
+    sl = ScanManipulator(tmp_path, missing_model="unchanged").tamper_volume(vol, (2.5, 0.7, 0.7), (30, 48, 60), "inject")
     np.testing.assert_array_equal(vol, before)
     assert vol[sl].size == 0 and "unchanged" in capsys.readouterr().err
 
@@ -212,7 +211,7 @@ def test_legacy_pickle_equaliser_and_readme_file_name(models, tmp_path):
     d.mkdir()
     shutil.copy(models / "INJ" / "G_model.h5", d / "G_model_inj.h5")   # README's name
     for f in ("equalization.pkl", "normalization.npy"):
-        shutil.copy(REFERENCE / "INJ" / f, d / f)
+        shutil.copy(_reference_dir() / "INJ" / f, d / f)
     m = CTGANModel(d)
     assert m.eq.centres.shape == (10000,) and m.g_path.name == "G_model_inj.h5"
     np.testing.assert_allclose(m.norm, [16410.8, 3.5e-4, 32768], rtol=2e-2)

@@ -5,34 +5,35 @@ import numpy as np
 import pytest
 
 import bench
+from procedures import benchmark
 from utils.errors import UsageError
 
 
 def test_eligible_subbatches_follow_the_published_near_end_rule():
     # 32 < s and s + 32 < depth, s = 4k: the first eligible s is 36 (SPEC.md section 9).
-    assert bench.eligible_subbatches(68, 4) == []
-    assert bench.eligible_subbatches(69, 4) == [9]
-    assert bench.eligible_subbatches(95, 4) == list(range(9, 16))   # lung1 at 2.5 mm: 7 sub-batches
-    assert bench.eligible_subbatches(121, 4) == list(range(9, 23))  # lung2: 14
+    assert benchmark.eligible_subbatches(68, 4) == []
+    assert benchmark.eligible_subbatches(69, 4) == [9]
+    assert benchmark.eligible_subbatches(95, 4) == list(range(9, 16))   # lung1 at 2.5 mm: 7 sub-batches
+    assert benchmark.eligible_subbatches(121, 4) == list(range(9, 23))  # lung2: 14
 
 
 def test_specs_parse_into_typed_config_fields():
-    preset, kv = bench.parse_spec("paper:amp=bf16:channels_last=true:g_width=8")
+    preset, kv = benchmark.parse_spec("paper:amp=bf16:channels_last=true:g_width=8")
     assert preset == "paper"
-    assert bench.typed_overrides(kv) == {"amp": "bf16", "channels_last": True, "g_width": 8}
+    assert benchmark.typed_overrides(kv) == {"amp": "bf16", "channels_last": True, "g_width": 8}
     with pytest.raises(UsageError):
-        bench.typed_overrides({"no_such_field": "1"})
+        benchmark.typed_overrides({"no_such_field": "1"})
     with pytest.raises(UsageError):
-        bench.parse_spec("paper:amp")
+        benchmark.parse_spec("paper:amp")
 
 
 def test_phantom_is_a_chest_like_int16_volume():
-    vol = bench.phantom((12, 64, 64), seed=0)
+    vol = benchmark.phantom((12, 64, 64), seed=0)
     assert vol.dtype == np.int16 and vol.shape == (12, 64, 64)
     assert vol[6, 0, 0] < -900                       # air
     assert -950 < np.median(vol[6, 32, 18]) < -750   # lung
     assert 0 < vol[6, 8:56, 28:36].mean() < 100      # soft tissue between the lungs
-    assert np.array_equal(vol, bench.phantom((12, 64, 64), seed=0))
+    assert np.array_equal(vol, benchmark.phantom((12, 64, 64), seed=0))
 
 
 def test_tiny_benchmark_without_tensorflow(tiny_ctgan_models, tmp_path):
@@ -63,14 +64,14 @@ def test_tiny_benchmark_end_to_end(tiny_ctgan_models, tmp_path):
     rc = bench.main(["--size", "64", "--depth", "72", "--protect_slices", "8", "--device", "cpu",
                      "--models_dir", str(tiny_ctgan_models), "--steps", "1", "--warmup", "1",
                      "--tamper_reps", "1", "--out", str(out),
-                     "--train", "paper:g_width=4:g_blocks=1",
+                     "--train", "paper:g_width=4:g_blocks=1,paper:g_width=4:g_blocks=1:attacker_impl=torch",
                      "--reference", "reference:g_width=4:g_blocks=1",
                      "--protect", "demo:g_width=4:batch=2,demo:g_width=4:batch=2:channels_last=true:slices=4"])
     assert rc == 0
     res = json.loads((out / "bench.json").read_text())
-    ref, ours = res["train"]
+    ref, ours, ours_torch = res["train"]
     assert ref["is_reference"] and ref["dtype"] == "float64" and ours["dtype"] == "float32"
-    for row in (ref, ours):
+    for row in (ref, ours, ours_torch):
         assert "error" not in row, row
         # the slab passes the near-end rule (s = 36 of 72 slices): every configuration ran its attacker
         assert row["sub_batches"] == [9, 9] and row["attacker"]["computed"] == 2
@@ -82,8 +83,9 @@ def test_tiny_benchmark_end_to_end(tiny_ctgan_models, tmp_path):
     assert full["shape"] == [8, 64, 64] and part["shape"] == [4, 64, 64]
     assert full["gflop_per_slice"] > 0 and 0 < full["peak_fraction"] < 1
     assert full["voxels_changed"] > 0.5            # a real (random) perturbation was applied
-    keras_row, torch_row = res["tamper"]
-    assert "error" not in keras_row and "error" not in torch_row
-    assert keras_row["inject_ms"] > 0 and torch_row["remove_fwd_bwd_ms"] > 0
+    keras_row, torch_man_row, torch_row = res["tamper"]
+    assert "error" not in keras_row and "error" not in torch_man_row and "error" not in torch_row
+    assert keras_row["inject_ms"] > 0 and torch_man_row["remove_ms"] > 0 and torch_row["remove_fwd_bwd_ms"] > 0
+    assert keras_row["generator_ms"] > 0 and torch_man_row["generator_ms"] > 0
     md = (out / "bench.md").read_text()
     assert "speed-up vs reference" in md and "(reference)" in md and "GFLOP/slice" in md

@@ -1,4 +1,4 @@
-"""CT-GAN training set (procedures.ctgan_dataset) and trainer (procedures.ctgan_train), SPEC.md section 3."""
+"""CT-GAN training set (procedures.ctgan_dataset) and trainer (procedures.ctgan_train), docs/ctgan-training.md."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from procedures import ctgan_dataset as ds
-from procedures.ctgan_train import (PRESETS, make_condition, make_config, main, save_schedule,
-                                    train)
+from procedures.ctgan_train import (PRESETS, epoch_batches, make_condition, make_config, main,
+                                    save_schedule, train)
 from conftest import make_phantom
 from utils.errors import CoordinateError, InputFileError, UsageError, run_cli
 from utils.scan_io import Scan, save_mhd
@@ -216,6 +216,58 @@ def test_save_schedule_published_quirk():
     # published: start of epochs 2..N, so the last epoch's weights are never saved
     assert save_schedule(3, published=True) == [(1, "start"), (2, "start")]
     assert save_schedule(1, published=True) == []
+
+
+def test_published_batching_shuffles_once_and_drops_a_batch():
+    rng = np.random.default_rng(0)
+    once = rng.permutation(20)
+    pub = [epoch_batches(20, 4, 5, rng, True, once) for _ in range(2)]
+    assert len(pub[0]) == 4 == 20 // 4 - 1                      # n_batches - 1 per epoch
+    assert all(np.array_equal(a, b) for a, b in zip(*pub))      # the same order every epoch
+    np.testing.assert_array_equal(np.concatenate(pub[0]), once[:16])
+    ours = [epoch_batches(20, 4, 5, rng, False) for _ in range(2)]
+    assert len(ours[0]) == 5 and sorted(np.concatenate(ours[0])) == list(range(20))
+    assert not all(np.array_equal(a, b) for a, b in zip(*ours))  # reshuffled each epoch
+
+
+def test_reference_preset_is_the_published_trainer():
+    ref = make_config("reference")
+    assert (ref.published_batching, ref.integer_hu, ref.frozen_d_batch_stats, ref.exact_resample,
+            ref.published_save_schedule) == (True, True, True, False, True)
+    paper = make_config("paper")
+    assert (paper.published_batching, paper.integer_hu, paper.frozen_d_batch_stats) == (False, False, True)
+
+
+@pytest.mark.tf
+def test_frozen_discriminator_in_the_combined_model_uses_batch_statistics():
+    """Keras 2 (the published trainer) normalised a frozen D with each batch's statistics in
+    training; Keras 3 alone would use the moving averages."""
+    from procedures.ctgan_train import build_models
+    from procedures.keras_env import get_keras
+
+    keras = get_keras(_backend())
+    rng = np.random.default_rng(0)
+    a = rng.uniform(-0.5, 0.5, (4, 32, 32, 32, 1)).astype(np.float32)
+    b = make_condition(a)
+    for published in (True, False):
+        G, D, combined = build_models(keras, make_config("demo", gf=2, df=2, frozen_d_batch_stats=published))
+        moving = [np.asarray(w).copy() for w in D.non_trainable_weights]
+        valid, fake = (np.asarray(t) for t in combined([a, b], training=True))
+        for w, m in zip(D.non_trainable_weights, moving, strict=True):   # nothing updated
+            np.testing.assert_array_equal(np.asarray(w), m)
+        # inference still uses the moving averages
+        v_inf, f_inf = (np.asarray(t) for t in combined([a, b], training=False))
+        np.testing.assert_allclose(v_inf, np.asarray(D([f_inf, b], training=False)), atol=1e-5)
+        d_moving = np.asarray(D([fake, b], training=False))
+        D.trainable = True
+        d_batch = np.asarray(D([fake, b], training=True))   # batch statistics (and an update)
+        D.trainable = False
+        if published:
+            np.testing.assert_allclose(valid, d_batch, atol=1e-5)
+            assert np.abs(valid - d_moving).max() > 0.1
+        else:
+            np.testing.assert_allclose(valid, d_moving, atol=1e-5)
+        assert {w.path for w in combined.trainable_weights} == {w.path for w in G.trainable_weights}
 
 
 @pytest.mark.tf

@@ -10,6 +10,7 @@ import torch
 import evaluate
 from conftest import make_phantom
 from procedures import tafim as T
+from procedures.protection import slabs_meeting
 from scanDataset import ScanDataset
 from utils.errors import ModelFileError, UsageError, run_cli
 from utils.scan_io import Scan, save_mhd
@@ -61,8 +62,8 @@ def test_unet_shapes_range_and_any_slice_size():
 
 
 def test_slab_tiling_for_the_cube_and_overlap_order():
-    assert T._slabs_for_cube(22, 4, 5, 18) == [4, 8, 12, 16]        # tiling 0, 4, ..., 16, 18
-    assert T._slabs_for_cube(22, 4, 5, 19) == [4, 8, 12, 16, 18]    # last slab aligned to the end
+    assert slabs_meeting(22, 4, 5, 18) == [4, 8, 12, 16]        # tiling 0, 4, ..., 16, 18
+    assert slabs_meeting(22, 4, 5, 19) == [4, 8, 12, 16, 18]    # last slab aligned to the end
     xp = torch.arange(3 * 4, dtype=torch.float32).reshape(3, 4, 1, 1).expand(3, 4, 2, 2)
     sub, z0 = T._assemble(xp, [12, 16, 18])
     assert z0 == 12 and sub.shape == (10, 2, 2)

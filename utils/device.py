@@ -26,3 +26,8 @@ def pick_device(name: str) -> torch.device:
     if name.startswith("mps") and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise UsageError(f"--device {name}: MPS is not available on this machine")
     return torch.device(name)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a config's `dtype` field: float64 (published) or float32."""
+    return torch.float64 if name == "float64" else torch.float32
