@@ -27,11 +27,16 @@ def setup(tmp_path_factory, tiny_ctgan_models):
 def test_every_column_on_a_phantom_with_two_locations(setup, tmp_path, capsys):
     data, ckpt, models = setup
     out = tmp_path / "eval"
+    from conftest import build_tiny_ctgan_models
+
+    holdout = build_tiny_ctgan_models(tmp_path / "holdout", seed=5)
     rc = run_cli(evaluate.main, ["--data", str(data), "--checkpoint", str(ckpt), "--models", str(models),
-                                 "--out", str(out), "-n", "2", "--max-scans", "1", "--no-progress"])
+                                 "--holdout-models", str(holdout), "--out", str(out), "-n", "2",
+                                 "--max-scans", "1", "--no-progress"])
     assert rc == 0, capsys.readouterr().err
     md = (out / "results.md").read_text()
     for col in ("protected MITS-GAN", "protected noise", "tampered MITS-GAN", "tampered noise",
+                "protected random +-10 HU signs", "tampered random +-10 HU signs",
                 "tampered, unprotected (CT-GAN(real))", "published: protected TAFIM"):
         assert md.count(col) >= 2, col                      # in both the slice and square tables
     assert "## Whole slice" in md and "## Tampered square only" in md
@@ -43,11 +48,11 @@ def test_every_column_on_a_phantom_with_two_locations(setup, tmp_path, capsys):
     samples = {(r["loc"], r["action"]) for r in rows}
     assert len(samples) == 4                                 # 2 locations x inject, remove
     assert {r["action"] for r in rows} == {"inject", "remove"}
-    assert len(rows) == 4 * 5 * 2                            # samples x columns x regions
+    assert len(rows) == 4 * 7 * 2                            # samples x columns x regions
     assert all(r["lpips"] == "" for r in rows)               # never computed without weights
     doc = json.loads((out / "results.json").read_text())
     assert set(doc["summary"]["table"]) == {"slice", "square"}
-    assert len(doc["summary"]["table"]["square"]) == 5
+    assert len(doc["summary"]["table"]["square"]) == 7
     assert doc["scale"]["psnr"] == {"window_hu": [-1000.0, 400.0], "data_range_hu": 1400.0}
     assert (out / "qualitative_vol0.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -55,10 +60,22 @@ def test_every_column_on_a_phantom_with_two_locations(setup, tmp_path, capsys):
     pert = {p["method"]: p for p in doc["perturbation"]}
     assert pert["mitsgan"]["rms_hu"] > 0
     assert pert["noise"]["rms_hu"] == pytest.approx(pert["mitsgan"]["rms_hu"], rel=0.05)
-    # Disruption rows: every sample x method, amplification = disruption / perturbation.
-    assert len(doc["disruption"]) == 8
+    # Random signs at the bound (the demo checkpoint is unbounded: 10 HU): every voxel +-10.
+    assert pert["signs"]["max_hu"] == pert["signs"]["rms_hu"] == pytest.approx(10.0)
+    # Disruption rows: every sample x method x attacker, amplification = disruption / perturbation.
+    assert len(doc["disruption"]) == 4 * 3 * 2
+    assert {d["attacker"] for d in doc["disruption"]} == {"seen", "unseen"}
     for d in doc["disruption"]:
         assert d["amplification"] == pytest.approx(d["disruption_rmse_hu"] / d["perturbation_rms_cube_hu"])
+        assert -1 <= d["ssim_tampered_vs_unprotected"] <= 1
+    # The two attackers really differ (another seed), on the same locations.
+    by = {(d["loc"], d["action"], d["method"], d["attacker"]): d["disruption_rmse_hu"] for d in doc["disruption"]}
+    assert any(by[k[:3] + ("seen",)] != by[k[:3] + ("unseen",)] for k in by)
+    # The report ends with the held-out table: both attackers side by side, ratios to signs.
+    tail = md[md.index("## Held-out protection (seen, unseen attackers)"):]
+    assert "seen: x signs" in tail and "unseen: SSIM" in tail
+    signs_row = next(l for l in tail.splitlines() if l.startswith("| random +-10 HU signs"))
+    assert signs_row.count("| 1.00 |") == 2                  # the baseline against itself
 
     # Recompute one unprotected column independently: CT-GAN on the real scan at that location.
     from procedures.attack_pipeline import ScanManipulator
