@@ -37,7 +37,8 @@ from utils.errors import CoordinateError, InputFileError, UsageError
 class TargetSettings:
     eps: float = 10.0            # L-inf bound in HU (integer HU as stored)
     steps: int = 60              # Adam steps per target
-    lr: float = 0.1              # Adam learning rate on w (d = eps * tanh(w))
+    method: str = "adam"         # adam: Adam on w, d = eps * tanh(w); pgd: sign-gradient steps on d
+    lr: float = 0.1              # adam: its learning rate; pgd: first step as a fraction of eps
     radius: int = 2              # cube-centre offsets optimised over: +-radius voxels per axis
     offsets_per_step: int = 2    # random offsets per step (each tampered with every action)
     actions: tuple = ("inject", "remove")
@@ -48,6 +49,8 @@ class TargetSettings:
         if not self.eps > 0 or self.steps < 1 or self.radius < 0 or self.offsets_per_step < 1:
             raise UsageError("targeted protection: eps must be > 0, steps and offsets per step >= 1, "
                              "radius >= 0")
+        if self.method not in ("pgd", "adam"):
+            raise UsageError(f"targeted protection: method must be pgd or adam, not {self.method!r}")
         if not self.actions or any(a not in ("inject", "remove") for a in self.actions):
             raise UsageError(f"targeted protection: actions must be inject and/or remove, not {self.actions!r}")
         return self
@@ -145,12 +148,15 @@ def optimise_target(dt, hu: np.ndarray, spacing, center, s: TargetSettings) -> t
     grid = offset_grid(s.radius, s.parity)
     rng = np.random.default_rng([int(s.seed), *(int(v) for v in center)])
     g = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
-    # A random start: at d = 0 the RMSE's gradient is 0 (CT-GAN(real + 0) == CT-GAN(real)).
-    w = (0.3 * torch.randn(real.shape, generator=g)).requires_grad_(True)
-    opt = torch.optim.Adam([w], lr=s.lr)
+    if s.method == "adam":
+        # A random start: at d = 0 the RMSE's gradient is 0 (CT-GAN(real + 0) == CT-GAN(real)).
+        w = (0.3 * torch.randn(real.shape, generator=g)).requires_grad_(True)
+        opt = torch.optim.Adam([w], lr=s.lr)
+    else:  # L-inf PGD (sign of the gradient) from random +-eps signs, the baseline itself
+        w = (s.eps * (2.0 * torch.randint(0, 2, real.shape, generator=g) - 1.0)).requires_grad_(True)
     refs: dict = {}
     acts = list(s.actions)
-    for _ in range(s.steps):
+    for t in range(s.steps):
         offs = grid[rng.integers(len(grid), size=s.offsets_per_step)]
         cents = np.repeat(_centres(center, box, offs, hu.shape), len(acts), axis=0)
         actions = acts * len(offs)
@@ -160,18 +166,33 @@ def optimise_target(dt, hu: np.ndarray, spacing, center, s: TargetSettings) -> t
                 feet = dt.footprints(real.expand(len(need), *real.shape), spacing,
                                      np.array([c for c, _ in need]), [a for _, a in need])
             refs.update({k: f[0] for k, f in zip(need, feet)})
-        d = straight_through_round(s.eps * torch.tanh(w))
-        prot = (real + d).expand(len(cents), *real.shape)
-        feet = dt.footprints(prot, spacing, cents, actions)
+        d = straight_through_round(s.eps * torch.tanh(w) if s.method == "adam" else w)
+        feet = dt.footprints((real + d).expand(len(cents), *real.shape), spacing, cents, actions)
         losses = [((f[0] - refs[(tuple(c), a)]).pow(2).mean() + 1e-6).sqrt()
                   for f, c, a in zip(feet, cents, actions)]
         loss = -torch.stack(losses).mean()
-        opt.zero_grad(set_to_none=True)
+        w.grad = None
         loss.backward()
-        opt.step()
+        with torch.no_grad():
+            if s.method == "adam":
+                opt.step()
+            else:  # step size s.lr * eps, decaying linearly to a tenth of it
+                w -= s.lr * s.eps * (1.0 - 0.9 * t / s.steps) * torch.sign(w.grad)
+                w.clamp_(-s.eps, s.eps)
     with torch.no_grad():
-        d = torch.round(s.eps * torch.tanh(w)).numpy()
+        d = torch.round(s.eps * torch.tanh(w) if s.method == "adam" else w).numpy()
     return box, d
+
+
+def optimise_targets(dt, hu: np.ndarray, spacing, targets, s: TargetSettings, progress=None):
+    """Yield (info dict, box slices, integer d) per target, optimised one after the other."""
+    s.validate()
+    it = targets if progress is None else progress(targets, desc="targets", unit="target", leave=False)
+    for center in it:
+        t0 = time.perf_counter()
+        box, d = optimise_target(dt, hu, spacing, center, s)
+        yield ({"target": tuple(int(v) for v in center), "box": [(b.start, b.stop) for b in box],
+                "max_hu": float(np.abs(d).max()), "seconds": time.perf_counter() - t0}, box, d)
 
 
 def protect_targets(dt, hu: np.ndarray, spacing, targets, s: TargetSettings, *, base=None,
@@ -179,17 +200,11 @@ def protect_targets(dt, hu: np.ndarray, spacing, targets, s: TargetSettings, *, 
     """Protected HU (float32, shape of hu): `base` (the generator's protection, default the scan
     itself) with each target's reach box replaced by real + its optimised perturbation.
     Returns (protected, one info dict per target; keep=True adds its box "slices" and "d")."""
-    s.validate()
-    out = (np.asarray(hu, dtype=np.float32) if base is None else np.asarray(base, dtype=np.float32)).copy()
+    out = np.array(hu if base is None else base, dtype=np.float32)
     info = []
-    it = targets if progress is None else progress(targets, desc="targets", unit="target", leave=False)
-    for center in it:
-        t0 = time.perf_counter()
-        box, d = optimise_target(dt, hu, spacing, center, s)
+    for i, box, d in optimise_targets(dt, hu, spacing, targets, s, progress):
         out[box] = hu[box].astype(np.float32) + d
-        info.append({"target": tuple(int(v) for v in center), "box": [(b.start, b.stop) for b in box],
-                     "max_hu": float(np.abs(d).max()), "seconds": time.perf_counter() - t0,
-                     **({"slices": box, "d": d} if keep else {})})
+        info.append({**i, **({"slices": box, "d": d} if keep else {})})
     return out, info
 
 
@@ -201,3 +216,20 @@ def load_attacker(models, actions=("inject", "remove"), device=None):
     return DifferentiableTamper.from_model_dirs(
         models / "INJ" if "inject" in actions else None, models / "REM" if "remove" in actions else None,
         device=device, resample="spline", clamp="straight_through", work_dtype=torch.float32)
+
+
+def protect_scan_targets(scan, centres, out: np.ndarray, *, models, eps: float, steps: int,
+                         seed: int = 0, progress=None) -> list[dict]:
+    """protect.py --targets: optimise every target of `scan` against the CT-GAN pair in
+    `models` and write real + d into `out` (the generator's protection, or the scan itself; int16
+    holds d exactly: it is integer HU). Returns the per-target info."""
+    s = TargetSettings(eps=eps, steps=steps, seed=seed)
+    dt = load_attacker(models)
+    info = []
+    for i, box, d in optimise_targets(dt, scan.hu, scan.spacing, centres, s, progress):
+        v = scan.hu[box].astype(np.float32) + d
+        if np.issubdtype(out.dtype, np.integer):
+            v = np.clip(v, np.iinfo(out.dtype).min, np.iinfo(out.dtype).max)
+        out[box] = v.astype(out.dtype)
+        info.append(i)
+    return info
