@@ -139,6 +139,15 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert rc == UsageError.exit_code and "unknown method(s) magic" in capsys.readouterr().err
     rc = run_cli(evaluate.main, ["--methods", "noise"])
     assert rc == UsageError.exit_code and "--noise-rms" in capsys.readouterr().err
+    rc = run_cli(evaluate.main, ["--methods", "signs", "--locations", "targets"])
+    assert rc == UsageError.exit_code and "needs --targets" in capsys.readouterr().err
+    rc = run_cli(evaluate.main, ["--methods", "signs", "--curve", "5,x"])
+    assert rc == UsageError.exit_code and "--curve" in capsys.readouterr().err
+    (tmp_path / "empty.csv").write_text("")
+    rc = run_cli(evaluate.main, ["--methods", "signs", "--targets", str(tmp_path / "empty.csv"),
+                                 "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 3 and err.count("\n") == 1 and "empty.csv" in err and not (tmp_path / "o").exists()
     # Missing attacker models fail before any scan is protected (and before TensorFlow loads).
     (tmp_path / "scans").mkdir()
     from conftest import make_phantom
@@ -195,3 +204,40 @@ def test_pooled_psnr_is_finite_when_one_sample_is_identical():
     # Never above the mean of the per-sample PSNRs (Jensen): the worst samples weigh more.
     vals = [12.0, 25.0, 41.0]
     assert E.pooled_psnr(vals) < np.mean(vals)
+
+
+def test_held_out_locations_around_targets_and_baselines(tmp_path):
+    """--locations targets: offsets of odd parity (the targeted protection trains on even ones)
+    within +-2 voxels, from the evaluation's own stream; the signs and eps-scaled methods."""
+    from conftest import make_phantom
+    from procedures.targeted import read_target_rows
+    from utils.scan_io import Scan, save_mhd
+
+    save_mhd(Scan(make_phantom((30, 48, 48), seed=0), (2.5, 0.7, 0.7), (0.0, 0.0, 0.0)), tmp_path / "a.mhd")
+    item = ScanDataset(tmp_path)[0]
+    (tmp_path / "t.csv").write_text("filename,z,y,x\na.mhd,15,20,30\nb.mhd,1,1,1\n")
+    rows = read_target_rows(tmp_path / "t.csv")
+    locs = E.sample_locations(item, 5, seed=0, mode="targets", targets=rows)
+    assert len(locs) == 10 and {l.action for l in locs} == {"inject", "remove"}
+    offs = {(l.z - 15, l.y - 20, l.x - 30) for l in locs}
+    assert len(offs) == 5 and all(max(map(abs, o)) <= 2 and sum(o) % 2 == 1 for o in offs)
+    assert locs == E.sample_locations(item, 5, seed=0, mode="targets", targets=rows)
+    assert locs != E.sample_locations(item, 5, seed=1, mode="targets", targets=rows)
+
+    hu = item.scan.hu
+    signs = E.random_signs_method(7).protect(item) - hu
+    assert set(np.unique(signs)) == {-7.0, 7.0}
+    plus = E.ProtectionMethod("g", "g", lambda it: it.scan.hu.astype(np.float32) + np.float32(4.0), stored=False)
+    half = E.eps_scaled_method(plus, 5, 10, name="g", label="g at 5").protect(item) - hu
+    clip = E.eps_scaled_method(plus, 3, 0, name="g", label="g at 3").protect(item) - hu
+    assert np.allclose(half, 2.0) and np.allclose(clip, 3.0)   # bounded: scaled; unbounded: clipped
+
+
+def test_curve_report_draws_one_panel_per_attacker(tmp_path):
+    curve = {a: {"signs": {"label": "s", "eps": [5.0, 10.0], "disruption": [10.0, 20.0], "ssim": [0.9, 0.8], "n": [4, 4]},
+                 "targeted": {"label": "t", "eps": [5.0, 10.0], "disruption": [30.0, 60.0], "ssim": [0.7, 0.5], "n": [4, 4]}}
+             for a in ("seen", "unseen")}
+    lines = E.curve_report(curve, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    md = "\n".join(lines)
+    assert "| seen attacker | eps 5 HU | eps 10 HU |" in md and "| targeted | 30.0 (0.700) | 60.0 (0.500) |" in md
