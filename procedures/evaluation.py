@@ -751,6 +751,20 @@ def write_reports(res: EvalResult, out_dir, extra_sections: Sequence[str] = ()) 
     return paths
 
 
+def save_png(fig, path, dpi: int) -> None:
+    """Write a matplotlib figure atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    from utils.atomic import atomic_path
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
+
+
 # ----------------------------------------------------------------------------------------------
 # disruption vs eps
 # ----------------------------------------------------------------------------------------------
@@ -788,8 +802,6 @@ def curve_report(curve: dict, path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from utils.atomic import atomic_path
-
     fig, axes = plt.subplots(1, len(curve), figsize=(5.2 * len(curve), 4.0), squeeze=False)
     lines = ["## Disruption vs eps", "",
              "Mean disruption (HU) at the same held-out locations, both actions; generators at "
@@ -813,13 +825,8 @@ def curve_report(curve: dict, path) -> list[str]:
         ax.set_title(f"{attacker} attacker")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return lines + [f"Figure: {path.name}", ""]
+    save_png(fig, path, dpi=100)
+    return lines + [f"Figure: {Path(path).name}", ""]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -833,8 +840,6 @@ def qualitative_figure(path, real, protected: dict, sample, labels: dict, window
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
-
-    from utils.atomic import atomic_path
 
     loc, tampered, sq = sample
     z = loc.z
@@ -868,9 +873,4 @@ def qualitative_figure(path, real, protected: dict, sample, labels: dict, window
         axes[r, 0].set_ylabel(labels.get(n, n), fontsize=9)
     fig.suptitle(f"{loc.scan}: {loc.action} at (z,y,x)=({loc.z},{loc.y},{loc.x}); "
                  f"window [{window[0]:g}, {window[1]:g}] HU", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
+    save_png(fig, path, dpi=90)
