@@ -2,6 +2,12 @@
 
     python protect.py data/z2.5/lung1.mhd -c runs/demo/checkpoint.pt -o protected/
     python protect.py dicom_series_folder/ -c runs/demo/checkpoint.pt --format dicom -o out/
+    python protect.py data/z2.5/lung1.mhd --targets data/z2.5/nodules.csv -o protected/
+
+--targets protects known findings: around each row the perturbation (|d| <= --eps HU, integer)
+is optimised against CT-GAN's removal and injection with the cube centre up to 2 voxels off
+(procedures.targeted; docs/results.md has what it achieves); the generator (-c) or nothing
+protects the rest of the scan.
 
 Reads a MetaImage (.mhd), NRRD/NIfTI file or a DICOM series folder; writes the protected scan in
 HU with the source geometry (and, for DICOM, the source's patient/study metadata):
