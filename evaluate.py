@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eps", type=float, default=None,
                    help="L-inf bound (HU) of signs and targeted (default: the checkpoint's eps_hu, else 10)")
     p.add_argument("--targets", default="", help="targets CSV (z,y,x[,coord][,filename]) for targeted / --locations targets")
-    p.add_argument("--targeted-steps", type=int, default=60, help="Adam steps per target (default 60)")
+    p.add_argument("--targeted-steps", type=int, default=120, help="Adam steps per target (default 120)")
     p.add_argument("--curve", default="", help="eps values in HU for the disruption-vs-eps curve, e.g. 5,10,20,40")
     p.add_argument("--checkpoint2", default="",
                    help="a second MITS-GAN checkpoint for --methods mitsgan2 (its own columns)")

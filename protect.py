@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(procedures.targeted); the generator (or nothing) elsewhere")
     p.add_argument("--eps", type=float, default=10.0, help="--targets: L-inf bound in HU (default 10)")
     p.add_argument("--models", default="models", help="--targets: CT-GAN folder with INJ/ and REM/")
-    p.add_argument("--targeted-steps", type=int, default=60, help="--targets: Adam steps per target")
+    p.add_argument("--targeted-steps", type=int, default=120, help="--targets: Adam steps per target (default 120)")
     p.add_argument("-o", "--out", default="protected",
                    help="output .mhd file, or a folder (default: protected/)")
     p.add_argument("--format", choices=["mhd", "dicom"], default=None,

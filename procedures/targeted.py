@@ -36,7 +36,7 @@ from utils.errors import CoordinateError, InputFileError, UsageError
 @dataclass
 class TargetSettings:
     eps: float = 10.0            # L-inf bound in HU (integer HU as stored)
-    steps: int = 60              # Adam steps per target
+    steps: int = 120             # Adam steps per target
     method: str = "adam"         # adam: Adam on w, d = eps * tanh(w); pgd: sign-gradient steps on d
     lr: float = 0.1              # adam: its learning rate; pgd: first step as a fraction of eps
     radius: int = 2              # cube-centre offsets optimised over: +-radius voxels per axis
