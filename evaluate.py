@@ -10,10 +10,19 @@ tampered square: RMSE (HU), PSNR, SSIM, LPIPS (SPEC.md section 7). Also the pert
 per method and the disruption of the attack (RMSE between CT-GAN(protected) and CT-GAN(real) in
 the 32 mm cube, and its ratio to the perturbation there).
 
+Every location is drawn from the evaluation's own random stream, which no training uses
+(default 12 per scan, inject and remove at each). With --holdout-models, a second CT-GAN pair
+that no training has seen (`make ctgan-holdout`) attacks the same locations, and the held-out
+table shows both attackers side by side, each method beside the random-signs baseline.
+
 Protection methods (--methods, comma-separated):
   mitsgan   the checkpoint's generator
   noise     Gaussian noise with the RMS (HU) of MITS-GAN's perturbation of the same scan
             (or --noise-rms HU when mitsgan is not evaluated)
+  signs     random +-eps HU on every voxel (--eps; default the checkpoint's bound, else 10 HU)
+  targeted  targeted protection of the --targets CSV rows (procedures.targeted), optimised
+            through the seen attacker's PyTorch port on offsets of even parity; evaluate it
+            with --locations targets (held-out offsets of odd parity around each target)
   mitsgan2  a second MITS-GAN checkpoint (--checkpoint2), e.g. the white-box `default` model
   mitsgan_float, mitsgan2_float
             the same generators' float32 output, not rounded to the scan's int16 storage
@@ -22,8 +31,10 @@ Protection methods (--methods, comma-separated):
             (trained with `python -m procedures.tafim`)
 Adding a method: one entry in METHODS below (a builder returning a ProtectionMethod).
 
-Outputs in --out: results.md (our table beside the published one), results.csv (one row per
-sample, column and region), results.json, qualitative_<scan>.png.
+--curve 5,10,20,40 adds disruption vs eps for signs, targeted and every generator (curve.png).
+
+Outputs in --out: results.md (our table beside the published one, then the held-out table),
+results.csv (one row per sample, column and region), results.json, qualitative_<scan>.png.
 """
 from __future__ import annotations
 
@@ -56,16 +67,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MITS-GAN checkpoint (default runs/demo/checkpoint.pt)")
     p.add_argument("--models", default="models", help="CT-GAN models folder with INJ/ and REM/")
     p.add_argument("--out", default="runs/eval", help="output folder (default runs/eval)")
-    p.add_argument("--methods", default="mitsgan,noise", help="protection methods (default mitsgan,noise)")
+    p.add_argument("--holdout-models", default="",
+                   help="a second CT-GAN models folder (INJ/, REM/) never used in training: the unseen attacker")
+    p.add_argument("--methods", default="mitsgan,noise,signs",
+                   help="protection methods (default mitsgan,noise,signs)")
+    p.add_argument("--eps", type=float, default=None,
+                   help="L-inf bound (HU) of signs and targeted (default: the checkpoint's eps_hu, else 10)")
+    p.add_argument("--targets", default="", help="targets CSV (z,y,x[,coord][,filename]) for targeted / --locations targets")
+    p.add_argument("--targeted-steps", type=int, default=120, help="Adam steps per target (default 120)")
+    p.add_argument("--curve", default="", help="eps values in HU for the disruption-vs-eps curve, e.g. 5,10,20,40")
     p.add_argument("--checkpoint2", default="",
                    help="a second MITS-GAN checkpoint for --methods mitsgan2 (its own columns)")
     p.add_argument("--tafim-checkpoint", default="runs/tafim/checkpoint.pt",
                    help="TAFIM checkpoint for --methods tafim (default runs/tafim/checkpoint.pt)")
     p.add_argument("--noise-rms", type=float, default=None,
                    help="noise RMS in HU (default: MITS-GAN's perturbation RMS of each scan)")
-    p.add_argument("-n", "--n-locations", type=int, default=4, help="tamper locations per scan (default 4)")
-    p.add_argument("--locations", choices=["lung", "csv"], default="lung",
-                   help="lung: seeded voxels of the lung mask; csv: inject at healthy.csv, remove at nodules.csv")
+    p.add_argument("-n", "--n-locations", type=int, default=12,
+                   help="tamper locations per scan, or offsets per target (default 12)")
+    p.add_argument("--locations", choices=["lung", "csv", "targets"], default="lung",
+                   help="lung: seeded voxels of the lung mask; csv: inject at healthy.csv, remove at "
+                        "nodules.csv; targets: held-out offsets (+-2 voxels) around the --targets rows")
     p.add_argument("--actions", default="inject,remove", help="inject,remove (default both)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--window", type=_window, default=(-1000.0, 400.0),
@@ -164,11 +185,84 @@ METHODS["mitsgan_float"] = _float_variant("mitsgan")
 METHODS["mitsgan2_float"] = _float_variant("mitsgan2")
 
 
-def main(argv=None) -> int:
+def _eps(args, ctx) -> float:
+    """The bound of signs and targeted: --eps, else the evaluated checkpoint's, else 10 HU."""
+    if args.eps is not None:
+        return args.eps
+    cfg = ctx.get("mitsgan_config")
+    return float(cfg.eps_hu) if cfg is not None and cfg.eps_hu > 0 else 10.0
+
+
+def _build_signs(args, ctx):
+    from procedures.evaluation import random_signs_method
+
+    return random_signs_method(_eps(args, ctx), seed=args.seed)
+
+
+def _target_settings(args, eps):
+    from procedures.targeted import TargetSettings
+
+    # Even-parity offsets only: the evaluation's offsets around a target are the odd ones.
+    return TargetSettings(eps=eps, steps=args.targeted_steps, seed=args.seed, parity=0).validate()
+
+
+def _build_targeted(args, ctx):
+    from procedures.evaluation import targeted_method
+    from procedures.targeted import load_attacker
+
+    if not ctx.get("targets"):
+        raise UsageError("--methods targeted needs --targets CSV")
+    ctx.setdefault("torch_attacker", load_attacker(args.models))
+    s = _target_settings(args, _eps(args, ctx))
+    return targeted_method(ctx["torch_attacker"], ctx["targets"], s, progress=ctx["progress"],
+                           label=f"targeted, eps {s.eps:g} HU, {s.steps} steps")
+
+
+METHODS["signs"] = _build_signs
+METHODS["targeted"] = _build_targeted
+
+
+def _curve_methods(args, ctx, eps: float) -> list:
+    """The methods of the eps curve at one eps, named alike at every eps."""
+    from procedures.evaluation import eps_scaled_method, random_signs_method, targeted_method
+
+    out = [random_signs_method(eps, seed=args.seed, label=f"random +-{eps:g} HU signs")]
+    main = ctx["methods"].get("targeted")
+    if main is not None:
+        same = main.label.startswith(f"targeted, eps {eps:g} HU")
+        out.append(main if same else targeted_method(ctx["torch_attacker"], ctx["targets"],
+                                                     _target_settings(args, eps), progress=ctx["progress"]))
+    for key in ("mitsgan", "mitsgan2"):
+        if key in ctx.get("float_bases", {}):
+            base, bound, label = ctx["float_bases"][key]
+            out.append(eps_scaled_method(base, eps, bound, name=key, label=f"{label} at eps {eps:g}"))
+    return out
+
+
+def _float_bases(args, ctx) -> None:
+    """Each evaluated generator's float output, computed once per scan for the curve."""
+    from procedures.evaluation import mitsgan_method
+
+    ctx["float_bases"] = {}
+    for key in ("mitsgan", "mitsgan2"):
+        if key in ctx["methods"]:
+            G, cfg, dtype = ctx["generators"][key]
+            base = mitsgan_method(G, cfg, ctx["device"], dtype, seed=args.seed, batch=args.batch,
+                                  progress=ctx["progress"], name=key, stored=False)
+            ctx["float_bases"][key] = (base, float(cfg.eps_hu), f"{key} ({cfg.preset})")
+
+
+def _parse_curve(text: str) -> list[float]:
     try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
+        eps = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"--curve: comma-separated eps values in HU, not {text!r}") from None
+    if not eps or any(not e > 0 for e in eps):
+        raise UsageError(f"--curve: eps values must be > 0, got {text!r}")
+    return eps
+
+
+def _check_args(args) -> tuple[list[str], tuple[str, ...], list[float]]:
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
     if unknown or not names:
@@ -180,11 +274,38 @@ def main(argv=None) -> int:
         raise UsageError("--n-locations must be >= 1")
     if args.batch < 1 or args.seed < 0:
         raise UsageError("--batch must be >= 1 and --seed >= 0")
+    if args.eps is not None and not args.eps > 0:
+        raise UsageError("--eps must be > 0")
+    if args.locations == "targets" and not args.targets:
+        raise UsageError("--locations targets needs --targets CSV")
+    return names, actions, _parse_curve(args.curve) if args.curve else []
+
+
+def _attackers(args, actions) -> dict:
+    """The seen attacker (--models) and, with --holdout-models, the unseen one; loaded now, so a
+    missing model fails before hours of work."""
+    from procedures.attack_pipeline import ScanManipulator
+
+    out = {"seen": ScanManipulator(args.models, backend=args.backend)}
+    if args.holdout_models:
+        out["unseen"] = ScanManipulator(args.holdout_models, backend=args.backend)
+    for manip in out.values():
+        for a in actions:
+            manip.model(a)
+    return out
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    names, actions, curve_eps = _check_args(args)
 
     from tqdm import tqdm
 
-    from procedures.attack_pipeline import ScanManipulator
-    from procedures.evaluation import EvalSettings, evaluate, write_reports
+    from procedures.evaluation import EvalSettings, curve_report, evaluate, tradeoff_curve, write_reports
+    from procedures.targeted import read_target_rows
     from scanDataset import ScanDataset
     from utils.device import pick_device
     from utils.atomic import check_output_dir, os_error_message, removed_on_failure
@@ -196,30 +317,43 @@ def main(argv=None) -> int:
     device = pick_device(args.device)
     progress = None if args.no_progress else tqdm
     # Everything that can fail cheaply is checked before any scan is protected.
-    ctx = {"device": device, "progress": progress, "methods": {}}
+    ctx = {"device": device, "progress": progress, "methods": {},
+           "targets": read_target_rows(args.targets) if args.targets else None}
     for n in names:
         ctx["methods"][n] = METHODS[n](args, ctx)
     lpips_model = load_lpips(args.lpips_weights, device) if args.lpips_weights else None
     data = ScanDataset(args.data, cache=False)  # one scan in memory at a time
-    manip = ScanManipulator(args.models, backend=args.backend)
-    for a in actions:  # load the attacker now: a missing model fails before hours of work
-        manip.model(a)
+    attackers = _attackers(args, actions)
     n_scans = len(data) if not args.max_scans else min(args.max_scans, len(data))
     settings = EvalSettings(n_locations=args.n_locations, locations=args.locations, actions=actions,
-                            seed=args.seed, window=args.window, figure=not args.no_figures)
+                            seed=args.seed, window=args.window, figure=not args.no_figures,
+                            targets=ctx["targets"])
     info = {"data": args.data, "checkpoint": args.checkpoint if "mitsgan" in names else "-",
-            "CT-GAN models": args.models, "device": str(device)}
+            "CT-GAN models": f"seen: {args.models}" + (f"; unseen (never trained on): {args.holdout_models}"
+                                                       if args.holdout_models else ""),
+            "device": str(device)}
     if "mitsgan_config" in ctx:
         c = ctx["mitsgan_config"]
-        info["MITS-GAN"] = f"preset {c.preset}, generator {c.generator} (width {c.g_width}), slab {c.slab}"
-    items = (data[i] for i in range(n_scans))
-    if progress is not None:
-        items = progress(items, total=n_scans, desc="scans", unit="scan")
+        info["MITS-GAN"] = (f"preset {c.preset}, generator {c.generator} (width {c.g_width}), slab {c.slab}, "
+                            f"eps {c.eps_hu:g} HU" + (" (unbounded)" if not c.eps_hu else ""))
+
+    def scans():
+        items = (data[i] for i in range(n_scans))
+        return items if progress is None else progress(items, total=n_scans, desc="scans", unit="scan")
+
     try:
-        with removed_on_failure(out, "qualitative_*.png"):  # a failed run leaves no figure behind
-            res = evaluate(items, list(ctx["methods"].values()), manip, settings, out,
+        with removed_on_failure(out, "qualitative_*.png", "curve.png"):  # a failed run leaves no figure
+            res = evaluate(scans(), list(ctx["methods"].values()), attackers, settings, out,
                            lpips_model=lpips_model, progress=progress, info=info)
-            paths = write_reports(res, out)
+            extra = []
+            if curve_eps:
+                _float_bases(args, ctx)
+                curve = tradeoff_curve(scans(), lambda e: _curve_methods(args, ctx, e), attackers,
+                                       settings, curve_eps, progress=progress)
+                res.info["curve"] = curve
+                extra = curve_report(curve, out / "curve.png")
+                res.figures.append(str(out / "curve.png"))
+            paths = write_reports(res, out, extra_sections=extra)
     except OSError as e:  # a folder that cannot be made (full disk, read-only); files are atomic
         raise OutputError(os_error_message(getattr(e, "filename", None) or out, e)) from None
     print(paths["md"].read_text())

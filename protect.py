@@ -2,6 +2,12 @@
 
     python protect.py data/z2.5/lung1.mhd -c runs/demo/checkpoint.pt -o protected/
     python protect.py dicom_series_folder/ -c runs/demo/checkpoint.pt --format dicom -o out/
+    python protect.py data/z2.5/lung1.mhd --targets data/z2.5/nodules.csv -o protected/
+
+--targets protects known findings: around each row the perturbation (|d| <= --eps HU, integer)
+is optimised against CT-GAN's removal and injection with the cube centre up to 2 voxels off
+(procedures.targeted; docs/results.md has what it achieves); the generator (-c) or nothing
+protects the rest of the scan.
 
 Reads a MetaImage (.mhd), NRRD/NIfTI file or a DICOM series folder; writes the protected scan in
 HU with the source geometry (and, for DICOM, the source's patient/study metadata):
@@ -30,7 +36,15 @@ from utils.errors import CliParser, OutputError, ScanFormatError, UsageError, ru
 def build_parser() -> argparse.ArgumentParser:
     p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("scan", help="scan to protect: .mhd/.mha/.nrrd/.nii(.gz) file or DICOM series folder")
-    p.add_argument("-c", "--checkpoint", required=True, help="MITS-GAN checkpoint (train.py's checkpoint.pt)")
+    p.add_argument("-c", "--checkpoint", default="",
+                   help="MITS-GAN checkpoint (train.py's checkpoint.pt); optional with --targets")
+    p.add_argument("--targets", default="",
+                   help="CSV of known findings (z,y,x[,coord vox|world][,filename]): optimise the "
+                        "perturbation around each against CT-GAN removal and injection "
+                        "(procedures.targeted); the generator (or nothing) elsewhere")
+    p.add_argument("--eps", type=float, default=10.0, help="--targets: L-inf bound in HU (default 10)")
+    p.add_argument("--models", default="models", help="--targets: CT-GAN folder with INJ/ and REM/")
+    p.add_argument("--targeted-steps", type=int, default=120, help="--targets: Adam steps per target (default 120)")
     p.add_argument("-o", "--out", default="protected",
                    help="output .mhd file, or a folder (default: protected/)")
     p.add_argument("--format", choices=["mhd", "dicom"], default=None,
@@ -70,6 +84,10 @@ def main(argv=None) -> int:
         raise UsageError("--batch must be >= 1")
     if args.seed < 0:
         raise UsageError("--seed must be >= 0")
+    if not args.checkpoint and not args.targets:
+        raise UsageError("give a checkpoint (-c), --targets CSV, or both")
+    if args.targets and (not args.eps > 0 or args.targeted_steps < 1):
+        raise UsageError("--eps must be > 0 and --targeted-steps >= 1")
     from tqdm import tqdm
 
     from procedures.protection import load_generator, protect_hu, protected_scan
@@ -80,8 +98,11 @@ def main(argv=None) -> int:
 
     scan_path = Path(args.scan)
     device = pick_device(args.device)
-    # The checkpoint is checked before the (possibly large) scan is read.
-    G, cfg, dtype = load_generator(args.checkpoint, device)
+    # The checkpoint and the targets are checked before the (possibly large) scan is read.
+    G, cfg, dtype = load_generator(args.checkpoint, device) if args.checkpoint else (None, None, None)
+    if args.targets:
+        from procedures.targeted import read_target_rows, targets_for_scan
+        rows = read_target_rows(args.targets)
     fmt = args.format or ("dicom" if scan_path.is_dir() else "mhd")
     target = output_path(scan_path, Path(args.out), fmt)
     check_output(scan_path, target)
@@ -89,13 +110,21 @@ def main(argv=None) -> int:
 
     scan = load_scan(scan_path)
     depth = scan.hu.shape[0]
-    if depth < cfg.slab:
+    centres = targets_for_scan(rows, scan, scan_path.name) if args.targets else []
+    if G is not None and depth < cfg.slab:
         raise ScanFormatError(f"{scan_path}: has {depth} slices; this generator protects slabs of {cfg.slab}")
     hu = scan.hu
     out = np.empty(hu.shape, dtype=hu.dtype if np.issubdtype(hu.dtype, np.integer) else np.float32)
     t0 = time.perf_counter()
-    protect_hu(G, hu, cfg, device, dtype=dtype, seed=args.seed, batch=args.batch, out=out,
-               progress=None if args.no_progress else tqdm, desc=f"protect {scan_path.name}")
+    if G is not None:
+        protect_hu(G, hu, cfg, device, dtype=dtype, seed=args.seed, batch=args.batch, out=out,
+                   progress=None if args.no_progress else tqdm, desc=f"protect {scan_path.name}")
+    else:
+        out[...] = hu
+    if centres:
+        from procedures.targeted import protect_scan_targets
+        protect_scan_targets(scan, centres, out, models=args.models, eps=args.eps, steps=args.targeted_steps,
+                             seed=args.seed, progress=None if args.no_progress else tqdm)
     seconds = time.perf_counter() - t0
     stats = perturbation_stats(out, hu)
 
@@ -109,8 +138,10 @@ def main(argv=None) -> int:
         written = save_mhd(result, target)
     else:
         written = save_dicom_series(result, target, series_description="MITS-GAN protected")
+    how = [f"{cfg.generator} generator"] if G is not None else []
+    how += [f"{len(centres)} target(s), eps {args.eps:g} HU"] if centres else []
     print(f"protected {scan_path} -> {written} ({depth} slices in {seconds:.1f} s on {device}, "
-          f"{cfg.generator} generator)")
+          f"{' + '.join(how)})")
     print(f"perturbation: RMS {stats['rms_hu']:.2f} HU, max {stats['max_hu']:.1f} HU, "
           f"{100 * stats['changed_fraction']:.1f}% of voxels changed")
     return 0

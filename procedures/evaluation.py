@@ -133,6 +133,61 @@ def gaussian_noise_method(rms_hu: float | Callable[[VolumeItem], float], *, seed
     return ProtectionMethod("noise", label, run)
 
 
+def random_signs_method(eps_hu: float, *, seed: int = 0, label: str | None = None,
+                        name: str = "signs") -> ProtectionMethod:
+    """Baseline: random +-eps HU on every voxel (the largest RMS an L-inf bound of eps allows,
+    no learning). Seeded by (seed, scan name)."""
+    def run(item: VolumeItem) -> np.ndarray:
+        rng = np.random.default_rng([int(seed), zlib.crc32(Path(item.path).name.encode()), 1])
+        hu = item.scan.hu
+        out = hu.astype(np.float32)
+        for z in range(hu.shape[0]):
+            out[z] += np.where(rng.random(hu.shape[1:]) < 0.5, -1.0, 1.0).astype(np.float32) * np.float32(eps_hu)
+        return out
+
+    return ProtectionMethod(name, label or f"random +-{eps_hu:g} HU signs", run)
+
+
+def eps_scaled_method(base: ProtectionMethod, eps_hu: float, bound_hu: float, *, name: str,
+                      label: str) -> ProtectionMethod:
+    """A generator's protection at another bound, from its float output `base` (computed once
+    per scan): a bounded generator (x + eps * tanh(r), bound_hu > 0) scales its perturbation by
+    eps / bound_hu, which is what running it with that bound gives before storage; an unbounded
+    one has its perturbation clipped to +-eps. Stored as int16 like every column."""
+    def run(item: VolumeItem) -> np.ndarray:
+        hu = item.scan.hu
+        out = base.protect(item).astype(np.float32, copy=True)
+        for z in range(hu.shape[0]):
+            d = out[z] - hu[z]
+            d = d * np.float32(eps_hu / bound_hu) if bound_hu > 0 else np.clip(d, -eps_hu, eps_hu)
+            out[z] = hu[z] + d
+        return out
+
+    return ProtectionMethod(name, label, run)
+
+
+def targeted_method(attacker, rows, settings, *, label: str | None = None, name: str = "targeted",
+                    progress=None) -> ProtectionMethod:
+    """Targeted protection (procedures.targeted) of the targets CSV rows of each scan, nothing
+    elsewhere. `attacker`: a procedures.ctgan_torch.DifferentiableTamper (the seen attacker)."""
+    from procedures.targeted import protect_targets, targets_for_scan
+
+    boxes: dict = {}  # scan path -> [(box, d)]: small, so the eps curve reuses the main run's
+
+    def run(item: VolumeItem) -> np.ndarray:
+        if item.path not in boxes:
+            centres = targets_for_scan(rows, item.scan, Path(item.path).name, strict=False)
+            _, info = protect_targets(attacker, item.scan.hu, item.scan.spacing, centres, settings,
+                                      progress=progress, keep=True)
+            boxes[item.path] = [(i["slices"], i["d"]) for i in info]
+        out = item.scan.hu.astype(np.float32)
+        for box, d in boxes[item.path]:
+            out[box] = item.scan.hu[box].astype(np.float32) + d
+        return out
+
+    return ProtectionMethod(name, label or f"targeted, eps {settings.eps:g} HU", run)
+
+
 def matched_rms(method: ProtectionMethod) -> Callable[[VolumeItem], float]:
     """The RMS (HU) of `method`'s perturbation of an item, as stored."""
     def rms(item: VolumeItem) -> float:
@@ -178,16 +233,49 @@ def _csv_locations(item: VolumeItem, path: Path) -> list[tuple[int, int, int]]:
     return out
 
 
-def sample_locations(item: VolumeItem, n: int, *, seed: int = 0, mode: str = "lung",
-                     actions: Sequence[str] = ("inject", "remove"), csv_dir=None) -> list[Location]:
-    """N tamper locations for one scan, each tampered with every action.
+# Evaluation draws come from their own stream: train.py seeds every step with
+# SeedSequence([seed, step, rank]); this tag as the first entropy word keeps evaluation
+# locations independent of anything training drew (docs/results.md).
+EVAL_STREAM = 0x4D455641
 
-    mode "lung": N voxels drawn (seeded by seed and the scan name) from utils.lung.lung_mask,
-    preferring centres whose 32 mm cube stays inside the scan along z.
-    mode "csv": inject at the folder's healthy.csv rows, remove at its nodules.csv rows (at most
-    N each, seeded choice): the attacker injects into healthy lung and removes a real nodule."""
+
+def target_locations(item: VolumeItem, rows, n: int, rng, actions, radius: int = 2) -> list[Location]:
+    """Held-out cube centres around the targets: n offsets per target within +-radius voxels,
+    drawn without replacement from the offsets of odd parity ((oz + oy + ox) odd), which the
+    targeted protection under evaluation never optimises for (it uses the even ones)."""
+    from procedures.targeted import offset_grid, targets_for_scan
+
     name = Path(item.path).name
-    rng = np.random.default_rng([int(seed), zlib.crc32(name.encode())])
+    grid = offset_grid(radius, parity=1)
+    hi = np.asarray(item.scan.hu.shape) - 1
+    out = []
+    for t in targets_for_scan(rows, item.scan, name, strict=False):
+        offs = grid[rng.choice(len(grid), size=min(n, len(grid)), replace=False)]
+        for o in offs:
+            v = tuple(int(c) for c in np.clip(np.asarray(t) + o, 0, hi))
+            out += [Location(name, *v, action=a, source=f"target {t} + {tuple(int(c) for c in o)}")
+                    for a in actions]
+    return out
+
+
+def sample_locations(item: VolumeItem, n: int, *, seed: int = 0, mode: str = "lung",
+                     actions: Sequence[str] = ("inject", "remove"), csv_dir=None,
+                     targets=None) -> list[Location]:
+    """N tamper locations for one scan, each tampered with every action, drawn from the
+    evaluation stream (EVAL_STREAM, seed, scan name).
+
+    mode "lung": N voxels drawn from utils.lung.lung_mask, preferring centres whose 32 mm cube
+    stays inside the scan along z.
+    mode "csv": inject at the folder's healthy.csv rows, remove at its nodules.csv rows (at most
+    N each, seeded choice): the attacker injects into healthy lung and removes a real nodule.
+    mode "targets": N held-out offsets around each target row (procedures.targeted rows) of
+    this scan (target_locations): a hand-placed attack on a known finding."""
+    name = Path(item.path).name
+    rng = np.random.default_rng([EVAL_STREAM, int(seed), zlib.crc32(name.encode())])
+    if mode == "targets":
+        if targets is None:
+            raise UsageError("location mode 'targets' needs the targets CSV rows")
+        return target_locations(item, targets, n, rng, actions)
     if mode == "csv":
         folder = Path(csv_dir) if csv_dir is not None else Path(item.path).parent
         out = []
@@ -203,7 +291,7 @@ def sample_locations(item: VolumeItem, n: int, *, seed: int = 0, mode: str = "lu
             out += [Location(name, *v, action=action, source=fname) for v in rows]
         return out
     if mode != "lung":
-        raise UsageError(f"unknown location mode {mode!r}; choose lung or csv")
+        raise UsageError(f"unknown location mode {mode!r}; choose lung, csv or targets")
     from utils.lung import lung_mask
 
     hu = item.scan.hu
@@ -232,12 +320,14 @@ def cube_region(spacing, center, vol_shape) -> tuple[slice, slice, slice]:
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class EvalSettings:
-    n_locations: int = 4
-    locations: str = "lung"                       # lung | csv
+    n_locations: int = 12
+    locations: str = "lung"                       # lung | csv | targets
     actions: tuple = ("inject", "remove")
     seed: int = 0
     window: tuple = M.LUNG_WINDOW
     figure: bool = True
+    targets: list | None = None                   # targets CSV rows (procedures.targeted) or None
+    image_metrics: bool = True                    # False: disruption rows only (the eps curve)
 
 
 @dataclass
@@ -276,99 +366,139 @@ def evaluate(items: Iterable[VolumeItem], methods: Sequence[ProtectionMethod], m
              info: dict | None = None) -> EvalResult:
     """Run the evaluation; write figures into out_dir (when given and settings.figure).
 
-    `manipulator` is a procedures.attack_pipeline.ScanManipulator (its tamper_volume is used on
-    float32 copies). `progress`: a tqdm-like callable or None."""
+    `manipulator`: a procedures.attack_pipeline.ScanManipulator (its tamper_volume is used on
+    float32 copies), or {attacker name: ScanManipulator} with the seen attacker ("seen") first:
+    the image tables use the first, the disruption rows every one. `progress`: tqdm-like or None."""
     names = [m.name for m in methods]
     if len(set(names)) != len(names) or "none" in names:
         raise UsageError(f"protection method names must be unique and not 'none': {names}")
+    attackers = dict(manipulator) if isinstance(manipulator, dict) else {"seen": manipulator}
     labels = {m.name: m.label for m in methods}
     res = EvalResult(settings=_settings_dict(settings), methods=[(m.name, m.label) for m in methods],
                      lpips=lpips_model is not None, info=dict(info or {}))
-    window = tuple(float(v) for v in settings.window)
+    res.info.setdefault("attackers", list(attackers))
     for item in items:
         name = Path(item.path).name
-        real_hu = item.scan.hu
-        real = real_hu.astype(np.float32)
-        spacing = item.scan.spacing
-        t0 = time.perf_counter()
-        protected = {}
-        for m in methods:
-            got = m.protect(item)
-            protected[m.name] = as_stored(got, real_hu) if m.stored else np.asarray(got, np.float32)
-            if protected[m.name].shape != real.shape:
-                raise MitsError(f"protection method {m.name} returned shape {protected[m.name].shape} "
-                                f"for {name} of shape {real.shape}")
-            st = M.perturbation_stats(protected[m.name], real_hu)
-            res.perturbation.append({"scan": name, "method": m.name, **st})
-        res.info.setdefault("protect_seconds", {})[name] = time.perf_counter() - t0
+        real = item.scan.hu.astype(np.float32)
+        protected = _protect_all(item, methods, res)
         locs = sample_locations(item, settings.n_locations, seed=settings.seed, mode=settings.locations,
-                                actions=settings.actions)
+                                actions=settings.actions, targets=settings.targets)
         work = np.empty_like(real)
         it = locs if progress is None else progress(locs, desc=f"tamper {name}", leave=False, unit="tamper")
         fig_sample = None
         for li, loc in enumerate(it):
-            sl = (loc.z,)
-            cube = cube_region(spacing, loc.vox, real.shape)
-            square = (loc.z, cube[1], cube[2])
-            tampered, errors = {}, {}
-            for key, base in [("none", real)] + [(m.name, protected[m.name]) for m in methods]:
-                np.copyto(work, base)
-                rng = np.random.default_rng([settings.seed, li])  # same draws for every column
-                try:
-                    manipulator.tamper_volume(work, spacing, loc.vox, loc.action, rng)
-                except ModelFileError:  # no attacker at all: not a per-sample failure
-                    raise
-                except MitsError as e:  # e.g. AttackShapeError: this sample, this column
-                    errors[key] = f"{type(e).__name__}: {e}"
-                    continue
-                tampered[key] = {"slice": work[sl].copy(), "cube": work[cube].copy()}
-            if errors:
-                res.failures.append({"scan": name, "location": asdict(loc), "errors": errors})
-                log.warning("tamper failed on %s at %s (%s): %s", name, loc.vox, loc.action, errors)
-                if "none" in errors:
-                    continue
+            cube = cube_region(item.scan.spacing, loc.vox, real.shape)
             sample = {"scan": name, "loc": li, "z": loc.z, "y": loc.y, "x": loc.x,
                       "action": loc.action, "source": loc.source}
-            real_slice = real[sl]
-            for kind, key in _column_keys(names):
-                if kind == "protected":
-                    test_slice = protected[key][sl]
-                elif key in tampered:
-                    test_slice = tampered[key]["slice"]
-                else:
+            for ai, (attacker, manip) in enumerate(attackers.items()):
+                tampered = _tamper_columns(manip, item, loc, li, real, protected, methods, work, cube,
+                                           settings.seed, res, attacker)
+                if tampered is None:
                     continue
-                for region in REGIONS:
-                    r = real_slice if region == "slice" else real[square]
-                    t = test_slice if region == "slice" else test_slice[square[1:]]
-                    res.rows.append({**sample, "kind": kind, "method": key, "region": region,
-                                     **_pair_metrics(r, t, window, lpips_model)})
-            t_real = tampered["none"]["cube"]
-            attack = M.rmse(real[cube], t_real)
-            for m in methods:
-                if m.name not in tampered:
-                    continue
-                dis = M.rmse(tampered[m.name]["cube"], t_real)
-                pert = M.rmse(protected[m.name][cube], real[cube])
-                res.disruption.append({**sample, "method": m.name, "disruption_rmse_hu": dis,
-                                       "perturbation_rms_cube_hu": pert,
-                                       "amplification": dis / pert if pert > 0 else float("nan"),
-                                       "attack_rmse_hu": attack})
-            if fig_sample is None:
-                fig_sample = (loc, {k: v["slice"] for k, v in tampered.items()}, cube)
+                if ai == 0 and settings.image_metrics:
+                    _image_rows(res, sample, real, protected, tampered, names, cube, window_of(settings),
+                                lpips_model)
+                _disruption_rows(res, {**sample, "attacker": attacker}, real, protected, tampered,
+                                 methods, cube, window_of(settings))
+                if ai == 0 and fig_sample is None:
+                    fig_sample = (loc, {k: v["slice"] for k, v in tampered.items()}, cube)
         if out_dir is not None and settings.figure and fig_sample is not None:
             path = Path(out_dir) / f"qualitative_{Path(name).stem}.png"
-            qualitative_figure(path, real, protected, fig_sample, labels, window)
+            qualitative_figure(path, real, protected, fig_sample, labels, window_of(settings))
             res.figures.append(str(path))
-    if not res.rows:
+    if not res.disruption and not res.rows:
         raise MitsError("no sample could be evaluated: every tamper failed "
                         + (f"({res.failures[0]['errors']})" if res.failures else "(no locations)"))
     return res
+
+
+def window_of(settings: EvalSettings) -> tuple[float, float]:
+    return tuple(float(v) for v in settings.window)
+
+
+def _protect_all(item: VolumeItem, methods, res: EvalResult) -> dict:
+    """Every method's protected scan (as stored unless the method says float) and its size."""
+    name = Path(item.path).name
+    real_hu = item.scan.hu
+    t0 = time.perf_counter()
+    protected = {}
+    for m in methods:
+        got = m.protect(item)
+        protected[m.name] = as_stored(got, real_hu) if m.stored else np.asarray(got, np.float32)
+        if protected[m.name].shape != real_hu.shape:
+            raise MitsError(f"protection method {m.name} returned shape {protected[m.name].shape} "
+                            f"for {name} of shape {real_hu.shape}")
+        res.perturbation.append({"scan": name, "method": m.name,
+                                 **M.perturbation_stats(protected[m.name], real_hu)})
+    res.info.setdefault("protect_seconds", {})[name] = time.perf_counter() - t0
+    return protected
+
+
+def _tamper_columns(manip, item, loc, li, real, protected, methods, work, cube, seed, res,
+                    attacker) -> dict | None:
+    """CT-GAN on the real scan ('none') and every protected one at `loc`: {key: {'slice', 'cube'}}.
+    None when the unprotected tamper itself failed (recorded in res.failures)."""
+    tampered, errors = {}, {}
+    for key, base in [("none", real)] + [(m.name, protected[m.name]) for m in methods]:
+        np.copyto(work, base)
+        rng = np.random.default_rng([seed, li])  # same draws for every column
+        try:
+            manip.tamper_volume(work, item.scan.spacing, loc.vox, loc.action, rng)
+        except ModelFileError:  # no attacker at all: not a per-sample failure
+            raise
+        except MitsError as e:  # e.g. AttackShapeError: this sample, this column
+            errors[key] = f"{type(e).__name__}: {e}"
+            continue
+        tampered[key] = {"slice": work[loc.z].copy(), "cube": work[cube].copy()}
+    if errors:
+        res.failures.append({"scan": loc.scan, "attacker": attacker, "location": asdict(loc), "errors": errors})
+        log.warning("tamper failed on %s at %s (%s, %s attacker): %s", loc.scan, loc.vox, loc.action,
+                    attacker, errors)
+    return None if "none" in errors else tampered
+
+
+def _image_rows(res, sample, real, protected, tampered, names, cube, window, lpips_model) -> None:
+    """The published comparison (real vs each column) on the centre slice and tampered square."""
+    z = sample["z"]
+    square = (z, cube[1], cube[2])
+    for kind, key in _column_keys(names):
+        if kind == "protected":
+            test_slice = protected[key][z]
+        elif key in tampered:
+            test_slice = tampered[key]["slice"]
+        else:
+            continue
+        for region in REGIONS:
+            r = real[z] if region == "slice" else real[square]
+            t = test_slice if region == "slice" else test_slice[square[1:]]
+            res.rows.append({**sample, "kind": kind, "method": key, "region": region,
+                             **_pair_metrics(r, t, window, lpips_model)})
+
+
+def _disruption_rows(res, sample, real, protected, tampered, methods, cube, window) -> None:
+    """Disruption in the 32 mm cube, and the visibility of the protection in the tampered result:
+    SSIM(tampered protected, tampered unprotected) on the tampered square of the centre slice."""
+    t_real = tampered["none"]["cube"]
+    attack = M.rmse(real[cube], t_real)
+    sq = (slice(None), cube[1], cube[2])
+    for m in methods:
+        if m.name not in tampered:
+            continue
+        dis = M.rmse(tampered[m.name]["cube"], t_real)
+        pert = M.rmse(protected[m.name][cube], real[cube])
+        ssim_t = M.ssim(tampered["none"]["slice"][sq[1:]], tampered[m.name]["slice"][sq[1:]], window)
+        res.disruption.append({**sample, "method": m.name, "disruption_rmse_hu": dis,
+                               "perturbation_rms_cube_hu": pert,
+                               "amplification": dis / pert if pert > 0 else float("nan"),
+                               "attack_rmse_hu": attack, "ssim_tampered_vs_unprotected": ssim_t})
 
 
 def _settings_dict(s: EvalSettings) -> dict:
     d = asdict(s)
     d["actions"] = list(s.actions)
     d["window"] = [float(v) for v in s.window]
+    d["targets"] = None if s.targets is None else [
+        {**r, "zyx": [float(v) for v in r["zyx"]]} for r in s.targets]
     return d
 
 
@@ -396,9 +526,13 @@ def pooled_psnr(vals) -> float | None:
     return float("inf") if mse == 0 else float(-10.0 * math.log10(mse))
 
 
+DIS_KEYS = ("disruption_rmse_hu", "perturbation_rms_cube_hu", "amplification", "attack_rmse_hu",
+            "ssim_tampered_vs_unprotected")
+
+
 def summarise(res: EvalResult) -> dict:
-    """Means over samples: table[region][column_label][metric]; disruption and perturbation per
-    method."""
+    """Means over samples: table[region][column_label][metric]; disruption[attacker][label] and
+    perturbation[label] per method."""
     labels = dict(res.methods)
     keys = _column_keys([n for n, _ in res.methods])
     table = {}
@@ -412,15 +546,17 @@ def summarise(res: EvalResult) -> dict:
                 "n": len(rows), **{m: (pooled_psnr if m.startswith("psnr") else _mean)([r[m] for r in rows])
                                    for m in METRICS}}
     disruption = {}
-    for name, label in res.methods:
-        rows = [r for r in res.disruption if r["method"] == name]
-        if rows:
-            disruption[label] = {"n": len(rows), **{k: _mean([r[k] for r in rows]) for k in
-                                 ("disruption_rmse_hu", "perturbation_rms_cube_hu", "amplification",
-                                  "attack_rmse_hu")}}
+    for attacker in res.info.get("attackers", ["seen"]):
+        disruption[attacker] = {}
+        for name, label in res.methods:
+            rows = [r for r in res.disruption if r["method"] == name and r.get("attacker", "seen") == attacker]
+            if not rows:
+                continue
+            d = disruption[attacker][label] = {"n": len(rows), **{k: _mean([r[k] for r in rows]) for k in DIS_KEYS}}
             for action in sorted({r["action"] for r in rows}):
                 sub = [r for r in rows if r["action"] == action]
-                disruption[label][f"amplification_{action}"] = _mean([r["amplification"] for r in sub])
+                d[f"amplification_{action}"] = _mean([r["amplification"] for r in sub])
+                d[f"disruption_{action}"] = _mean([r["disruption_rmse_hu"] for r in sub])
     perturbation = {}
     for name, label in res.methods:
         rows = [r for r in res.perturbation if r["method"] == name]
@@ -456,7 +592,7 @@ def _jsonable(o):
     return o
 
 
-def markdown_report(res: EvalResult, summary: dict) -> str:
+def markdown_report(res: EvalResult, summary: dict, extra_sections: Sequence[str] = ()) -> str:
     s = res.settings
     lo, hi = s["window"]
     rng_ = hi - lo
@@ -464,7 +600,7 @@ def markdown_report(res: EvalResult, summary: dict) -> str:
     n_samples = len({(r["scan"], r["loc"], r["action"]) for r in res.rows})
     lines = ["# MITS-GAN evaluation", ""]
     for k, v in res.info.items():
-        if k != "protect_seconds":
+        if k not in ("protect_seconds", "curve", "attackers"):
             lines.append(f"- {k}: {v}")
     lines += [
         f"- scans: {', '.join(scans)}; {n_samples} tamper samples ({s['locations']} locations, "
@@ -516,28 +652,68 @@ def markdown_report(res: EvalResult, summary: dict) -> str:
               "in the same cube; amplification = their ratio (1: the attack passes the perturbation "
               "through unchanged; higher: the protection disrupts the attack). Attack RMSE = "
               "RMSE(CT-GAN(real), real) in the cube, for scale.", "",
-              "| method | disruption RMSE (HU) | perturbation RMS in cube (HU) | amplification | "
+              "| attacker | method | disruption RMSE (HU) | perturbation RMS in cube (HU) | amplification | "
               "amplification inject | amplification remove | attack RMSE (HU) | n |",
-              "|---|---|---|---|---|---|---|---|"]
-    for label, d in summary["disruption"].items():
-        lines.append(f"| {label} | {_fmt(d['disruption_rmse_hu'], 1)} | {_fmt(d['perturbation_rms_cube_hu'], 1)} "
-                     f"| {_fmt(d['amplification'], 2)} | {_fmt(d.get('amplification_inject'), 2)} "
-                     f"| {_fmt(d.get('amplification_remove'), 2)} | {_fmt(d['attack_rmse_hu'], 1)} | {d['n']} |")
+              "|---|---|---|---|---|---|---|---|---|"]
+    for attacker, per in summary["disruption"].items():
+        for label, d in per.items():
+            lines.append(f"| {attacker} | {label} | {_fmt(d['disruption_rmse_hu'], 1)} "
+                         f"| {_fmt(d['perturbation_rms_cube_hu'], 1)} | {_fmt(d['amplification'], 2)} "
+                         f"| {_fmt(d.get('amplification_inject'), 2)} | {_fmt(d.get('amplification_remove'), 2)} "
+                         f"| {_fmt(d['attack_rmse_hu'], 1)} | {d['n']} |")
     if res.figures:
         lines += ["", "## Figures", ""] + [f"- {Path(f).name}" for f in res.figures]
     if res.failures:
         lines += ["", "## Failed tampers", ""] + [
             f"- {f['scan']} {f['location']['action']} at {(f['location']['z'], f['location']['y'], f['location']['x'])}: "
             f"{'; '.join(f'{k}: {v}' for k, v in f['errors'].items())}" for f in res.failures]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + [""] + list(extra_sections) + heldout_table(res, summary)) + "\n"
+
+
+def heldout_table(res: EvalResult, summary: dict) -> list[str]:
+    """The protection table: every attacker side by side, each method's disruption beside the
+    random-signs baseline's, and how visible the protection is in the tampered result."""
+    s = res.settings
+    per = summary["disruption"]
+    attackers = list(per)
+    signs = next((label for name, label in res.methods if name == "signs"), None)
+    pert = summary["perturbation"]
+    lines = [f"## Held-out protection ({', '.join(attackers)} attacker{'s' if len(attackers) > 1 else ''})", "",
+             f"Locations: {s['locations']}, {s['n_locations']} per scan (or per target), actions "
+             f"{', '.join(s['actions'])}, drawn from the evaluation's own random stream (seed {s['seed']}), "
+             "which no training uses. Disruption = RMSE(CT-GAN(protected), CT-GAN(real)) in the 32 mm "
+             "cube (HU; inject / remove in brackets); x signs = disruption / that of random +-eps signs; "
+             "SSIM = SSIM(tampered protected, tampered unprotected) on the tampered square "
+             "(1: the protection leaves no visible trace in the tampered result).", ""]
+    head = ["method", "perturbation RMS / max (HU, whole scan)"]
+    for a in attackers:
+        head += [f"{a}: disruption (HU)", f"{a}: x signs", f"{a}: SSIM"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, label in res.methods:
+        p = pert.get(label, {})
+        cells = [label, f"{_fmt(p.get('rms_hu'), 2)} / {_fmt(p.get('max_hu'), 0)}"]
+        for a in attackers:
+            d = per[a].get(label)
+            base = per[a].get(signs) if signs else None
+            if d is None:
+                cells += ["—"] * 3
+                continue
+            ratio = (d["disruption_rmse_hu"] / base["disruption_rmse_hu"]
+                     if base and base["disruption_rmse_hu"] else None)
+            cells += [f"{_fmt(d['disruption_rmse_hu'], 1)} ({_fmt(d.get('disruption_inject'), 1)} / "
+                      f"{_fmt(d.get('disruption_remove'), 1)})", _fmt(ratio, 2),
+                      _fmt(d["ssim_tampered_vs_unprotected"], 3)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 CSV_FIELDS = ("scan", "loc", "z", "y", "x", "action", "source", "kind", "method", "region", *METRICS,
-              "disruption_rmse_hu", "perturbation_rms_cube_hu", "amplification", "attack_rmse_hu")
+              "disruption_rmse_hu", "perturbation_rms_cube_hu", "amplification", "attack_rmse_hu",
+              "ssim_tampered_vs_unprotected")
 
 
 def csv_report(res: EvalResult) -> str:
-    dis = {(d["scan"], d["loc"], d["method"]): d for d in res.disruption}
+    dis = {(d["scan"], d["loc"], d["method"]): d for d in res.disruption if d.get("attacker", "seen") == "seen"}
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
@@ -545,12 +721,12 @@ def csv_report(res: EvalResult) -> str:
         row = dict(r)
         if r["kind"] == "tampered" and r["region"] == "square":
             row.update({k: v for k, v in dis.get((r["scan"], r["loc"], r["method"]), {}).items()
-                        if k in CSV_FIELDS[-4:]})
+                        if k in CSV_FIELDS[-5:]})
         w.writerow({k: ("" if v is None else v) for k, v in row.items()})
     return buf.getvalue()
 
 
-def write_reports(res: EvalResult, out_dir) -> dict[str, Path]:
+def write_reports(res: EvalResult, out_dir, extra_sections: Sequence[str] = ()) -> dict[str, Path]:
     """results.md, results.csv, results.json in out_dir (each written atomically)."""
     from utils.atomic import atomic_write_text
 
@@ -558,7 +734,7 @@ def write_reports(res: EvalResult, out_dir) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     summary = summarise(res)
     paths = {"md": out / "results.md", "csv": out / "results.csv", "json": out / "results.json"}
-    atomic_write_text(paths["md"], markdown_report(res, summary))
+    atomic_write_text(paths["md"], markdown_report(res, summary, extra_sections))
     atomic_write_text(paths["csv"], csv_report(res))
     doc = {"settings": res.settings, "info": res.info, "methods": res.methods,
            "scale": {"rmse": "HU, raw",
@@ -575,6 +751,84 @@ def write_reports(res: EvalResult, out_dir) -> dict[str, Path]:
     return paths
 
 
+def save_png(fig, path, dpi: int) -> None:
+    """Write a matplotlib figure atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    from utils.atomic import atomic_path
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# disruption vs eps
+# ----------------------------------------------------------------------------------------------
+def tradeoff_curve(items: Iterable[VolumeItem], methods_at: Callable[[float], list], manipulator,
+                   settings: EvalSettings, eps_list: Sequence[float], *, progress=None) -> dict:
+    """Mean disruption per (attacker, method, eps) at the evaluation's locations: for each scan
+    and eps, `methods_at(eps)` (methods with the same names at every eps) are evaluated without
+    the image tables. Returns {attacker: {method name: {"label", "eps", "disruption",
+    "ssim"}}}."""
+    from dataclasses import replace
+
+    quiet = replace(settings, figure=False, image_metrics=False)
+    rows = []
+    for item in items:
+        for eps in eps_list:
+            res = evaluate([item], methods_at(eps), manipulator, quiet, progress=progress)
+            rows += [{**r, "eps": float(eps), "label": dict(res.methods)[r["method"]]} for r in res.disruption]
+    curve: dict = {}
+    for r in rows:
+        m = curve.setdefault(r["attacker"], {}).setdefault(r["method"], {"label": r["label"], "rows": {}})
+        m["rows"].setdefault(r["eps"], []).append(r)
+    for per in curve.values():
+        for m in per.values():
+            eps = sorted(m.pop("rows").items())
+            m["eps"] = [e for e, _ in eps]
+            m["disruption"] = [_mean([r["disruption_rmse_hu"] for r in rs]) for _, rs in eps]
+            m["ssim"] = [_mean([r["ssim_tampered_vs_unprotected"] for r in rs]) for _, rs in eps]
+            m["n"] = [len(rs) for _, rs in eps]
+    return curve
+
+
+def curve_report(curve: dict, path) -> list[str]:
+    """Plot the curve (one panel per attacker) into `path` and return its markdown lines."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curve), figsize=(5.2 * len(curve), 4.0), squeeze=False)
+    lines = ["## Disruption vs eps", "",
+             "Mean disruption (HU) at the same held-out locations, both actions; generators at "
+             "another eps: a bounded one's perturbation scaled by eps / its bound, an unbounded "
+             "one's clipped to +-eps (before int16 storage). SSIM(tampered protected, tampered "
+             "unprotected) on the tampered square in brackets.", ""]
+    for ax, (attacker, per) in zip(axes[0], curve.items()):
+        eps = sorted({e for m in per.values() for e in m["eps"]})
+        lines += [f"| {attacker} attacker | " + " | ".join(f"eps {e:g} HU" for e in eps) + " |",
+                  "|---|" + "---|" * len(eps)]
+        for name, m in per.items():
+            ax.plot(m["eps"], m["disruption"], marker="o", label=name)
+            by = dict(zip(m["eps"], zip(m["disruption"], m["ssim"])))
+            lines.append(f"| {name} | " + " | ".join(
+                f"{_fmt(by[e][0], 1)} ({_fmt(by[e][1], 3)})" if e in by else "—" for e in eps) + " |")
+        lines.append("")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(eps, [f"{e:g}" for e in eps])
+        ax.set_xlabel("L-inf bound eps (HU)")
+        ax.set_ylabel("disruption RMSE in the 32 mm cube (HU)")
+        ax.set_title(f"{attacker} attacker")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    save_png(fig, path, dpi=100)
+    return lines + [f"Figure: {Path(path).name}", ""]
+
+
 # ----------------------------------------------------------------------------------------------
 # qualitative figure
 # ----------------------------------------------------------------------------------------------
@@ -586,8 +840,6 @@ def qualitative_figure(path, real, protected: dict, sample, labels: dict, window
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
-
-    from utils.atomic import atomic_path
 
     loc, tampered, sq = sample
     z = loc.z
@@ -621,9 +873,4 @@ def qualitative_figure(path, real, protected: dict, sample, labels: dict, window
         axes[r, 0].set_ylabel(labels.get(n, n), fontsize=9)
     fig.suptitle(f"{loc.scan}: {loc.action} at (z,y,x)=({loc.z},{loc.y},{loc.x}); "
                  f"window [{window[0]:g}, {window[1]:g}] HU", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
+    save_png(fig, path, dpi=90)

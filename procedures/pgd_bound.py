@@ -33,35 +33,26 @@ def _rmse(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def bound_at(dt, hu: np.ndarray, spacing, center, action: str, *, eps: float, steps: int,
              lr: float, seed: int) -> dict:
-    """Optimise one location. hu: the scan (D, H, W) in HU; center: (z, y, x) voxel."""
-    from procedures.whitebox import straight_through_round
+    """Optimise one location. hu: the scan (D, H, W) in HU; center: (z, y, x) voxel.
+    procedures.targeted's optimiser with no centre offsets and one action."""
+    from procedures.targeted import TargetSettings, optimise_target
 
-    cut = dt.cut_shape(spacing)
-    z = int(center[0])
-    z0, z1 = max(0, z - cut[0]), min(hu.shape[0], z + cut[0] + 1)
-    real = torch.from_numpy(hu[z0:z1].astype(np.float32))
-    c = (z - z0, int(center[1]), int(center[2]))
+    s = TargetSettings(eps=eps, steps=steps, lr=lr, radius=0, offsets_per_step=1, actions=(action,),
+                       seed=seed, method="adam")
+    box, d = optimise_target(dt, hu, spacing, center, s.validate())
+    real = torch.from_numpy(hu[box].astype(np.float32))
+    c = tuple(int(v) - b.start for v, b in zip(center, box))
+    d = torch.from_numpy(d)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         ref, region = dt.footprints(real, spacing, c, action)[0]
-    g = torch.Generator().manual_seed(seed)
-    # A random start: at d = 0 the RMSE's gradient is 0 (CT-GAN(real + 0) == CT-GAN(real)).
-    w = (0.3 * torch.randn(real.shape, generator=g)).requires_grad_(True)
-    opt = torch.optim.Adam([w], lr=lr)
-    for _ in range(steps):
-        d = straight_through_round(eps * torch.tanh(w))
-        tam = dt.footprints(real + d, spacing, c, action)[0][0]
-        loss = -((tam - ref).pow(2).mean() + 1e-6).sqrt()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        d = torch.round(eps * torch.tanh(w))
         dis = _rmse(dt.footprints(real + d, spacing, c, action)[0][0], ref)
         pert = d[region].pow(2).mean().sqrt().item()
         noise = torch.round(torch.randn(real.shape, generator=g) * pert)
         dis_noise = _rmse(dt.footprints(real + noise, spacing, c, action)[0][0], ref)
-    return {"z": z, "y": c[1], "x": c[2], "action": action, "disruption_rmse_hu": dis,
-            "perturbation_rms_cube_hu": pert, "perturbation_max_hu": d.abs().max().item(),
+    return {"z": int(center[0]), "y": int(center[1]), "x": int(center[2]), "action": action,
+            "disruption_rmse_hu": dis, "perturbation_rms_cube_hu": pert,
+            "perturbation_max_hu": d.abs().max().item(),
             "amplification": dis / pert if pert > 0 else float("nan"),
             "noise_disruption_rmse_hu": dis_noise, "attack_rmse_hu": _rmse(ref, real[region])}
 
@@ -91,15 +82,13 @@ def main(argv=None) -> int:
     actions = [a.strip() for a in args.actions.split(",") if a.strip()]
     if not actions or any(a not in ("inject", "remove") for a in actions):
         raise UsageError(f"--actions: inject and/or remove, not {args.actions!r}")
-    from procedures.ctgan_torch import DifferentiableTamper
     from procedures.evaluation import sample_locations
+    from procedures.targeted import load_attacker
     from utils.scan_io import load_scan
 
     scan = load_scan(args.scan)
     models = Path(args.models)
-    dt = DifferentiableTamper.from_model_dirs(
-        models / "INJ" if "inject" in actions else None, models / "REM" if "remove" in actions else None,
-        resample="spline", clamp="straight_through", work_dtype=torch.float32)
+    dt = load_attacker(models, actions)
     item = SimpleNamespace(path=str(args.scan), scan=scan)
     locs = sample_locations(item, args.n_locations, seed=args.seed, actions=actions)
     rows = []

@@ -27,11 +27,16 @@ def setup(tmp_path_factory, tiny_ctgan_models):
 def test_every_column_on_a_phantom_with_two_locations(setup, tmp_path, capsys):
     data, ckpt, models = setup
     out = tmp_path / "eval"
+    from conftest import build_tiny_ctgan_models
+
+    holdout = build_tiny_ctgan_models(tmp_path / "holdout", seed=5)
     rc = run_cli(evaluate.main, ["--data", str(data), "--checkpoint", str(ckpt), "--models", str(models),
-                                 "--out", str(out), "-n", "2", "--max-scans", "1", "--no-progress"])
+                                 "--holdout-models", str(holdout), "--out", str(out), "-n", "2",
+                                 "--max-scans", "1", "--no-progress"])
     assert rc == 0, capsys.readouterr().err
     md = (out / "results.md").read_text()
     for col in ("protected MITS-GAN", "protected noise", "tampered MITS-GAN", "tampered noise",
+                "protected random +-10 HU signs", "tampered random +-10 HU signs",
                 "tampered, unprotected (CT-GAN(real))", "published: protected TAFIM"):
         assert md.count(col) >= 2, col                      # in both the slice and square tables
     assert "## Whole slice" in md and "## Tampered square only" in md
@@ -43,11 +48,11 @@ def test_every_column_on_a_phantom_with_two_locations(setup, tmp_path, capsys):
     samples = {(r["loc"], r["action"]) for r in rows}
     assert len(samples) == 4                                 # 2 locations x inject, remove
     assert {r["action"] for r in rows} == {"inject", "remove"}
-    assert len(rows) == 4 * 5 * 2                            # samples x columns x regions
+    assert len(rows) == 4 * 7 * 2                            # samples x columns x regions
     assert all(r["lpips"] == "" for r in rows)               # never computed without weights
     doc = json.loads((out / "results.json").read_text())
     assert set(doc["summary"]["table"]) == {"slice", "square"}
-    assert len(doc["summary"]["table"]["square"]) == 5
+    assert len(doc["summary"]["table"]["square"]) == 7
     assert doc["scale"]["psnr"] == {"window_hu": [-1000.0, 400.0], "data_range_hu": 1400.0}
     assert (out / "qualitative_vol0.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -55,10 +60,22 @@ def test_every_column_on_a_phantom_with_two_locations(setup, tmp_path, capsys):
     pert = {p["method"]: p for p in doc["perturbation"]}
     assert pert["mitsgan"]["rms_hu"] > 0
     assert pert["noise"]["rms_hu"] == pytest.approx(pert["mitsgan"]["rms_hu"], rel=0.05)
-    # Disruption rows: every sample x method, amplification = disruption / perturbation.
-    assert len(doc["disruption"]) == 8
+    # Random signs at the bound (the demo checkpoint is unbounded: 10 HU): every voxel +-10.
+    assert pert["signs"]["max_hu"] == pert["signs"]["rms_hu"] == pytest.approx(10.0)
+    # Disruption rows: every sample x method x attacker, amplification = disruption / perturbation.
+    assert len(doc["disruption"]) == 4 * 3 * 2
+    assert {d["attacker"] for d in doc["disruption"]} == {"seen", "unseen"}
     for d in doc["disruption"]:
         assert d["amplification"] == pytest.approx(d["disruption_rmse_hu"] / d["perturbation_rms_cube_hu"])
+        assert -1 <= d["ssim_tampered_vs_unprotected"] <= 1
+    # The two attackers really differ (another seed), on the same locations.
+    by = {(d["loc"], d["action"], d["method"], d["attacker"]): d["disruption_rmse_hu"] for d in doc["disruption"]}
+    assert any(by[k[:3] + ("seen",)] != by[k[:3] + ("unseen",)] for k in by)
+    # The report ends with the held-out table: both attackers side by side, ratios to signs.
+    tail = md[md.index("## Held-out protection (seen, unseen attackers)"):]
+    assert "seen: x signs" in tail and "unseen: SSIM" in tail
+    signs_row = next(l for l in tail.splitlines() if l.startswith("| random +-10 HU signs"))
+    assert signs_row.count("| 1.00 |") == 2                  # the baseline against itself
 
     # Recompute one unprotected column independently: CT-GAN on the real scan at that location.
     from procedures.attack_pipeline import ScanManipulator
@@ -122,6 +139,15 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert rc == UsageError.exit_code and "unknown method(s) magic" in capsys.readouterr().err
     rc = run_cli(evaluate.main, ["--methods", "noise"])
     assert rc == UsageError.exit_code and "--noise-rms" in capsys.readouterr().err
+    rc = run_cli(evaluate.main, ["--methods", "signs", "--locations", "targets"])
+    assert rc == UsageError.exit_code and "needs --targets" in capsys.readouterr().err
+    rc = run_cli(evaluate.main, ["--methods", "signs", "--curve", "5,x"])
+    assert rc == UsageError.exit_code and "--curve" in capsys.readouterr().err
+    (tmp_path / "empty.csv").write_text("")
+    rc = run_cli(evaluate.main, ["--methods", "signs", "--targets", str(tmp_path / "empty.csv"),
+                                 "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 3 and err.count("\n") == 1 and "empty.csv" in err and not (tmp_path / "o").exists()
     # Missing attacker models fail before any scan is protected (and before TensorFlow loads).
     (tmp_path / "scans").mkdir()
     from conftest import make_phantom
@@ -178,3 +204,40 @@ def test_pooled_psnr_is_finite_when_one_sample_is_identical():
     # Never above the mean of the per-sample PSNRs (Jensen): the worst samples weigh more.
     vals = [12.0, 25.0, 41.0]
     assert E.pooled_psnr(vals) < np.mean(vals)
+
+
+def test_held_out_locations_around_targets_and_baselines(tmp_path):
+    """--locations targets: offsets of odd parity (the targeted protection trains on even ones)
+    within +-2 voxels, from the evaluation's own stream; the signs and eps-scaled methods."""
+    from conftest import make_phantom
+    from procedures.targeted import read_target_rows
+    from utils.scan_io import Scan, save_mhd
+
+    save_mhd(Scan(make_phantom((30, 48, 48), seed=0), (2.5, 0.7, 0.7), (0.0, 0.0, 0.0)), tmp_path / "a.mhd")
+    item = ScanDataset(tmp_path)[0]
+    (tmp_path / "t.csv").write_text("filename,z,y,x\na.mhd,15,20,30\nb.mhd,1,1,1\n")
+    rows = read_target_rows(tmp_path / "t.csv")
+    locs = E.sample_locations(item, 5, seed=0, mode="targets", targets=rows)
+    assert len(locs) == 10 and {l.action for l in locs} == {"inject", "remove"}
+    offs = {(l.z - 15, l.y - 20, l.x - 30) for l in locs}
+    assert len(offs) == 5 and all(max(map(abs, o)) <= 2 and sum(o) % 2 == 1 for o in offs)
+    assert locs == E.sample_locations(item, 5, seed=0, mode="targets", targets=rows)
+    assert locs != E.sample_locations(item, 5, seed=1, mode="targets", targets=rows)
+
+    hu = item.scan.hu
+    signs = E.random_signs_method(7).protect(item) - hu
+    assert set(np.unique(signs)) == {-7.0, 7.0}
+    plus = E.ProtectionMethod("g", "g", lambda it: it.scan.hu.astype(np.float32) + np.float32(4.0), stored=False)
+    half = E.eps_scaled_method(plus, 5, 10, name="g", label="g at 5").protect(item) - hu
+    clip = E.eps_scaled_method(plus, 3, 0, name="g", label="g at 3").protect(item) - hu
+    assert np.allclose(half, 2.0) and np.allclose(clip, 3.0)   # bounded: scaled; unbounded: clipped
+
+
+def test_curve_report_draws_one_panel_per_attacker(tmp_path):
+    curve = {a: {"signs": {"label": "s", "eps": [5.0, 10.0], "disruption": [10.0, 20.0], "ssim": [0.9, 0.8], "n": [4, 4]},
+                 "targeted": {"label": "t", "eps": [5.0, 10.0], "disruption": [30.0, 60.0], "ssim": [0.7, 0.5], "n": [4, 4]}}
+             for a in ("seen", "unseen")}
+    lines = E.curve_report(curve, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    md = "\n".join(lines)
+    assert "| seen attacker | eps 5 HU | eps 10 HU |" in md and "| targeted | 30.0 (0.700) | 60.0 (0.500) |" in md

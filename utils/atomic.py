@@ -176,14 +176,14 @@ def ensure_not_input(out: str | os.PathLike, inputs: Iterable[str | os.PathLike 
 
 
 @contextlib.contextmanager
-def removed_on_failure(folder: str | os.PathLike, pattern: str) -> Iterator[None]:
-    """Files matching `pattern` in `folder` that the block creates or rewrites are deleted when
+def removed_on_failure(folder: str | os.PathLike, *patterns: str) -> Iterator[None]:
+    """Files matching any of `patterns` in `folder` that the block creates or rewrites are deleted when
     the block fails: a run that ends in an error leaves none of its outputs behind."""
     folder = Path(folder)
 
     def stamp() -> dict[Path, int]:
         try:
-            return {p: p.stat().st_mtime_ns for p in folder.glob(pattern)}
+            return {p: p.stat().st_mtime_ns for pat in patterns for p in folder.glob(pat)}
         except OSError:
             return {}
 

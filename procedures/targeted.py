@@ -1,0 +1,235 @@
+"""Targeted protection: optimise the perturbation around known findings against CT-GAN.
+
+A hospital knows where its findings are (the nodules a report lists): that is where an attacker
+would remove, and where an injection would be most misleading. For each target the perturbation
+of the region any attack cube can reach is optimised directly through the PyTorch CT-GAN port
+(procedures.ctgan_torch), as procedures.pgd_bound does for one location: d = eps * tanh(w),
+rounded to integer HU in the forward pass (straight-through; int16 storage keeps exactly that),
+Adam maximising RMSE(CT-GAN(real + d), CT-GAN(real)) in the cube, for removal and injection.
+
+The attacker clicks by hand, so the cube centre is not the target's voxel: every step draws
+random integer offsets within +-radius voxels on every axis (CT-GAN truncates the centre to a
+voxel) and the loss is the mean over offsets and actions. Optimised for the exact centre only,
+the perturbation disrupts little one voxel off (docs/results.md).
+
+Elsewhere the scan keeps the generator's protection (or is left as it is): the region of a
+target is replaced by real + d, so |protected - real| <= eps there whatever the generator did.
+
+Targets CSV: a header with z,y,x (voxel indices, or world mm with a `coord` column saying
+`world` on that row, as data/*/nodules.csv); an optional `filename` column keeps only the rows
+of the scan being protected.
+"""
+from __future__ import annotations
+
+import csv
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from utils.cubes import cube_bounds
+from utils.errors import CoordinateError, InputFileError, UsageError
+
+
+@dataclass
+class TargetSettings:
+    eps: float = 10.0            # L-inf bound in HU (integer HU as stored)
+    steps: int = 120             # Adam steps per target
+    method: str = "adam"         # adam: Adam on w, d = eps * tanh(w); pgd: sign-gradient steps on d
+    lr: float = 0.1              # adam: its learning rate; pgd: first step as a fraction of eps
+    radius: int = 2              # cube-centre offsets optimised over: +-radius voxels per axis
+    offsets_per_step: int = 2    # random offsets per step (each tampered with every action)
+    actions: tuple = ("inject", "remove")
+    seed: int = 0
+    parity: int | None = None    # only offsets with (oz + oy + ox) % 2 == parity (held-out checks)
+
+    def validate(self) -> "TargetSettings":
+        if not self.eps > 0 or self.steps < 1 or self.radius < 0 or self.offsets_per_step < 1:
+            raise UsageError("targeted protection: eps must be > 0, steps and offsets per step >= 1, "
+                             "radius >= 0")
+        if self.method not in ("pgd", "adam"):
+            raise UsageError(f"targeted protection: method must be pgd or adam, not {self.method!r}")
+        if not self.actions or any(a not in ("inject", "remove") for a in self.actions):
+            raise UsageError(f"targeted protection: actions must be inject and/or remove, not {self.actions!r}")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# targets
+# ----------------------------------------------------------------------------------------------
+def read_target_rows(path) -> list[dict]:
+    """The rows of a targets CSV as dicts {filename, zyx (floats), world (bool)}.
+    Empty, header-only, or malformed files raise InputFileError (one line)."""
+    path = Path(path)
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            fields = [c.strip().lower() for c in (reader.fieldnames or [])]
+            if not {"z", "y", "x"} <= set(fields):
+                raise InputFileError(f"{path}: a targets CSV needs a header with z,y,x columns "
+                                     f"(got {','.join(fields) or 'an empty file'})")
+            rows = []
+            for n, raw in enumerate(reader, start=2):
+                row = {(k or "").strip().lower(): (v or "").strip() for k, v in raw.items()
+                       if not isinstance(v, list)}
+                try:
+                    zyx = np.array([float(row["z"]), float(row["y"]), float(row["x"])])
+                except ValueError:
+                    raise InputFileError(f"{path}: line {n}: z,y,x must be numbers, got "
+                                         f"{row.get('z')!r},{row.get('y')!r},{row.get('x')!r}") from None
+                system = (row.get("coord") or "vox").lower()
+                if system not in ("vox", "world") or not np.all(np.isfinite(zyx)):
+                    raise InputFileError(f"{path}: line {n}: coord must be vox or world and z,y,x finite")
+                rows.append({"filename": row.get("filename") or None, "zyx": zyx, "world": system == "world"})
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise InputFileError(f"{path}: cannot read targets ({type(e).__name__}: {e})") from None
+    if not rows:
+        raise InputFileError(f"{path}: no targets (the CSV has no rows)")
+    return rows
+
+
+def targets_for_scan(rows: list[dict], scan, name: str | None, *, strict: bool = True) -> list[tuple]:
+    """Voxel centres (z, y, x ints, truncated like CT-GAN's cut) of the rows for scan `name`
+    (rows without a filename apply to every scan). strict: a target outside the scan is a
+    CoordinateError; else it is skipped."""
+    shape = np.asarray(scan.hu.shape)
+    out = []
+    for r in rows:
+        if name is not None and r["filename"] and Path(r["filename"]).name != Path(name).name:
+            continue
+        c = scan.world2vox(r["zyx"]) if r["world"] else r["zyx"]
+        if np.any(c < 0) or np.any(c >= shape):
+            if not strict:
+                continue
+            shown = ",".join(f"{v:g}" for v in r["zyx"])
+            raise CoordinateError(f"target ({shown}){' (world mm)' if r['world'] else ''} is outside "
+                                  f"the scan of shape (z,y,x)={tuple(int(s) for s in shape)}")
+        out.append(tuple(int(v) for v in np.minimum(np.floor(c + 1e-6), shape - 1)))
+    if strict and not out:
+        raise InputFileError(f"no target for {name} in the targets CSV")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# optimisation
+# ----------------------------------------------------------------------------------------------
+def reach_box(cut, center, radius: int, vol_shape) -> tuple[slice, slice, slice]:
+    """The voxels any attack cube centred within +-radius of `center` can cover (clipped)."""
+    cut = np.asarray(cut, dtype=np.int64)
+    start, stop, _, _ = cube_bounds(center, cut, vol_shape)
+    lo = np.clip(start - radius, 0, vol_shape)
+    hi = np.clip(stop + radius, 0, vol_shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
+def offset_grid(radius: int, parity: int | None = None) -> np.ndarray:
+    """All integer offsets within +-radius per axis (with (sum % 2) == parity when given)."""
+    r = np.arange(-radius, radius + 1)
+    grid = np.stack(np.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
+    if parity is not None:
+        grid = grid[grid.sum(1) % 2 == parity]
+    return grid
+
+
+def _centres(center, box, offsets, vol_shape) -> np.ndarray:
+    """Cube centres (in box coordinates) for the offsets, kept inside the volume."""
+    c = np.clip(np.asarray(center)[None] + offsets, 0, np.asarray(vol_shape) - 1)
+    return c - np.array([s.start for s in box])[None]
+
+
+def optimise_target(dt, hu: np.ndarray, spacing, center, s: TargetSettings) -> tuple[tuple, np.ndarray]:
+    """Optimise one target. Returns (box slices, integer perturbation d of the box's shape)."""
+    from procedures.whitebox import straight_through_round
+
+    box = reach_box(dt.cut_shape(spacing), center, s.radius, hu.shape)
+    real = torch.from_numpy(np.ascontiguousarray(hu[box], dtype=np.float32))
+    grid = offset_grid(s.radius, s.parity)
+    rng = np.random.default_rng([int(s.seed), *(int(v) for v in center)])
+    g = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
+    if s.method == "adam":
+        # A random start: at d = 0 the RMSE's gradient is 0 (CT-GAN(real + 0) == CT-GAN(real)).
+        w = (0.3 * torch.randn(real.shape, generator=g)).requires_grad_(True)
+        opt = torch.optim.Adam([w], lr=s.lr)
+    else:  # L-inf PGD (sign of the gradient) from random +-eps signs, the baseline itself
+        w = (s.eps * (2.0 * torch.randint(0, 2, real.shape, generator=g) - 1.0)).requires_grad_(True)
+    refs: dict = {}
+    acts = list(s.actions)
+    for t in range(s.steps):
+        offs = grid[rng.integers(len(grid), size=s.offsets_per_step)]
+        cents = np.repeat(_centres(center, box, offs, hu.shape), len(acts), axis=0)
+        actions = acts * len(offs)
+        need = [(tuple(c), a) for c, a in zip(cents, actions) if (tuple(c), a) not in refs]
+        if need:
+            with torch.no_grad():
+                feet = dt.footprints(real.expand(len(need), *real.shape), spacing,
+                                     np.array([c for c, _ in need]), [a for _, a in need])
+            refs.update({k: f[0] for k, f in zip(need, feet)})
+        d = straight_through_round(s.eps * torch.tanh(w) if s.method == "adam" else w)
+        feet = dt.footprints((real + d).expand(len(cents), *real.shape), spacing, cents, actions)
+        losses = [((f[0] - refs[(tuple(c), a)]).pow(2).mean() + 1e-6).sqrt()
+                  for f, c, a in zip(feet, cents, actions)]
+        loss = -torch.stack(losses).mean()
+        w.grad = None
+        loss.backward()
+        with torch.no_grad():
+            if s.method == "adam":
+                opt.step()
+            else:  # step size s.lr * eps, decaying linearly to a tenth of it
+                w -= s.lr * s.eps * (1.0 - 0.9 * t / s.steps) * torch.sign(w.grad)
+                w.clamp_(-s.eps, s.eps)
+    with torch.no_grad():
+        d = torch.round(s.eps * torch.tanh(w) if s.method == "adam" else w).numpy()
+    return box, d
+
+
+def optimise_targets(dt, hu: np.ndarray, spacing, targets, s: TargetSettings, progress=None):
+    """Yield (info dict, box slices, integer d) per target, optimised one after the other."""
+    s.validate()
+    it = targets if progress is None else progress(targets, desc="targets", unit="target", leave=False)
+    for center in it:
+        t0 = time.perf_counter()
+        box, d = optimise_target(dt, hu, spacing, center, s)
+        yield ({"target": tuple(int(v) for v in center), "box": [(b.start, b.stop) for b in box],
+                "max_hu": float(np.abs(d).max()), "seconds": time.perf_counter() - t0}, box, d)
+
+
+def protect_targets(dt, hu: np.ndarray, spacing, targets, s: TargetSettings, *, base=None,
+                    progress=None, keep: bool = False) -> tuple[np.ndarray, list[dict]]:
+    """Protected HU (float32, shape of hu): `base` (the generator's protection, default the scan
+    itself) with each target's reach box replaced by real + its optimised perturbation.
+    Returns (protected, one info dict per target; keep=True adds its box "slices" and "d")."""
+    out = np.array(hu if base is None else base, dtype=np.float32)
+    info = []
+    for i, box, d in optimise_targets(dt, hu, spacing, targets, s, progress):
+        out[box] = hu[box].astype(np.float32) + d
+        info.append({**i, **({"slices": box, "d": d} if keep else {})})
+    return out, info
+
+
+def load_attacker(models, actions=("inject", "remove"), device=None):
+    """The differentiable CT-GAN (spline resampling, as the Keras pipeline) from a models folder."""
+    from procedures.ctgan_torch import DifferentiableTamper
+
+    models = Path(models)
+    return DifferentiableTamper.from_model_dirs(
+        models / "INJ" if "inject" in actions else None, models / "REM" if "remove" in actions else None,
+        device=device, resample="spline", clamp="straight_through", work_dtype=torch.float32)
+
+
+def protect_scan_targets(scan, centres, out: np.ndarray, *, models, eps: float, steps: int,
+                         seed: int = 0, progress=None) -> list[dict]:
+    """protect.py --targets: optimise every target of `scan` against the CT-GAN pair in
+    `models` and write real + d into `out` (the generator's protection, or the scan itself; int16
+    holds d exactly: it is integer HU). Returns the per-target info."""
+    s = TargetSettings(eps=eps, steps=steps, seed=seed)
+    dt = load_attacker(models)
+    info = []
+    for i, box, d in optimise_targets(dt, scan.hu, scan.spacing, centres, s, progress):
+        v = scan.hu[box].astype(np.float32) + d
+        if np.issubdtype(out.dtype, np.integer):
+            v = np.clip(v, np.iinfo(out.dtype).min, np.iinfo(out.dtype).max)
+        out[box] = v.astype(out.dtype)
+        info.append(i)
+    return info
