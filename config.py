@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from utils.errors import CliParser, UsageError
+from utils.errors import CliParser, ModelFileError, UsageError
 
 
 @dataclass
@@ -70,6 +70,13 @@ class Config:
     whitebox_both: bool = False        # whitebox: inject and remove at every step
     whitebox_cube: bool = False        # whitebox: protect every slab the attacked cube touches
                                        # (as protect.py does), not only the step's slab
+    # untargeted white-box levers (docs/training.md "Untargeted protection: what each lever does")
+    wb_locations: int = 1              # whitebox: tamper locations per slab and step (one batched
+                                       # CT-GAN call per action)
+    wb_shift: int = 0                  # whitebox: random offset of each cube centre, up to this
+                                       # many voxels per axis (the attacker clicks by hand)
+    ensemble_models: str = ""          # whitebox: more CT-GAN model folders (each with INJ/ and
+                                       # REM/), comma-separated; the loss averages all attackers
     quantize: bool = False             # round protected HU to integers before the attacker
                                        # (straight-through in whitebox): survives int16 storage
     keras_backend: str = ""            # "" = tensorflow when installed, else torch
@@ -202,6 +209,10 @@ def validate(cfg: Config) -> None:
         raise UsageError("--eps_hu and --fidelity_weight must be >= 0")
     if cfg.eps_hu > 0 and cfg.generator != "unet":
         raise UsageError("--eps_hu needs --generator unet (the published generator is unbounded)")
+    if cfg.wb_locations < 1 or cfg.wb_shift < 0:
+        raise UsageError("--wb_locations must be >= 1 and --wb_shift >= 0")
+    if cfg.attack_mode != "whitebox" and (cfg.wb_locations != 1 or cfg.wb_shift or cfg.ensemble_models):
+        raise UsageError("--wb_locations, --wb_shift and --ensemble_models need --attack_mode whitebox")
     if cfg.amp != "off" and cfg.dtype != "float32":
         raise UsageError("--amp bf16 needs --dtype float32 (autocast does not lower float64)")
     _validate_numbers(cfg)
@@ -245,6 +256,15 @@ def parse_args(argv=None, description: str = "") -> Config:
 RESUMABLE_OVERRIDES = ("out_dir", "resume", "progress", "max_steps", "epochs", "device",
                        "log_every", "sample_every", "ckpt_every", "save_img_result",
                        "channels_last", "compile")
+
+
+def checkpoint_config(state, path) -> Config:
+    """The Config saved in a train.py checkpoint `state` (read from `path`); a one-line
+    ModelFileError when it is missing or not a MITS-GAN config."""
+    try:
+        return load_config_dict(dict(state["config"]))
+    except (UsageError, KeyError, TypeError, ValueError) as e:
+        raise ModelFileError(f"{path}: checkpoint config is not a MITS-GAN config ({e})") from None
 
 
 def load_config_dict(d: dict) -> Config:

@@ -32,6 +32,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -43,7 +44,7 @@ from tqdm import tqdm
 import config as config_mod
 from discriminator import build_discriminator
 from generator import build_generator
-from procedures.disruption import DisruptionStats, DisruptionTarget
+from procedures.disruption import DisruptionStats, DisruptionTarget, Slab
 from procedures.protection import eps_scale, export_protected, protect_volume
 from scanDataset import ScanDataset
 from utils.atomic import atomic_write_text, check_output_dir, os_error_message
@@ -53,6 +54,9 @@ from utils.errors import ModelFileError, OutputError, UsageError, run_cli
 from utils.images import save_grid
 
 log = logging.getLogger("mitsgan.train")
+
+# The losses logged by name (as pix2pix's loss_names) to TensorBoard (loss/<name>) and summary.json.
+LOSS_NAMES = ("D_real", "D_fake", "G_adv", "G_disrupt", "G_fidelity")
 
 
 def init_distributed(cfg) -> tuple[int, int, torch.device]:
@@ -74,7 +78,7 @@ def init_distributed(cfg) -> tuple[int, int, torch.device]:
 
 
 def schedule(cfg, volumes: list[int], depths: dict[int, int], seed: int, stream: int = 0):
-    """Every step of one stream as (epoch, volume, sub-batch index, first slice). The stream's
+    """Every step of one stream as a PlanStep (epoch, volume, sub-batch index k, first slice s). The stream's
     volume order is shuffled per epoch from (seed, stream, epoch), so a resumed run replays the
     same order. The last depth % slab slices of a volume are not trained on (as published)."""
     steps = []
@@ -83,7 +87,7 @@ def schedule(cfg, volumes: list[int], depths: dict[int, int], seed: int, stream:
         for i in order:
             v = volumes[i]
             for k in range(depths[v] // cfg.slab):
-                steps.append((epoch, v, k, k * cfg.slab))
+                steps.append(PlanStep(epoch, v, k, k * cfg.slab))
     return steps
 
 
@@ -142,18 +146,12 @@ def build_run(cfg, size: int, device: torch.device, dtype: torch.dtype, world: i
     return Run(cfg, device, dtype, G_raw, D_raw, G, D, D_plain, opt_G, opt_D, bce, target, world)
 
 
-@dataclass
-class Slab:
+class Entry(NamedTuple):
+    """One slab of a step: stream j's sub-batch k (first slice s) of a loaded volume."""
     stream: int
     item: object                  # scanDataset.VolumeItem
-    k: int                        # sub-batch index in its volume (even: inject, odd: remove)
-    s: int                        # first slice
-    rng: np.random.Generator
-    x: torch.Tensor               # (1, S, H, W) real slices in [-1, 1]
-    delta: torch.Tensor           # noise input of G
-    x_p: torch.Tensor | None = None
-    T: np.ndarray | None = None   # black-box target (for the sample grid)
-    disruption: torch.Tensor | None = None
+    k: int
+    s: int
 
 
 def _sync(device: torch.device) -> None:
@@ -161,127 +159,268 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _slab_inputs(run: Run, item, s: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """G's inputs for the slab at s: real slices (1, S, H, W) and the noise delta drawn from gen,
-    on the run's device and memory format."""
-    x = item.volume[s:s + run.cfg.slab].unsqueeze(0)
-    delta = torch.rand(x.shape, generator=gen, dtype=run.dtype)
+def _slab_inputs(run: Run, item, starts: list[int], gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """G's inputs for the slabs at `starts`: real slices (n, S, H, W) and noise deltas, each slab's
+    drawn from its own generator (gen(): one per slab, in order), on the run's device and format."""
+    xs, ds = [], []
+    for s in starts:
+        x = item.volume[s:s + run.cfg.slab].unsqueeze(0)
+        xs.append(x)
+        ds.append(torch.rand(x.shape, generator=gen(), dtype=run.dtype))
+    x, delta = torch.cat(xs), torch.cat(ds)
     x, delta = x.to(run.device, non_blocking=True), delta.to(run.device, non_blocking=True)
     if run.cfg.channels_last:
         x, delta = x.contiguous(memory_format=torch.channels_last), delta.contiguous(memory_format=torch.channels_last)
     return x, delta
 
 
+def _per_sample_norms(G: nn.Module) -> bool:
+    """True when a batch of slabs through G equals each slab on its own (no BatchNorm)."""
+    return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in G.modules())
+
+
 def _slab_protector(run: Run, sl: Slab):
-    """s2 -> G's protected slab at s2 of sl's volume (with grad; its noise from sl's draws), for
-    the white-box loss over the whole attacked cube (--whitebox_cube)."""
-    def protect(s2: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(int(sl.rng.integers(2 ** 63)))
-        x, delta = _slab_inputs(run, sl.item, s2, gen)
+    """starts -> G's protected slabs (n, S, H, W) of sl's volume, with grad, each one's noise drawn
+    from sl's rng (in start order): the white-box cube protects every slab it touches. One
+    batched G call where G has no BatchNorm (the U-Net: GroupNorm is per sample), else one a slab."""
+    batched = _per_sample_norms(run.G_raw)
+    scale = eps_scale(run.cfg, sl.item)
+
+    def protect(starts: list[int]) -> torch.Tensor:
+        gen = lambda: torch.Generator().manual_seed(int(sl.rng.integers(2 ** 63)))  # noqa: E731
+        x, delta = _slab_inputs(run, sl.item, starts, gen)
         with run.autocast():
-            return run.G(x, delta, scale=eps_scale(run.cfg, sl.item))
+            if batched:
+                return run.G(x, delta, scale=scale)
+            return torch.cat([run.G(x[i:i + 1], delta[i:i + 1], scale=scale) for i in range(len(starts))])
     return protect
 
 
-def train_step(run: Run, entries, step: int, seed: int) -> tuple[dict, list[Slab]]:
-    """One optimisation step on this rank's slabs `entries` = [(stream, item, k, s)].
-    Returns (scalars for logging, incl. time/gd_s and time/attack_s, the slabs)."""
-    cfg, dev = run.cfg, run.device
-    share = run.world / cfg.batch  # every slab weighs 1/batch in the step's loss; DDP averages ranks
-    slabs = []
-    for stream, item, k, s in entries:
-        rng, gen = step_rng(seed, step, stream)
-        slabs.append(Slab(stream, item, k, s, rng, *_slab_inputs(run, item, s, gen)))
-    run.G.train(); run.D.train()
-    _sync(dev)
-    t0 = time.perf_counter()
+def _new_slab(run: Run, e: Entry, step: int, seed: int) -> Slab:
+    rng, gen = step_rng(seed, step, e.stream)
+    x, delta = _slab_inputs(run, e.item, [e.s], lambda: gen)
+    sl = Slab(e.stream, e.item, e.k, e.s, rng, x, delta)
+    sl.protect = _slab_protector(run, sl)
+    return sl
 
-    # D step: real -> 1, protected (detached) -> 0.
-    loss_D = 0.0
+
+def _d_step(run: Run, slabs: list[Slab], share: float) -> dict[str, float]:
+    """L_D = BCE(D(x), 1) + BCE(D(detach(x_p)), 0), each slab its own forward (as published).
+    Computes every slab's x_p (kept, with grad, for the attacker and the G step)."""
+    loss_D, parts = 0.0, {"D_real": [], "D_fake": []}
     for sl in slabs:
         with run.autocast():
-            sl.x_p = run.G(sl.x, sl.delta, scale=eps_scale(cfg, sl.item))
+            sl.x_p = run.G(sl.x, sl.delta, scale=eps_scale(run.cfg, sl.item))
             d_real, d_fake = run.D(sl.x), run.D(sl.x_p.detach())
-            loss_D = loss_D + share * (run.bce(d_real, torch.ones_like(d_real))
-                                       + run.bce(d_fake, torch.zeros_like(d_fake)))
+            real, fake = run.bce(d_real, torch.ones_like(d_real)), run.bce(d_fake, torch.zeros_like(d_fake))
+            loss_D = loss_D + share * (real + fake)
+        parts["D_real"].append(real.item())
+        parts["D_fake"].append(fake.item())
     run.opt_D.zero_grad(set_to_none=True)
     loss_D.backward()
     run.opt_D.step()
-    _sync(dev)
-    t_gd = time.perf_counter() - t0
+    return {"D": loss_D.item(), **{k: float(np.mean(v)) for k, v in parts.items()}}
 
-    # Disruption through the frozen CT-GAN: black box = a constant target T (NumPy, no
-    # gradient, as published); white box = CT-GAN's output change, differentiable.
-    t1 = time.perf_counter()
-    for sl in slabs:
-        if cfg.attack_mode == "whitebox":
-            sl.disruption = run.target.loss(sl.item, sl.s, sl.x_p, sl.k, sl.rng,
-                                            protect_slab=_slab_protector(run, sl))
-        else:
-            sl.T = run.target.target(sl.item, sl.s, sl.x_p.detach()[0].double().cpu().numpy(), sl.k, sl.rng)
-            if sl.T is not None:  # in float32 at least (x_p is bfloat16 under --amp bf16)
-                x_p = sl.x_p if sl.x_p.dtype == torch.float64 else sl.x_p.float()
-                sl.disruption = nn.functional.mse_loss(x_p, torch.from_numpy(sl.T).to(x_p).unsqueeze(0))
-    _sync(dev)
-    t_attack = time.perf_counter() - t1
 
-    # G step: fool D, and push CT-GAN's result away (L_G = adv - lambda * disruption). D's own
-    # module (not DDP's): its weights are frozen here, so DDP must not expect their gradients.
-    t2 = time.perf_counter()
+def _g_step(run: Run, slabs: list[Slab], disruption: list, share: float) -> dict[str, float]:
+    """L_G = BCE(D(x_p), 1) - lambda * disruption + w * MSE(x_p, x). D's own module (not DDP's):
+    its weights are frozen here, so DDP must not expect their gradients."""
+    cfg = run.cfg
     run.D_raw.requires_grad_(False)
-    loss_G = loss_adv = 0.0
-    for sl in slabs:
+    loss_G, parts = 0.0, {"G_adv": [], "G_disrupt": [], "G_fidelity": []}
+    for sl, dis in zip(slabs, disruption):
         with run.autocast():
             d_fake = run.D_plain(sl.x_p)
             adv = run.bce(d_fake, torch.ones_like(d_fake))
         loss = adv
-        if sl.disruption is not None:
-            loss = loss - cfg.lambda_disrupt * sl.disruption
+        if dis is not None:
+            loss = loss - cfg.lambda_disrupt * dis
+            parts["G_disrupt"].append(dis.item())
         if cfg.fidelity_weight:
-            loss = loss + cfg.fidelity_weight * nn.functional.mse_loss(sl.x_p, sl.x)
-        loss_G, loss_adv = loss_G + share * loss, loss_adv + share * adv.detach()
+            fid = nn.functional.mse_loss(sl.x_p, sl.x)
+            loss = loss + cfg.fidelity_weight * fid
+        else:  # logged only
+            fid = nn.functional.mse_loss(sl.x_p.detach().float(), sl.x.float())
+        loss_G = loss_G + share * loss
+        parts["G_adv"].append(adv.item())
+        parts["G_fidelity"].append(fid.item())
     run.opt_G.zero_grad(set_to_none=True)
     loss_G.backward()
     run.opt_G.step()
     run.D_raw.requires_grad_(True)
+    return {"G": loss_G.item(), **{k: float(np.mean(v)) for k, v in parts.items() if v}}
+
+
+def train_step(run: Run, entries, step: int, seed: int) -> tuple[dict, list[Slab]]:
+    """One optimisation step on this rank's slabs `entries` = [Entry(stream, item, k, s)].
+    Returns (scalars for logging: the named losses, incl. time/gd_s and time/attack_s; the slabs)."""
+    cfg, dev = run.cfg, run.device
+    share = run.world / cfg.batch  # every slab weighs 1/batch in the step's loss; DDP averages ranks
+    slabs = [_new_slab(run, Entry(*e), step, seed) for e in entries]
+    run.G.train(); run.D.train()
+    _sync(dev)
+    t0 = time.perf_counter()
+    losses = _d_step(run, slabs, share)
+    _sync(dev)
+    t_gd = time.perf_counter() - t0
+
+    # Disruption through the frozen CT-GAN: the black box returns MSE to a constant target (as
+    # published), the white box CT-GAN's output change, differentiable.
+    t1 = time.perf_counter()
+    disruption = [run.target.loss(sl) for sl in slabs]
+    _sync(dev)
+    t_attack = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    losses |= _g_step(run, slabs, disruption, share)
     _sync(dev)
     t_gd += time.perf_counter() - t2
 
-    # Scalars: means over this rank's slabs.
     with torch.no_grad():
         pert_hu = torch.cat([((sl.x_p - sl.x).abs() * (sl.item.hu_max - sl.item.hu_min) / 2.0).float().flatten()
                              for sl in slabs])
-    scalars = {"loss/D": loss_D.item() * cfg.batch / run.world / len(slabs),
-               "loss/G_adv": float(loss_adv) * cfg.batch / run.world / len(slabs),
-               "loss/G": loss_G.item() * cfg.batch / run.world / len(slabs),
-               "perturbation/rms_hu": pert_hu.pow(2).mean().sqrt().item(),
-               "perturbation/max_hu": pert_hu.max().item(),
-               "time/gd_s": t_gd, "time/attack_s": t_attack,
-               "disruption/computed": run.target.stats.computed}
-    got = [sl.disruption.item() for sl in slabs if sl.disruption is not None]
-    if got:
-        scalars["loss/disruption"] = float(np.mean(got))
+    scale = cfg.batch / run.world / len(slabs)  # the weighted sums as means over this rank's slabs
+    scalars = {"loss/D": losses.pop("D") * scale, "loss/G": losses.pop("G") * scale}
+    scalars |= {f"loss/{k}": v for k, v in losses.items()}
+    scalars |= {"perturbation/rms_hu": pert_hu.pow(2).mean().sqrt().item(),
+                "perturbation/max_hu": pert_hu.max().item(),
+                "time/gd_s": t_gd, "time/attack_s": t_attack,
+                "disruption/computed": run.target.stats.computed}
     return scalars, slabs
 
 
-def main(argv=None) -> int:
+# --- main, top to bottom --------------------------------------------------------------------------
+def resolve_config(argv) -> tuple[object, dict | None, Path | None]:
+    """(config, checkpoint state or None, its path). A resumed run's identity comes from its
+    checkpoint; only where and how long it runs (RESUMABLE_OVERRIDES) may change."""
     given = config_mod.given_flags(argv, description=__doc__)
     cfg = config_mod.make_config(given.pop("preset", "paper"), **given)
+    resume = Path(cfg.out_dir) / "checkpoint.pt" if cfg.resume == "auto" else (Path(cfg.resume) if cfg.resume else None)
+    if resume is None or (cfg.resume == "auto" and not resume.exists()):
+        return cfg, None, None
+    state = load_checkpoint(resume)
+    saved = config_mod.checkpoint_config(state, resume)
+    for name in config_mod.RESUMABLE_OVERRIDES:
+        if name in given or name in ("out_dir", "resume"):
+            setattr(saved, name, getattr(cfg, name))
+    return saved, state, resume
+
+
+@dataclass
+class Streams:
+    """This rank's data: stream j owns the volumes v % batch == j."""
+    ids: list[int]                      # the streams this rank runs
+    volumes: dict[int, list[int]]       # stream -> its volume indices
+    items: dict[int, object]            # volume index -> VolumeItem (in memory for the whole run)
+    depths: dict[int, int]
+    size: int                           # smallest slice side over all ranks (D's input size)
+
+
+def load_streams(cfg, rank: int, world: int, dtype: torch.dtype) -> Streams:
+    data = ScanDataset(cfg.data_dir, dtype=dtype, mhd_only=cfg.mhd_only)
+    if len(data) < cfg.batch:
+        raise UsageError(f"--batch {cfg.batch} needs at least {cfg.batch} volumes (one per stream), "
+                         f"{cfg.data_dir} has {len(data)}")
+    ids = [j for j in range(cfg.batch) if j % world == rank]
+    volumes = {j: [v for v in range(len(data)) if v % cfg.batch == j] for j in ids}
+    items = {v: data[v] for j in ids for v in volumes[j]}
+    depths = {v: it.volume.shape[0] for v, it in items.items()}
+    if min(depths.values()) < cfg.slab:
+        raise UsageError(f"a volume has {min(depths.values())} slices, fewer than --slab {cfg.slab}")
+    size = _all_min(min(min(it.volume.shape[1:]) for it in items.values()), world)
+    return Streams(ids, volumes, items, depths, size)
+
+
+def restore(run: Run, state: dict, resume: Path, master: bool) -> int:
+    """Load a checkpoint's weights, optimisers, counters and RNG into `run`; the step to resume at."""
+    load_state_into(run.G_raw, state["generator"], resume, "generator")
+    load_state_into(run.D_raw, state["discriminator"], resume, "discriminator")
+    load_state_into(run.opt_G, state["opt_G"], resume, "generator optimiser")
+    load_state_into(run.opt_D, state["opt_D"], resume, "discriminator optimiser")
+    try:
+        if master:  # the saved counts are the sum over ranks
+            run.target.stats = DisruptionStats.from_dict(state["disruption"])
+        torch.set_rng_state(state["torch_rng"])
+        start = int(state["step"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ModelFileError(f"{resume}: incomplete checkpoint ({type(e).__name__}: {e})") from None
+    log.info("resumed from %s at step %d", resume, start)
+    return start
+
+
+def save_run_checkpoint(run: Run, path: Path, step: int, seed: int, master: bool) -> None:
+    stats = _merged_stats(run.target.stats, run.world)  # collective: every rank calls it
+    if master:
+        save_checkpoint(path, {
+            "generator": run.G_raw.state_dict(), "discriminator": run.D_raw.state_dict(),
+            "opt_G": run.opt_G.state_dict(), "opt_D": run.opt_D.state_dict(),
+            "step": step, "config": run.cfg.to_dict() | {"seed": seed},
+            "disruption": stats.as_dict(), "torch_rng": torch.get_rng_state()})
+
+
+def export_scans(run: Run, items, seed: int, out: Path, master: bool) -> list[dict]:
+    """Protect every volume this rank holds and write it to out/protected (HU, source geometry);
+    the summary entries of all ranks."""
+    prog = tqdm if run.cfg.progress and master else None
+    exported = []
+    for item in items.values():
+        hu = protect_volume(run.G_raw, item, run.cfg, run.device, run.dtype, seed=seed, progress=prog)
+        paths = export_protected(item, hu, out / "protected")
+        diff = hu - item.scan.hu
+        exported.append({"source": item.path, "written": [str(p) for p in paths],
+                         "perturbation_rms_hu": float(np.sqrt(np.mean(diff ** 2))),
+                         "perturbation_max_hu": float(np.abs(diff).max())})
+        print(f"protected {item.path} -> {paths[0]} (perturbation RMS "
+              f"{exported[-1]['perturbation_rms_hu']:.1f} HU)")
+    return _gathered(exported, run.world)
+
+
+class PlanStep(NamedTuple):
+    """One step of one stream's schedule."""
+    epoch: int
+    volume: int                   # index into the dataset
+    k: int                        # sub-batch index in the volume
+    s: int                        # first slice
+
+
+def train_loop(run: Run, data: Streams, plans: dict[int, list[PlanStep]], start: int, n_steps: int,
+               seed: int, out: Path, master: bool) -> dict:
+    """Steps start..n_steps-1 with logging, samples and checkpoints (rank 0: its own slabs).
+    Returns per-step seconds ("gd", "attack") and the named losses of every step (rank 0)."""
+    cfg = run.cfg
+    writer = _tensorboard(out / "tb") if master else None
+    history = {"gd": [], "attack": [], "losses": {}}
+    bar = tqdm(range(start, n_steps), total=n_steps, initial=start, disable=not (cfg.progress and master),
+               desc="train", unit="step", dynamic_ncols=True)
+    for step in bar:
+        entries = [Entry(j, data.items[p.volume], p.k, p.s) for j in data.ids for p in [plans[j][step]]]
+        scalars, slabs = train_step(run, entries, step, seed)
+        history["gd"].append(scalars["time/gd_s"])
+        history["attack"].append(scalars["time/attack_s"])
+        for name in LOSS_NAMES:
+            if f"loss/{name}" in scalars:
+                history["losses"].setdefault(name, []).append(scalars[f"loss/{name}"])
+        if master:
+            bar.set_postfix(D=f"{scalars['loss/D']:.3f}", G=f"{scalars['loss/G']:.3f}",
+                            rms=f"{scalars['perturbation/rms_hu']:.1f}HU", T=run.target.stats.computed)
+            if writer is not None and (step % cfg.log_every == 0 or step == n_steps - 1):
+                for name, val in scalars.items():
+                    writer.add_scalar(name, val, step)
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                sl = slabs[0]
+                _sample_grid(out / "samples" / f"step{step:06d}.png", sl.item, sl.s, sl.x, sl.x_p, sl.tampered, step)
+        if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0:
+            save_run_checkpoint(run, out / "checkpoint.pt", step + 1, seed, master)
+    bar.close()
+    if writer is not None:
+        writer.close()
+    return history
+
+
+def main(argv=None) -> int:
+    cfg, state, resume = resolve_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = Path(cfg.out_dir)
-    resume = out / "checkpoint.pt" if cfg.resume == "auto" else (Path(cfg.resume) if cfg.resume else None)
-    state = None
-    if resume is not None and (cfg.resume != "auto" or resume.exists()):
-        state = load_checkpoint(resume)
-        try:
-            saved = config_mod.load_config_dict(dict(state["config"]))
-        except (UsageError, TypeError, ValueError) as e:
-            raise ModelFileError(f"{resume}: checkpoint config is not a MITS-GAN config ({e})") from None
-        # The run's identity comes from the checkpoint; only where/how long it runs may change.
-        for name in config_mod.RESUMABLE_OVERRIDES:
-            if name in given or name in ("out_dir", "resume"):
-                setattr(saved, name, getattr(cfg, name))
-        cfg = saved
     rank, world, device = init_distributed(cfg)
     master = rank == 0
     if cfg.batch < world:
@@ -294,35 +433,9 @@ def main(argv=None) -> int:
     if master:
         check_output_dir(out)  # an impossible run folder fails now; nothing is written yet
 
-    # --- data: stream j owns volumes v % batch == j; this rank loads its streams' volumes only --
-    data = ScanDataset(cfg.data_dir, dtype=dtype, mhd_only=cfg.mhd_only)
-    if len(data) < cfg.batch:
-        raise UsageError(f"--batch {cfg.batch} needs at least {cfg.batch} volumes (one per stream), "
-                         f"{cfg.data_dir} has {len(data)}")
-    streams = [j for j in range(cfg.batch) if j % world == rank]
-    volumes = {j: [v for v in range(len(data)) if v % cfg.batch == j] for j in streams}
-    items = {v: data[v] for j in streams for v in volumes[j]}  # held in memory for the whole run
-    depths = {v: it.volume.shape[0] for v, it in items.items()}
-    if min(depths.values()) < cfg.slab:
-        raise UsageError(f"a volume has {min(depths.values())} slices, fewer than --slab {cfg.slab}")
-    size = _all_min(min(min(it.volume.shape[1:]) for it in items.values()), world)
-
-    # --- networks, optimisers, attacker -------------------------------------------------------------
-    run = build_run(cfg, size, device, dtype, world)
-    start = 0
-    if state is not None:
-        load_state_into(run.G_raw, state["generator"], resume, "generator")
-        load_state_into(run.D_raw, state["discriminator"], resume, "discriminator")
-        load_state_into(run.opt_G, state["opt_G"], resume, "generator optimiser")
-        load_state_into(run.opt_D, state["opt_D"], resume, "discriminator optimiser")
-        try:
-            if master:  # the saved counts are the sum over ranks
-                run.target.stats = DisruptionStats.from_dict(state["disruption"])
-            torch.set_rng_state(state["torch_rng"])
-            start = int(state["step"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise ModelFileError(f"{resume}: incomplete checkpoint ({type(e).__name__}: {e})") from None
-        log.info("resumed from %s at step %d", resume, start)
+    data = load_streams(cfg, rank, world, dtype)
+    run = build_run(cfg, data.size, device, dtype, world)
+    start = restore(run, state, resume, master) if state is not None else 0
     if master:  # only now that data, checkpoint and attacker are known good
         try:
             (out / "samples").mkdir(parents=True, exist_ok=True)
@@ -330,81 +443,36 @@ def main(argv=None) -> int:
             raise OutputError(os_error_message(out / "samples", e)) from None
         cfg.save(out / "config.json")
 
-    plans = {j: schedule(cfg, volumes[j], depths, seed, j) for j in streams}
+    plans = {j: schedule(cfg, data.volumes[j], data.depths, seed, j) for j in data.ids}
     n_steps = _all_min(min(len(p) for p in plans.values()), world)  # streams end together
     if cfg.max_steps:
         n_steps = min(n_steps, cfg.max_steps)
-    writer = _tensorboard(out / "tb") if master else None
-    timing = {"gd": [], "attack": []}  # seconds per step of this run (bench.py drops warm-up)
+    history = train_loop(run, data, plans, start, n_steps, seed, out, master)
+    save_run_checkpoint(run, out / "checkpoint.pt", n_steps, seed, master)
 
-    def checkpoint(step: int) -> None:
-        stats = _merged_stats(run.target.stats, world)  # collective: every rank calls it
-        if master:
-            save_checkpoint(out / "checkpoint.pt", {
-                "generator": run.G_raw.state_dict(), "discriminator": run.D_raw.state_dict(),
-                "opt_G": run.opt_G.state_dict(), "opt_D": run.opt_D.state_dict(),
-                "step": step, "config": cfg.to_dict() | {"seed": seed},
-                "disruption": stats.as_dict(), "torch_rng": torch.get_rng_state()})
-
-    # --- the loop ---------------------------------------------------------------------------------
-    bar = tqdm(range(start, n_steps), total=n_steps, initial=start, disable=not (cfg.progress and master),
-               desc="train", unit="step", dynamic_ncols=True)
-    for step in bar:
-        entries = [(j, items[plans[j][step][1]], plans[j][step][2], plans[j][step][3]) for j in streams]
-        scalars, slabs = train_step(run, entries, step, seed)
-        timing["gd"].append(scalars["time/gd_s"])
-        timing["attack"].append(scalars["time/attack_s"])
-
-        # --- logging, samples, checkpoints (rank 0: its own slabs) ---
-        if master:
-            bar.set_postfix(D=f"{scalars['loss/D']:.3f}", G=f"{scalars['loss/G']:.3f}",
-                            rms=f"{scalars['perturbation/rms_hu']:.1f}HU", T=run.target.stats.computed)
-            if writer is not None and (step % cfg.log_every == 0 or step == n_steps - 1):
-                for name, val in scalars.items():
-                    writer.add_scalar(name, val, step)
-            if cfg.sample_every and step % cfg.sample_every == 0:
-                sl = slabs[0]
-                _sample_grid(out / "samples" / f"step{step:06d}.png", sl.item, sl.s, sl.x, sl.x_p, sl.T, step)
-        if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0:
-            checkpoint(step + 1)
-    bar.close()
-    checkpoint(n_steps)
-
-    # --- summary, warnings, exports ----------------------------------------------------------------
     stats = _merged_stats(run.target.stats, world)
     n_run = max(n_steps - start, 1)
     summary = {"steps": n_steps, "steps_this_run": n_steps - start, "seed": seed,
                "device": str(device), "dtype": cfg.dtype, "world_size": world, "batch": cfg.batch,
-               "seconds_per_step_gd": sum(timing["gd"]) / n_run,
-               "seconds_per_step_attack": sum(timing["attack"]) / n_run,
-               "step_seconds": timing,
+               "seconds_per_step_gd": sum(history["gd"]) / n_run,
+               "seconds_per_step_attack": sum(history["attack"]) / n_run,
+               "step_seconds": {"gd": history["gd"], "attack": history["attack"]},
+               "losses": {k: float(np.mean(v)) for k, v in history["losses"].items()},
+               "losses_last": {k: v[-1] for k, v in history["losses"].items()},
                "disruption": stats.as_dict()}
     if master:
         print(stats.summary())
     if n_steps > start and stats.computed == 0 and master:
-        # SPEC.md section 9: on short or thick-slice scans the published loop never gets the term.
+        # docs/fidelity.md: on short or thick-slice scans the published loop never gets the term.
         log.warning("no sub-batch got the disruption term: this run was pure adversarial "
                     "training (near_end_rule=%s, depths=%s, exact_resample=%s)",
-                    cfg.near_end_rule, sorted(depths.values()), cfg.exact_resample)
+                    cfg.near_end_rule, sorted(data.depths.values()), cfg.exact_resample)
     if cfg.save_img_result:  # every rank exports its own volumes
-        prog = tqdm if cfg.progress and master else None
-        exported = []
-        for item in items.values():
-            hu = protect_volume(run.G_raw, item, cfg, device, dtype, seed=seed, progress=prog)
-            paths = export_protected(item, hu, out / "protected")
-            diff = hu - item.scan.hu
-            exported.append({"source": item.path, "written": [str(p) for p in paths],
-                             "perturbation_rms_hu": float(np.sqrt(np.mean(diff ** 2))),
-                             "perturbation_max_hu": float(np.abs(diff).max())})
-            print(f"protected {item.path} -> {paths[0]} (perturbation RMS "
-                  f"{exported[-1]['perturbation_rms_hu']:.1f} HU)")
-        summary["exported"] = _gathered(exported, world)
+        summary["exported"] = export_scans(run, data.items, seed, out, master)
     if master:
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         print(f"G/D {summary['seconds_per_step_gd']:.3f} s/step, attacker "
               f"{summary['seconds_per_step_attack']:.3f} s/step on {device} x {world}; outputs in {out}")
-    if writer is not None:
-        writer.close()
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

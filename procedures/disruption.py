@@ -17,8 +17,10 @@ import collections
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
+import torch
 
 from scanDataset import VolumeItem, to_hu
 from utils.errors import UnsafeFileError
@@ -52,6 +54,25 @@ class DisruptionStats:
         return (f"disruption term computed for {self.computed}/{self.sub_batches} sub-batches "
                 f"({self.not_eligible} outside the near-end rule, {err} attacker errors"
                 + (f" [{detail}]" if detail else "") + ")")
+
+
+@dataclass
+class Slab:
+    """One sub-batch of a training step, as the attackers see it (train.train_step builds it).
+
+    Both attackers take a Slab and return the disruption loss (or None): `loss(slab)`."""
+    stream: int
+    item: VolumeItem
+    k: int                        # sub-batch index in its volume (even: inject, odd: remove)
+    s: int                        # first slice
+    rng: np.random.Generator      # this slab's draws (location, noise of other slabs)
+    x: torch.Tensor               # (1, S, H, W) real slices in [-1, 1]
+    delta: torch.Tensor           # noise input of G
+    x_p: torch.Tensor | None = None                 # G's protected slab, with grad
+    # starts -> G's protected slabs (n, S, H, W) at those first slices, with grad and noise drawn
+    # from rng: the white-box cube protects every slab it touches, as protect.py does
+    protect: Callable[[list[int]], torch.Tensor] | None = None
+    tampered: np.ndarray | None = None              # black-box T (for the sample grid)
 
 
 class Locator:
@@ -112,6 +133,16 @@ class DisruptionTarget:
         self.locator = Locator(cfg)
         self.stats = DisruptionStats()
         self._work: dict[int, np.ndarray] = {}     # per-volume float32 HU working copies
+
+    # --- the attacker interface ----------------------------------------------------------------
+    def loss(self, sl: Slab) -> torch.Tensor | None:
+        """MSE(x_p, T) for the slab, T a constant (no gradient through CT-GAN, as published), or
+        None. T is kept on the slab for the sample grid."""
+        sl.tampered = self.target(sl.item, sl.s, sl.x_p.detach()[0].double().cpu().numpy(), sl.k, sl.rng)
+        if sl.tampered is None:
+            return None
+        x_p = sl.x_p if sl.x_p.dtype == torch.float64 else sl.x_p.float()  # bf16 under --amp
+        return torch.nn.functional.mse_loss(x_p, torch.from_numpy(sl.tampered).to(x_p).unsqueeze(0))
 
     # --- T ------------------------------------------------------------------------------------
     def target(self, item: VolumeItem, s: int, x_p: np.ndarray, sub_index: int,

@@ -239,10 +239,7 @@ def load_generator(path, device="cpu"):
 
     path = Path(path)
     state = load_checkpoint(path)
-    try:
-        cfg = config_mod.load_config_dict(dict(state["config"]))
-    except (UsageError, TypeError, ValueError) as e:
-        raise ModelFileError(f"{path}: checkpoint config is not a MITS-GAN config ({e})") from None
+    cfg = config_mod.checkpoint_config(state, path)
     dtype = torch_dtype(cfg.dtype)
     G = build_generator(cfg)
     weights = state["generator"]

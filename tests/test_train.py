@@ -111,6 +111,12 @@ def test_whitebox_bounded_quantised_training(tiny_data, tiny_ctgan_models, tmp_p
         assert entry["perturbation_max_hu"] <= 5.5
 
 
+def _wb_slab(item, s, x_p, k=0, seed=0, protect=None):
+    from procedures.disruption import Slab
+    x = item.volume[s:s + 4].unsqueeze(0)
+    return Slab(0, item, k, s, np.random.default_rng(seed), x, torch.zeros_like(x), x_p, protect)
+
+
 def test_whitebox_gradient_reaches_generator_weights(tiny_data, tiny_ctgan_models):
     import config as config_mod
     from generator import UNetGenerator
@@ -126,7 +132,7 @@ def test_whitebox_gradient_reaches_generator_weights(tiny_data, tiny_ctgan_model
     s = 8
     x = item.volume[s:s + 4].unsqueeze(0)
     x_p = G(x, scale=2 * 50.0 / (item.hu_max - item.hu_min))
-    loss = wb.loss(item, s, x_p, 0, np.random.default_rng(0))
+    loss = wb.loss(_wb_slab(item, s, x_p))
     assert loss.item() > 0
     loss.backward()
     grads = [p.grad for p in G.parameters() if p.grad is not None]
@@ -137,8 +143,8 @@ def test_whitebox_gradient_reaches_generator_weights(tiny_data, tiny_ctgan_model
 
 
 def test_whitebox_cube_protects_every_slab_the_cube_touches(tiny_data, tiny_ctgan_models):
-    """--whitebox_cube: the slabs around the step's one are protected by G too (with grad), as
-    protect.py protects the whole scan; the loss then differs from the one-slab loss."""
+    """--whitebox_cube: the slabs around the step's one are protected by G too (with grad, in one
+    call), as protect.py protects the whole scan; the loss then differs from the one-slab loss."""
     import config as config_mod
     from generator import UNetGenerator
     from procedures.protection import eps_scale
@@ -153,16 +159,16 @@ def test_whitebox_cube_protects_every_slab_the_cube_touches(tiny_data, tiny_ctga
     wb = WhiteboxDisruption(cfg, torch.device("cpu"))
     s, called = 8, []
 
-    def protect_slab(s2):
-        called.append(s2)
-        return G(item.volume[s2:s2 + 4].unsqueeze(0), scale=eps_scale(cfg, item))
+    def protect(starts):
+        called.append(list(starts))
+        return G(torch.stack([item.volume[t:t + 4] for t in starts]), scale=eps_scale(cfg, item))
 
-    loss = wb.loss(item, s, protect_slab(s), 0, np.random.default_rng(0), protect_slab=protect_slab)
+    loss = wb.loss(_wb_slab(item, s, protect([s]), protect=protect))
     # z = s + 2 (slab middle); 2.5 mm slices: the cut is 13 slices, so z +- 7 = slices 3..17.
-    assert called == [8, 0, 4, 12, 16]
+    assert called == [[8], [0, 4, 12, 16]]
     loss.backward()
     assert G.out.weight.grad.abs().sum() > 0
     cfg.whitebox_cube = False
     called.clear()
-    one = wb.loss(item, s, protect_slab(s), 0, np.random.default_rng(0), protect_slab=protect_slab)
-    assert called == [8] and one.item() != pytest.approx(loss.item())
+    one = wb.loss(_wb_slab(item, s, protect([s]), protect=protect))
+    assert called == [[8]] and one.item() != pytest.approx(loss.item())
