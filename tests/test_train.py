@@ -41,6 +41,8 @@ def test_three_steps_with_attacker(tiny_data, tiny_ctgan_models, tmp_path):
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["seconds_per_step_attack"] > 0 and summary["seconds_per_step_gd"] > 0
+    # Named losses (pix2pix's loss_names), the black-box disruption among them.
+    assert set(summary["losses"]) == set(train.LOSS_NAMES) and summary["losses"]["G_disrupt"] > 0
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["preset"] == "demo" and saved["g_width"] == 4
 
