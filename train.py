@@ -6,9 +6,12 @@
     python train.py --preset demo --resume auto  # continue from runs/demo/checkpoint.pt
     torchrun --nproc_per_node 4 train.py --preset default --batch 8 --amp bf16   # 4 GPUs, DDP
 
-One step = `batch` sub-batches ("slabs") of `slab` consecutive slices (SPEC.md section 5: batch 1):
-  D step:  L_D = BCE(D(x), 1) + BCE(D(detach(x_p)), 0)
-  G step:  L_G = BCE(D(x_p), 1) - lambda * MSE(x_p, T),  T = CT-GAN(x_p) (frozen, black box)
+One step = `batch` sub-batches ("slabs") of `slab` consecutive slices (published: batch 1;
+docs/training.md "One step"):
+  D step:    L_D = BCE(D(x), 1) + BCE(D(detach(x_p)), 0)                       (D_real + D_fake)
+  attacker:  disruption = run.target.loss(slab), or None: MSE(x_p, T) to the black-box target
+             T = CT-GAN(x_p) (published), or the white-box change of CT-GAN's output
+  G step:    L_G = BCE(D(x_p), 1) - lambda * disruption + w * MSE(x_p, x)  (G_adv, G_disrupt, G_fidelity)
 each the mean over the step's slabs. Every slab is its own forward pass, so BatchNorm sees one
 slab, as published. Slab j of a step comes from "stream" j: the volumes v with v % batch == j, in
 that stream's own shuffled order; all its random draws derive from (seed, step, j).
