@@ -52,7 +52,7 @@ from procedures.protection import eps_scale, export_protected, protect_volume
 from scanDataset import ScanDataset
 from utils.atomic import atomic_write_text, check_output_dir, os_error_message
 from utils.checkpoint import load_checkpoint, load_state_into, save_checkpoint
-from utils.device import pick_device
+from utils.device import pick_device, torch_dtype
 from utils.errors import ModelFileError, OutputError, UsageError, run_cli
 from utils.images import save_grid
 
@@ -432,7 +432,7 @@ def main(argv=None) -> int:
     if world > 1:  # an unseeded run still needs one seed on every rank
         seed = _broadcast_int(seed)
     torch.manual_seed(seed)
-    dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+    dtype = torch_dtype(cfg.dtype)
     if master:
         check_output_dir(out)  # an impossible run folder fails now; nothing is written yet
 
