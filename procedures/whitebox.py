@@ -31,7 +31,7 @@ import torch
 
 from procedures.ctgan_torch import DifferentiableTamper
 from procedures.disruption import DisruptionStats, Locator, Slab
-from procedures.protection import slab_starts
+from procedures.protection import slabs_meeting
 
 
 DISRUPTION_SCALE_HU = 100.0
@@ -95,8 +95,7 @@ class WhiteboxDisruption:
         zs = [c[0] for c in centres]
         starts = [s]
         if self.cfg.whitebox_cube and sl.protect is not None:
-            starts = [t for t in slab_starts(depth, slab)
-                      if t == s or (t + slab > min(zs) - half and t <= max(zs) + half)]
+            starts = sorted({s, *slabs_meeting(depth, slab, min(zs) - half, max(zs) + half + 1)})
         sub, z0 = self._subvolume(sl, starts, min(zs) - cut, max(zs) + cut)
         local = [(z - z0, y, x) for z, y, x in centres]
         terms = [self._rmse(dt, item, sub, z0, local, action)
