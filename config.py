@@ -97,7 +97,7 @@ class Config:
     # --- logging / outputs ------------------------------------------------------------------
     log_every: int = 10                # TensorBoard scalars every N steps
     sample_every: int = 50             # sample grid PNG every N steps (0 = never)
-    ckpt_every: int = 200              # checkpoint every N steps (and always at the end)
+    ckpt_every: int = 200              # checkpoint every N steps and always at the end (0: only there)
     save_img_result: bool = False      # export protected scans (HU, source geometry) at the end
     resume: str = ""                   # checkpoint path, or "auto" = out_dir/checkpoint.pt
     progress: bool = True              # tqdm bars
@@ -230,12 +230,12 @@ def _validate_numbers(cfg: Config) -> None:
             raise UsageError(f"--{name} must be > 0")
     if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
         raise UsageError("--beta1 and --beta2 must be in [0, 1)")
-    for name in ("max_steps", "sample_every", "lambda_disrupt"):
+    # ckpt_every 0 = only at the end (as before validation existed: saved configs keep loading)
+    for name in ("max_steps", "sample_every", "ckpt_every", "lambda_disrupt"):
         if getattr(cfg, name) < 0:
             raise UsageError(f"--{name} must be >= 0")
-    for name in ("log_every", "ckpt_every"):
-        if getattr(cfg, name) < 1:
-            raise UsageError(f"--{name} must be >= 1")
+    if cfg.log_every < 1:
+        raise UsageError("--log_every must be >= 1")
     if cfg.seed < -1:
         raise UsageError("--seed must be >= -1 (-1 = unseeded)")
 

@@ -30,3 +30,14 @@ def test_config_round_trips_through_json(tmp_path):
     cfg.save(tmp_path / "c.json")
     back = config_mod.load_config_dict(json.loads((tmp_path / "c.json").read_text()))
     assert back == cfg
+
+
+def test_ckpt_every_zero_means_only_at_the_end_and_negative_is_refused():
+    # Saved configs with ckpt_every 0 (checkpoint only at the end) must keep loading.
+    from dataclasses import asdict
+
+    from config import load_config_dict, make_config
+    cfg = make_config("demo", ckpt_every=0)
+    assert load_config_dict(asdict(cfg)).ckpt_every == 0
+    with pytest.raises(UsageError):
+        make_config("demo", ckpt_every=-1)
