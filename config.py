@@ -6,7 +6,7 @@ Every field is a `--name value` flag (booleans take true/false); unknown flags a
 The resolved config is written next to every run and inside every checkpoint.
 
 Presets:
-  paper      the published architecture and hyper-parameters (SPEC.md section 5) with our
+  paper      the published architecture and hyper-parameters (docs/training.md) with our
              engineering fixes (float32, scan in memory, counted attacker errors, exact 32^3
              resampling, seeds, checkpoints). This is the default.
   reference  the published code's behaviour, quirks included (float64, whole-scan re-read per
@@ -46,7 +46,7 @@ class Config:
     d_bias: bool = True                # conv biases in the published D (published: none)
     d_sigmoid: bool = False            # published D ends in sigmoid + BCELoss (ours: logits)
     eps_hu: float = 0.0                # perturbation bound in HU for the U-Net (0 = none)
-    # --- optimisation (SPEC.md section 5) ---------------------------------------------------
+    # --- optimisation (docs/training.md#one-step) ---------------------------------------------------
     epochs: int = 5
     lr_g: float = 2e-4
     lr_d: float = 2e-4
@@ -60,7 +60,7 @@ class Config:
     fidelity_weight: float = 0.0       # + w * MSE(x_p, x) (0 = none, as published)
     batch: int = 1                     # slabs per step, over all ranks (published 1); each slab
                                        # is its own forward pass, so norms see one slab as published
-    # --- speed (issue 7; bench.py measures them) ------------------------------------------------
+    # --- speed (bench.py measures them: docs/performance.md) ------------------------------------------------
     amp: str = "off"                   # off | bf16: autocast G and D (not the attacker); float32 only
     channels_last: bool = False        # NHWC memory layout for G and D (faster convs on GPU)
     compile: bool = False              # torch.compile G and D (pays on GPU for long runs)
@@ -82,7 +82,7 @@ class Config:
     keras_backend: str = ""            # "" = tensorflow when installed, else torch
     attacker_impl: str = "auto"        # black box: keras | torch (procedures.attack_torch, the
                                        # same within 2 HU, on the device) | auto: torch on a GPU
-    exact_resample: bool = True        # resample CT-GAN cubes to exactly 32^3 (SPEC section 9)
+    exact_resample: bool = True        # resample CT-GAN cubes to exactly 32^3 (docs/attack.md#exact-resampling)
     near_end_rule: bool = True         # published: term only when 32 < s and s + 32 < depth
     tamper_z: str = "published"        # published: z = s + 8 | slab: the slab's middle slice
     tamper_yx: str = "published"       # published: y, x uniform in [90, 410] (scaled to size)
@@ -123,8 +123,8 @@ PRESETS: dict[str, dict] = {
         eps_hu=10.0, fidelity_weight=10.0, attack_mode="whitebox", whitebox_both=True,
         whitebox_cube=True, quantize=True, lambda_disrupt=1.0, tamper_z="slab", tamper_yx="lung",
         hu_mapping="volume", near_end_rule=False,
-        # 2e-4 left the bounded perturbation at ~3 HU after 5 epochs (disruption 12 HU); 1e-3: 24 HU
-        # (README, issue-5 section).
+        # At 2e-4 the bounded white-box model barely leaves x_p = x (docs/results.md, how the
+        # white-box mode was made to learn).
         lr_g=1e-3),
     "demo": dict(
         out_dir="runs/demo", generator="unet", discriminator="patch", g_width=8, d_width=8,

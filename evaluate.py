@@ -6,7 +6,7 @@ For every scan and N seeded tamper locations in the lungs (or the folder's healt
 nodules.csv with --locations csv), CT-GAN injects and removes on the real scan and on each
 protected version. The real image is compared with: protected (per method), tampered protected
 (per method) and tampered unprotected (CT-GAN(real)), on the tamper's centre slice and on the
-tampered square: RMSE (HU), PSNR, SSIM, LPIPS (SPEC.md section 7). Also the perturbation size
+tampered square: RMSE (HU), PSNR, SSIM, LPIPS, as in the published tables (docs/results.md). Also the perturbation size
 per method and the disruption of the attack (RMSE between CT-GAN(protected) and CT-GAN(real) in
 the 32 mm cube, and its ratio to the perturbation there).
 
@@ -27,7 +27,7 @@ Protection methods (--methods, comma-separated):
   mitsgan_float, mitsgan2_float
             the same generators' float32 output, not rounded to the scan's int16 storage
             (every other column is evaluated as stored): what storage does to the protection
-  tafim     the TAFIM baseline (SPEC.md section 6) from --tafim-checkpoint
+  tafim     the TAFIM baseline (Aneja et al., ECCV 2022; procedures/tafim.py) from --tafim-checkpoint
             (trained with `python -m procedures.tafim`)
 Adding a method: one entry in METHODS below (a builder returning a ProtectionMethod).
 
@@ -151,7 +151,7 @@ METHODS["tafim"] = _build_tafim
 
 def _build_mitsgan2(args, ctx):
     """A second MITS-GAN checkpoint as its own columns (e.g. the published black-box model
-    beside the bounded white-box `default` one, issue 5)."""
+    beside the bounded white-box `default` one)."""
     from procedures.evaluation import mitsgan_method
 
     if not args.checkpoint2:
@@ -166,7 +166,7 @@ METHODS["mitsgan2"] = _build_mitsgan2
 
 
 def _float_variant(base: str):
-    """`<base>_float`: the same generator's float32 output, not rounded to int16 (issue 5:
+    """`<base>_float`: the same generator's float32 output, not rounded to int16 (i.e.
     protection evaluated before and after storage, side by side)."""
     def build(args, ctx):
         from procedures.evaluation import mitsgan_method

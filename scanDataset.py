@@ -1,6 +1,6 @@
 """ScanDataset: the CT volumes of a folder, normalised as the published code does.
 
-Each item is one volume (SPEC.md section 5: a loader batch is one volume), min-max normalised
+Each item is one volume (as published, a loader batch is one volume: docs/training.md#data), min-max normalised
 over the whole volume to [-1, 1], with what is needed to map back to HU exactly:
     hu = (v + 1) / 2 * (hu_max - hu_min) + hu_min.
 The folder may hold `.mhd` files (the published loader reads only those), NRRD files, and DICOM

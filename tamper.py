@@ -1,4 +1,4 @@
-"""Tamper a CT scan with CT-GAN (inject or remove nodules): the attacker of SPEC.md section 2.
+"""Tamper a CT scan with CT-GAN (inject or remove nodules): the attacker of docs/attack.md.
 
     python tamper.py -t data/z2.5/lung1.mhd -d out -a inject -c 66,359,218 [-c z,y,x ...]
 
@@ -86,7 +86,7 @@ def _load(path: str):
 
 
 def _output_hu(tampered: np.ndarray, original_dtype) -> np.ndarray:
-    """Integer scans stay integer on disk (CT HU are int16; SPEC 1): round and clip."""
+    """Integer scans stay integer on disk (CT HU are int16 on disk): round and clip."""
     if np.issubdtype(original_dtype, np.integer):
         info = np.iinfo(original_dtype)
         return np.clip(np.round(tampered), info.min, info.max).astype(original_dtype)

@@ -1,6 +1,6 @@
 """CT-GAN's attacker in PyTorch: the 3-D U-Net generator and a differentiable tamper core.
 
-Two parts (SPEC.md sections 2-4):
+Two parts (docs/attack.md#pytorch-port):
 
 1. `CTGANGeneratorTorch`: a layer-for-layer port of `procedures.ctgan_models.build_generator`
    (same layer names), in eval mode equal to Keras `training=False` (Dropout off, BatchNorm on
@@ -9,11 +9,11 @@ Two parts (SPEC.md sections 2-4):
    (`from_keras_h5`), so a GPU machine needs no TensorFlow. Layout: Keras is channels-last
    (N, 32, 32, 32, 1), this module channels-first (N, 1, 32, 32, 32).
 
-2. `DifferentiableTamper`: CT-GAN's inject/remove of one location (SPEC.md section 2, steps
+2. `DifferentiableTamper`: CT-GAN's inject/remove of one location (docs/attack.md#overview, steps
    1-7) as a torch graph, so that a protector can take the gradient of the tampered scan with
    respect to the scan it protects. Deviations from the published NumPy pipeline, all chosen
    for differentiability and all documented where they happen:
-   - resampling goes to exactly 32^3 and back to the cut shape (SPEC section 2 step 2: the
+   - resampling goes to exactly 32^3 and back to the cut shape (docs/attack.md#exact-resampling: the
      published zoom cannot reach 32^3 for 5 mm slices; like attack_pipeline's
      exact_resample=True we always can). resample='trilinear' (default) uses F.interpolate
      with align_corners=True: the sample grid of `scipy.ndimage.zoom`, but linear instead of a
@@ -43,10 +43,10 @@ from utils.errors import CoordinateError, ModelFileError, UnsafeFileError, Usage
 from utils.resample import scaled_shape
 
 CUBE = 32
-MASK_LIMS = (6, 26)           # in-painting region [6:26] on every axis (SPEC section 2)
+MASK_LIMS = (6, 26)           # in-painting region [6:26] on every axis (docs/attack.md#cube-geometry)
 KERAS_BN_EPSILON = 1e-3       # Keras' BatchNormalization default
 LEAKY_SLOPE = 0.2
-OVERFLOW_HU = 2000.0          # SPEC section 2 step 6
+OVERFLOW_HU = 2000.0          # docs/attack.md#overflow-fix
 FLOOR_HU = -1000.0
 CUT_PAD_HU = 0.0              # the attack pads out-of-volume voxels with 0 HU (section 2 step 1)
 
@@ -87,7 +87,7 @@ def _keras_bn(ch: int) -> nn.BatchNorm3d:
 
 
 class CTGANGeneratorTorch(nn.Module):
-    """CT-GAN's U-Net generator (SPEC section 3), channels-first: (N, 1, 32, 32, 32) -> same.
+    """CT-GAN's U-Net generator (docs/ctgan-training.md#networks), channels-first: (N, 1, 32, 32, 32) -> same.
 
     Layer names equal the Keras model's (`g_d1_conv`, `g_d2_bn`, ..., `g_out`). Use eval mode:
     it is Keras `training=False` (what `generator.predict` runs).
@@ -239,7 +239,7 @@ def read_keras_h5(path) -> tuple[list[tuple[str, dict]], dict]:
                 if lam:
                     # We never run the file's config, but its model is not CT-GAN's generator:
                     # what Keras would compute differs from the weights we would copy. Refused,
-                    # as Keras' safe_mode refuses it (issue 6).
+                    # as Keras' safe_mode refuses it (docs/safety.md#untrusted-files-never-run-code).
                     raise UnsafeFileError(f"{path}: refused: the model has Lambda layer(s) "
                                           f"{', '.join(lam[:3])} that would run Python code")
                 try:
@@ -362,7 +362,7 @@ def _as_arrays(eq):
 
 
 class DifferentiableTamper(nn.Module):
-    """CT-GAN's tamper of one location (SPEC.md section 2, steps 1-7) as a differentiable graph.
+    """CT-GAN's tamper of one location (docs/attack.md#overview, steps 1-7) as a differentiable graph.
 
     Holds both generators (frozen by default, and always in eval mode: Keras training=False),
     their equalisers (`{inject,remove}_centres`, `_cdf`) and normalisations (`_norm` =
@@ -414,7 +414,7 @@ class DifferentiableTamper(nn.Module):
     @classmethod
     def from_model_dirs(cls, inj_dir=None, rem_dir=None, device=None, **kw) -> "DifferentiableTamper":
         """Load `G_model.h5`, `normalization.npy` and `equalization.npz` (or the published
-        `.pkl`, through the restricted loader) from CT-GAN model folders (SPEC section 3)."""
+        `.pkl`, through the restricted loader) from CT-GAN model folders (docs/attack.md#model-folders)."""
         parts = {}
         for action, d in (("inject", inj_dir), ("remove", rem_dir)):
             if d is None:
@@ -503,7 +503,7 @@ class DifferentiableTamper(nn.Module):
     # --- scan level ----------------------------------------------------------------------------
     @staticmethod
     def cut_shape(spacing) -> tuple[int, int, int]:
-        """round(32 / spacing) voxels per axis (SPEC section 2 step 1)."""
+        """round(32 / spacing) voxels per axis (docs/attack.md#cube-geometry)."""
         sp = np.asarray(spacing, dtype=np.float64).reshape(-1)
         if sp.shape != (3,) or not np.all(sp > 0):
             raise UsageError(f"spacing must be three positive numbers (z, y, x), got {spacing!r}")

@@ -1,11 +1,11 @@
-"""The disruption target T of MITS-GAN's generator loss (SPEC.md sections 5 and 9).
+"""The disruption target T of MITS-GAN's generator loss (docs/training.md#disruption-target).
 
 For a sub-batch of protected slices x_p: write them (in HU) into the scan, let the frozen
 CT-GAN inject (even sub-batches) or remove (odd ones) near them, and read the same slices back:
 T = CT-GAN(x_p). L_G then contains -lambda * MSE(x_p, T). T is a constant (NumPy from Keras):
 no gradient flows through CT-GAN in this, the published, black-box mode.
 
-Differences from the published code are config flags (README "Fidelity notes"): the scan is
+Differences from the published code are config flags (docs/fidelity.md): the scan is
 held in memory and only the tampered footprint is restored after each call (`reread_scan`
 restores the per-step disk read); attacker exceptions are counted and logged
 (`attack_errors=silent` restores the silent zero); the near-end rule, tamper position and the
@@ -91,7 +91,7 @@ class Locator:
     def location(self, item: VolumeItem, s: int, rng: np.random.Generator) -> tuple[int, int, int]:
         depth, h, w = item.scan.hu.shape
         slab = self.cfg.slab
-        # Published z = s + 8 lies past a 4-slice sub-batch (SPEC.md section 9); "slab" tampers
+        # Published z = s + 8 lies past a 4-slice sub-batch (docs/training.md#tamper-location); "slab" tampers
         # at the sub-batch's middle slice so the in-painted cube covers it.
         z = s + 8 if self.cfg.tamper_z == "published" else s + slab // 2
         if self.cfg.tamper_yx == "published":
@@ -122,7 +122,7 @@ class DisruptionTarget:
             manipulator = blackbox_attacker(cfg)
         self.manip = manipulator
         # Load the attacker now: a model file that asks to run code stops the run before
-        # anything is written (issue 6.2). A missing/broken model stays a counted per-step error.
+        # anything is written (docs/safety.md#untrusted-files-never-run-code). A missing/broken model stays a counted per-step error.
         for action in ("inject", "remove"):
             try:
                 self.manip.model(action)

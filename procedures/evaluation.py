@@ -1,4 +1,4 @@
-"""Evaluate protection methods against CT-GAN tampering: the published tables (SPEC.md section 7)
+"""Evaluate protection methods against CT-GAN tampering: the published tables (docs/results.md)
 plus the perturbation size and the disruption of the attack.
 
 For every scan: each protection method gives a protected scan (rounded to int16 like a stored
@@ -40,12 +40,12 @@ from utils.resample import scaled_shape
 
 log = logging.getLogger("mitsgan.evaluation")
 
-CUBE_MM = 32.0  # CT-GAN's cube side (SPEC.md section 2)
+CUBE_MM = 32.0  # CT-GAN's cube side (docs/attack.md#cube-geometry)
 REGIONS = ("slice", "square")
 METRICS = ("rmse", "psnr", "psnr_image_range", "ssim", "lpips")
 LPIPS_NA = "n/a (weights unavailable)"
 
-# SPEC.md section 7 (MITS-GAN README / paper): real image vs each column.
+# The published tables (MITS-GAN paper and README): real image vs each column.
 PUBLISHED_COLUMNS = ("protected MITS-GAN", "protected TAFIM", "tampered MITS-GAN", "tampered TAFIM")
 PUBLISHED = {
     "slice": {"rmse": (169.481, 194.943, 198.253, 233.780), "psnr": (27.949, 21.702, 21.237, 21.469),
@@ -102,7 +102,7 @@ def mitsgan_method(G, cfg, device, dtype, *, seed: int = 0, batch: int = 4, prog
                    label: str = "MITS-GAN", name: str = "mitsgan", stored: bool = True) -> ProtectionMethod:
     """Protection with a trained MITS-GAN generator (procedures.protection.protect_hu).
     stored=False keeps the float32 output (what the network made, before int16 storage rounds
-    it): the float-vs-stored comparison of issue 5."""
+    it): the float-vs-stored comparison (docs/results.md)."""
     from procedures.protection import protect_hu
 
     def run(item: VolumeItem) -> np.ndarray:
@@ -615,13 +615,13 @@ def markdown_report(res: EvalResult, summary: dict, extra_sections: Sequence[str
         f"- PSNR [window]: HU clipped to [{lo:g}, {hi:g}] HU (lung window), data range {rng_:g} HU "
         "(skimage.metrics.peak_signal_noise_ratio).",
         "- PSNR [image range]: raw HU, peak = max - min of the real image itself (per-image range; "
-        "SPEC 7: the published PSNR implies a different peak per column).",
+        "the published PSNR implies a different peak per column).",
         f"- SSIM: HU clipped to [{lo:g}, {hi:g}], data range {rng_:g} HU (skimage structural_similarity, "
         "7x7 uniform window).",
         ("- LPIPS: AlexNet v0.1 (user's weights), HU clipped to the window and mapped to [-1, 1], "
          f"grey repeated to 3 channels; images under {M.LPIPS_MIN_SIDE} px upsampled (bilinear)."
          if res.lpips else f"- LPIPS: {LPIPS_NA}; pass --lpips-weights (see `evaluate.py --help`)."),
-        "- Published columns (SPEC 7): the paper's numbers; its scale, data range, LPIPS backbone, "
+        "- Published columns: the paper's numbers; its scale, data range, LPIPS backbone, "
         "scans and locations are not stated. Its single PSNR row is shown on our image-range row.",
         ""]
     metric_rows = [("rmse", "RMSE (HU)"),

@@ -1,10 +1,10 @@
-"""How much can a perturbation of eps HU disrupt CT-GAN? A per-location upper bound (issue 5).
+"""How much can a perturbation of eps HU disrupt CT-GAN? A per-location upper bound.
 
 At each location (seeded in-lung voxels; inject and remove) the perturbation of the attacked
 region is optimised directly, with no generator: d = eps * tanh(w), rounded to integer HU
 (straight-through: what int16 storage keeps), Adam maximising
 RMSE(CT-GAN(real + d), CT-GAN(real)) in the cube through the PyTorch CT-GAN port
-(procedures.ctgan_torch, steps 1-7 of SPEC.md section 2). A MITS-GAN generator protects a whole
+(procedures.ctgan_torch, steps 1-7 of docs/attack.md#overview). A MITS-GAN generator protects a whole
 scan in one pass without knowing where the attacker will tamper, so on the same location it
 cannot do better than this; Gaussian noise of the same RMS is the floor. Slow (a forward and a
 backward of CT-GAN per step) and location-specific: a yardstick, not a protection method.

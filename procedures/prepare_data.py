@@ -2,20 +2,20 @@
 
     python -m procedures.prepare_data [--data-dir data] [--cache .cache] [--check] [--sdist FILE]
 
-Source (SPEC.md section 8): the PyPI source package pyradiomics-bhklab==3.1.4 ships
+Source (docs/data.md#the-two-real-scans): the PyPI source package pyradiomics-bhklab==3.1.4 ships
 data/lung{1,2}_{image,label}.nrrd (int16 HU, 5 mm slices). We download the sdist only
 (`pip download --no-deps --no-binary`, never install it: that compiles C), check pinned
 SHA-256 sums, and write:
 
     data/native/lung{1,2}.mhd   as published (48 / 61 slices of 5 mm)
-    data/z2.5/lung{1,2}.mhd     resampled to 2.5 mm along z only (95 / 121 slices; SPEC section 9:
+    data/z2.5/lung{1,2}.mhd     resampled to 2.5 mm along z only (95 / 121 slices; docs/data.md#native-and-z25:
                                 the published near-end rule admits no sub-batch at 5 mm)
     */nodules.csv               labelled nodule centres (injector locations)
     */healthy.csv               seeded points deep inside the lungs, >= 40 mm from any nodule
                                 (remover locations)
 
 CSV columns: filename,z,y,x,coord,world_z,world_y,world_x (z,y,x voxel indices, coord=vox;
-world_* in mm, SPEC section 1 axis order). A manifest `data/.prepared.json` pins every output's
+world_* in mm, (z, y, x) order: docs/data.md#location-files). A manifest `data/.prepared.json` pins every output's
 SHA-256, so a second run only verifies (about a second) and `--check` never writes.
 """
 from __future__ import annotations
@@ -47,7 +47,7 @@ NRRD_SHA256 = {
     "lung2_label.nrrd": "cef52738dc51aab69a48fe30639da956d2b911b1c2920439c091fab84727657a",
 }
 SCANS = ("lung1", "lung2")
-# Expected native geometry (SPEC section 8): slices, in-plane spacing.
+# Expected native geometry (docs/data.md#the-two-real-scans): slices, in-plane spacing.
 EXPECTED = {"lung1": (48, 0.5703125), "lung2": (61, 0.6269531)}
 Z_TARGET_MM = 2.5
 N_HEALTHY = 8            # per scan, half per lung

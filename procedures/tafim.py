@@ -1,4 +1,4 @@
-"""TAFIM (Aneja et al., ECCV 2022), the published baseline (SPEC.md section 6), adapted to CT.
+"""TAFIM (Aneja et al., ECCV 2022), the published baseline, adapted to CT.
 
     python -m procedures.tafim --data data/z2.5 --models models --out runs/tafim --steps 2000
     python -m procedures.tafim --width 16 --max-minutes 5          # a CPU-sized run
@@ -18,7 +18,7 @@ Our CT adaptation (MITS-GAN's authors did not publish theirs):
   The global noise is a (slab, N, N) parameter (N = --noise-size, default 512) resized
   bilinearly to the slice size, so any size works (identity for 512 x 512 slices).
 - M = CT-GAN's inject/remove of one location through procedures.ctgan_torch.DifferentiableTamper
-  (the same Keras G_model.h5 files the evaluation attacks with; SPEC section 2 steps 1-7, cubic
+  (the same Keras G_model.h5 files the evaluation attacks with; docs/attack.md#pytorch-port, steps 1-7, cubic
   spline resampling as scipy, straight-through clamp of the generator output so saturation does
   not stop the gradient). Inject on even steps, remove on odd ones (MITS-GAN's alternation).
   Location: the slab's middle slice, (y, x) a uniform voxel of the lung mask on that slice
@@ -71,7 +71,7 @@ class TafimConfig:
     depth: int = 6                     # down-convolutions (TAFIM's unet_64: 6)
     dropout: bool = True               # pix2pix dropout 0.5 in the inner 8x-width blocks
     noise_size: int = 512              # side of the learned global noise tensor
-    # training (SPEC.md section 6)
+    # training (TAFIM's paper and public code)
     perturb_weight: float = 10.0
     lr: float = 1e-4
     target: str = "0"                  # "0" (normalised), "<v>hu", or "lung"

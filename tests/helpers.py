@@ -22,7 +22,7 @@ SPACING = (2.5, 0.7, 0.7)
 _QUIET_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
 
 
-# --- bad input, untrusted files, nothing lost (issue 6) -----------------------------------------
+# --- bad input, untrusted files, nothing lost (docs/safety.md) -----------------------------------------
 def phantom_scan(seed: int = 0, shape=SHAPE, **kw) -> Scan:
     return Scan(make_phantom(shape, seed=seed), SPACING, (-20.0, 5.0, -7.5), **kw)
 

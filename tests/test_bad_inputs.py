@@ -1,4 +1,4 @@
-"""Bad input through every entry point (issue 6.1).
+"""Bad input through every entry point (docs/safety.md#bad-input-one-line-a-distinct-exit-code-no-output).
 
 A corpus of broken scans, checkpoints and paths, generated here, is fed to each entry point's
 main(argv) through utils.errors.run_cli. Each run must end with:

@@ -10,7 +10,7 @@ from utils.errors import UsageError
 
 
 def test_eligible_subbatches_follow_the_published_near_end_rule():
-    # 32 < s and s + 32 < depth, s = 4k: the first eligible s is 36 (SPEC.md section 9).
+    # 32 < s and s + 32 < depth, s = 4k: the first eligible s is 36 (docs/training.md#near-end-rule).
     assert benchmark.eligible_subbatches(68, 4) == []
     assert benchmark.eligible_subbatches(69, 4) == [9]
     assert benchmark.eligible_subbatches(95, 4) == list(range(9, 16))   # lung1 at 2.5 mm: 7 sub-batches

@@ -136,7 +136,7 @@ def tamper(preprocessing):
 
 
 def numpy_cube_reference(vol, spacing, center, gen_np, eq, norm):
-    """SPEC section 2 steps 1-7 in NumPy (the attack pipeline's arithmetic, before touch-ups)."""
+    """Steps 1-7 of docs/attack.md#overview in NumPy (the attack pipeline's arithmetic, before touch-ups)."""
     from procedures.attack_pipeline import fix_overflow
 
     shape = scaled_shape((32,) * 3, 1.0 / np.asarray(spacing, dtype=np.float64))

@@ -1,4 +1,4 @@
-"""utils.equalizer: CT-GAN's histogram equaliser (SPEC.md section 4) and its safe storage."""
+"""utils.equalizer: CT-GAN's histogram equaliser (docs/attack.md#equaliser) and its safe storage."""
 from __future__ import annotations
 
 import os

@@ -1,4 +1,4 @@
-"""Nothing lost, valid and private DICOM (issue 6.3 and 6.4).
+"""Nothing lost, valid and private DICOM (docs/safety.md#nothing-is-lost, #valid-private-dicom).
 
 - Every entry point leaves its inputs byte-for-byte unchanged (hashed before and after).
 - Outputs and checkpoints reach their final names only by a rename from a temporary name in
@@ -183,7 +183,7 @@ def test_train_leaves_inputs_and_renames_checkpoints(ckpt, tmp_path, capfd, monk
         assert_published_by_rename(f, seen)
     left = [p.name for p in out.rglob("*") if ".tmp" in p.name]
     assert not left, left
-    # summary.json is still written in place by train.py (see the issue-6 report).
+    (delete the line: stale, train.py writes summary.json with atomic_write_text now; the test may now check it too)
 
 
 # ==============================================================================================

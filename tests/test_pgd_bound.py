@@ -1,4 +1,4 @@
-"""procedures.pgd_bound: the per-location upper bound on what eps HU can do to CT-GAN (issue 5)."""
+"""procedures.pgd_bound: the per-location upper bound on what eps HU can do to CT-GAN."""
 import json
 
 import pytest

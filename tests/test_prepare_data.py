@@ -1,4 +1,4 @@
-"""prepare_data: the two real chest CTs (SPEC.md sections 8-9), their CSVs, and real-scan I/O."""
+"""prepare_data: the two real chest CTs (docs/data.md), their CSVs, and real-scan I/O."""
 from __future__ import annotations
 
 import csv
@@ -16,7 +16,7 @@ from utils.scan_io import Scan, load_scan, save_dicom_series, save_mhd, validate
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
 ARGS = ["--data-dir", str(DATA), "--cache", str(ROOT / ".cache")]
-SPEC_NODULES = {"lung1.mhd": (33, 359, 218), "lung2.mhd": (21, 365, 356)}  # SPEC section 8, native
+NODULES_NATIVE = {"lung1.mhd": (33, 359, 218), "lung2.mhd": (21, 365, 356)}  # docs/data.md#the-two-real-scans
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +77,8 @@ def test_csvs(prepared, folder):
         assert r["coord"] == "vox"
         world = np.array([float(r["world_z"]), float(r["world_y"]), float(r["world_x"])])
         np.testing.assert_allclose(s.vox2world(vox), world, atol=1e-2)
-        spec_world = native[r["filename"]].vox2world(SPEC_NODULES[r["filename"]])
-        assert np.linalg.norm(world - spec_world) < 4.0  # within a few voxels (mm) of SPEC's centre
+        spec_world = native[r["filename"]].vox2world(NODULES_NATIVE[r["filename"]])
+        assert np.linalg.norm(world - spec_world) < 4.0  # within a few voxels (mm) of the documented centre
         assert s.hu[tuple(vox)] > -500  # the nodule is solid tissue
     for name in scans:
         assert sum(r["filename"] == name for r in healthy) == pdata.N_HEALTHY

@@ -1,4 +1,4 @@
-"""Issue 5: protection must survive int16 HU storage (MetaImage and DICOM round trips)."""
+"""Protection must survive int16 HU storage (MetaImage and DICOM round trips)."""
 import numpy as np
 import pytest
 import torch

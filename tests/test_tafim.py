@@ -1,4 +1,4 @@
-"""procedures.tafim: the TAFIM baseline (SPEC.md section 6) trained through the PyTorch CT-GAN,
+"""procedures.tafim: the TAFIM baseline (Aneja et al., ECCV 2022) trained through the PyTorch CT-GAN,
 on tiny phantoms with tiny CT-GAN models."""
 import csv
 import json

@@ -103,7 +103,7 @@ def test_attacker_errors_are_counted_not_silent(tiny_data, tmp_path, caplog):
 
 
 def test_whitebox_bounded_quantised_training(tiny_data, tiny_ctgan_models, tmp_path):
-    """Issue 5: gradients through the PyTorch CT-GAN, eps bound in HU, int16 quantisation."""
+    """White-box mode (docs/training.md#white-box-loss): gradients through the PyTorch CT-GAN, eps bound in HU, int16 quantisation."""
     state = run(tiny_data, tiny_ctgan_models, tmp_path, "--preset", "default", "--g_width", "4",
                 "--d_width", "4", "--max_steps", "3", "--eps_hu", "5", "--save_img_result", "true")
     assert state["disruption"]["computed"] == 3 and state["disruption"]["errors"] == {}

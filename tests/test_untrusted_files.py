@@ -1,4 +1,4 @@
-"""Untrusted files never run code (issue 6.2).
+"""Untrusted files never run code (docs/safety.md#untrusted-files-never-run-code).
 
 Model files come from strangers. Each test crafts a file that WOULD write a marker file if it
 were loaded the unsafe way (a positive control proves it), feeds it to our loaders and to the

@@ -25,7 +25,7 @@ def cut_cube(vol: np.ndarray, center, shape, pad_value: float = -1000.0) -> np.n
     """Copy of the cube of `shape` centred at `center`; voxels outside `vol` get `pad_value`.
 
     CT-GAN pads with 0 HU in the attack and -1000 HU when building training samples
-    (SPEC.md section 2 step 1, section 3); callers choose.
+    (docs/attack.md#cube-geometry); callers choose.
     """
     shape = tuple(int(s) for s in np.broadcast_to(np.asarray(shape), (3,)))
     start, stop, a, b = cube_bounds(center, shape, vol.shape)

@@ -1,4 +1,4 @@
-"""CT-GAN's histogram equaliser (SPEC.md section 4), stored safely.
+"""CT-GAN's histogram equaliser (docs/attack.md#equaliser), stored safely.
 
 Our format is a `.npz` of two float64 arrays (`centres`, `cdf`), loaded with
 `allow_pickle=False`. The published `equalization.pkl` files are pickles; they load only

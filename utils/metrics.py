@@ -3,8 +3,8 @@
 - rmse: raw HU, no clipping (HU).
 - psnr, ssim: HU clipped to a display window (default the lung window [-1000, 400] HU) with
   data_range = the window's width (1400 HU); skimage.metrics does the arithmetic.
-- psnr_image_range: raw HU with data_range = max - min of the *real* image itself. SPEC.md
-  section 7: the published PSNR implies a different peak per column, i.e. a per-image range.
+- psnr_image_range: raw HU with data_range = max - min of the *real* image itself. The
+  published PSNR implies a different peak per column, i.e. a per-image range (docs/results.md).
 - LPIPS (Zhang et al. 2018, v0.1, AlexNet): HU clipped to the window, mapped to [-1, 1],
   repeated to 3 channels. Needs real weights (see load_lpips); there is no fallback to random
   weights, which would give a meaningless number.

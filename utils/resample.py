@@ -1,4 +1,4 @@
-"""Resampling of cubes between scan spacing and CT-GAN's 1 mm grid (SPEC.md section 2 step 2)."""
+"""Resampling of cubes between scan spacing and CT-GAN's 1 mm grid (docs/attack.md#exact-resampling)."""
 from __future__ import annotations
 
 import numpy as np
@@ -14,7 +14,7 @@ def scale_published(cube: np.ndarray, factor) -> np.ndarray:
     """CT-GAN's scale_scan: zoom by round(shape * factor) / shape, cubic spline, mode nearest.
 
     With thick slices the result is not 32^3 (5 mm: 6 slices -> 30 mm), which is why the
-    published attack cannot tamper 5 mm scans (SPEC.md section 2 step 2).
+    published attack cannot tamper 5 mm scans (docs/attack.md#exact-resampling).
     """
     new_shape = scaled_shape(cube.shape, factor)
     real_factor = new_shape / np.asarray(cube.shape, dtype=np.float64)
