@@ -489,6 +489,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+
+def _write_summary(out: Path, cfg: TafimConfig, history: list, start: int, done: int, wall: float,
+                   device: str, n_params: int) -> None:
+    """summary.json and history.json of a TAFIM run, and the loss curve on the console."""
+    from utils.atomic import atomic_write_text
+
+    curve = curve_summary(history)
+    secs = [r["seconds"] for r in history[len(history) - (done - start):]] if done > start else []
+    summary = {"config": asdict(cfg), "steps_done": done, "steps_this_run": done - start,
+               "wall_seconds_this_run": wall,
+               "seconds_per_step": float(np.mean(secs)) if secs else None,
+               "seconds_per_step_median": float(np.median(secs)) if secs else None,
+               "curve": curve, "device": device, "parameters": n_params}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    atomic_write_text(out / "history.json", json.dumps(history, indent=0) + "\n")
+    for c in curve:
+        print(f"  steps {c['steps']}: loss {c['loss']:.4f}  recon {c['recon']:.4f}  "
+              f"perturb {c['perturb']:.2e} ({c['pert_rms_hu']:.1f} HU RMS)  {c['seconds']:.2f} s/step")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -505,7 +525,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     ckpt_path = out / "checkpoint.pt"
 
     from scanDataset import ScanDataset
-    from utils.atomic import atomic_write_text
     from utils.checkpoint import load_state_into, save_checkpoint
 
     # Everything that can fail cheaply fails before training.
@@ -561,18 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     wall = time.perf_counter() - t0
     done = history[-1]["step"] + 1 if history else start
     save(done)
-    curve = curve_summary(history)
-    secs = [r["seconds"] for r in history[len(history) - (done - start):]] if done > start else []
-    summary = {"config": asdict(cfg), "steps_done": done, "steps_this_run": done - start,
-               "wall_seconds_this_run": wall,
-               "seconds_per_step": float(np.mean(secs)) if secs else None,
-               "seconds_per_step_median": float(np.median(secs)) if secs else None,
-               "curve": curve, "device": str(device), "parameters": n_params}
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
-    atomic_write_text(out / "history.json", json.dumps(history, indent=0) + "\n")
-    for c in curve:
-        print(f"  steps {c['steps']}: loss {c['loss']:.4f}  recon {c['recon']:.4f}  "
-              f"perturb {c['perturb']:.2e} ({c['pert_rms_hu']:.1f} HU RMS)  {c['seconds']:.2f} s/step")
+    _write_summary(out, cfg, history, start, done, wall, str(device), n_params)
     print(f"wrote {ckpt_path} (step {done}), {out / 'summary.json'}, {out / 'history.json'}")
     return 0
 

@@ -183,7 +183,6 @@ def test_train_leaves_inputs_and_renames_checkpoints(ckpt, tmp_path, capfd, monk
         assert_published_by_rename(f, seen)
     left = [p.name for p in out.rglob("*") if ".tmp" in p.name]
     assert not left, left
-    (delete the line: stale, train.py writes summary.json with atomic_write_text now; the test may now check it too)
 
 
 # ==============================================================================================
