@@ -55,3 +55,32 @@ def build_tiny_ctgan_models(root: Path, gf: int = 2, seed: int = 0, g_name: str 
 @pytest.fixture(scope="session")
 def tiny_ctgan_models(tmp_path_factory) -> Path:
     return build_tiny_ctgan_models(tmp_path_factory.mktemp("ctgan_models"))
+
+
+# ==============================================================================================
+# bad-input suites: a valid tiny checkpoint and model folders (tests/entry_points.py)
+# ==============================================================================================
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from helpers import make_tiny_checkpoint  # helpers imports this module: import when used
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("bad_inputs_ckpt"))
+
+
+@pytest.fixture(scope="module")
+def empty_models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("empty_models")
+    for sub in ("INJ", "REM"):
+        (d / sub).mkdir()
+    return d
+
+
+@pytest.fixture(scope="module")
+def held_ctgan_models(tiny_ctgan_models):
+    """The tiny CT-GAN folder, its injector kept loaded: evaluate's ScanManipulator then reuses
+    it (CTGANModel.shared) instead of loading the Keras model again for every bad input."""
+    from procedures.attack_pipeline import SUBDIR, CTGANModel
+
+    held = CTGANModel.shared(tiny_ctgan_models / SUBDIR["inject"])
+    yield tiny_ctgan_models
+    del held

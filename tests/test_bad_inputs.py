@@ -12,7 +12,6 @@ main(argv) through utils.errors.run_cli. Each run must end with:
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,33 +30,21 @@ import protect  # noqa: E402
 import tamper  # noqa: E402
 import train  # noqa: E402
 from conftest import ROOT, make_phantom  # noqa: E402
-from helpers import SHAPE, Ctx, assert_refused, call, make_tiny_checkpoint, phantom_scan, tree  # noqa: E402
+from helpers import SHAPE, Ctx, assert_refused, call, phantom_scan, tree  # noqa: E402
 from helpers import train_argv as _train  # noqa: E402
 from procedures import prepare_data  # noqa: E402
 from utils.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from utils.errors import (CoordinateError, DataFetchError, InputFileError, ModelFileError,  # noqa: E402
                           OutputError, UsageError)
-from utils.scan_io import save_dicom_series, save_mhd  # noqa: E402
+from utils.scan_io import save_mhd  # noqa: E402
+from entry_points import (FILE_ENTRIES, FOLDER_ENTRIES, _ctx, _edit_dicom, _edit_header,  # noqa: E402
+                          _entry_param, _mhd, _series)
 
 
 
 # ==============================================================================================
 # the corpus: builders write one bad input into `d` and return its path
 # ==============================================================================================
-def _mhd(d: Path, name: str, **kw) -> Path:
-    p = d / name
-    save_mhd(phantom_scan(**kw), p)
-    return p
-
-
-def _edit_header(p: Path, key: str, value: str) -> Path:
-    text = p.read_text()
-    text, n = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
-    assert n == 1
-    p.write_text(text)
-    return p
-
-
 def truncated_raw(d):
     p = _mhd(d, "truncated.mhd")
     raw = p.with_suffix(".raw")
@@ -179,19 +166,6 @@ def empty_folder(d):
     return p
 
 
-def _series(d: Path, name: str, seed: int = 0, desc: str = "source", **kw) -> tuple[Path, list[Path]]:
-    p = d / name
-    save_dicom_series(phantom_scan(seed, **kw), p, series_description=desc)
-    return p, sorted(p.iterdir())
-
-
-def _edit_dicom(path: Path, **changes):
-    ds = pydicom.dcmread(path)
-    for k, v in changes.items():
-        setattr(ds, k, v)
-    ds.save_as(path, enforce_file_format=True)
-
-
 def dicom_missing_slice(d):
     p, files = _series(d, "series_missing")
     files[5].unlink()
@@ -301,72 +275,6 @@ SCANS: dict[str, tuple[Callable, int, int]] = {
 }
 # Path problems of a whole data folder (train --data_dir, evaluate --data).
 FOLDER_PATHS = ("missing_file", "through_regular_file", "dangling_symlink", "empty_folder")
-
-
-# ==============================================================================================
-# fixtures: a valid tiny checkpoint and model folders
-# ==============================================================================================
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("bad_inputs_ckpt"))
-
-
-@pytest.fixture(scope="module")
-def empty_models(tmp_path_factory):
-    d = tmp_path_factory.mktemp("empty_models")
-    for sub in ("INJ", "REM"):
-        (d / sub).mkdir()
-    return d
-
-
-@pytest.fixture(scope="module")
-def held_ctgan_models(tiny_ctgan_models):
-    """The tiny CT-GAN folder, its injector kept loaded: evaluate's ScanManipulator then reuses
-    it (CTGANModel.shared) instead of loading the Keras model again for every bad input."""
-    from procedures.attack_pipeline import SUBDIR, CTGANModel
-
-    held = CTGANModel.shared(tiny_ctgan_models / SUBDIR["inject"])
-    yield tiny_ctgan_models
-    del held
-
-
-# entry point -> (main, argv builder(input, out, ctx)); `input` is a scan for file entry points
-# and a data folder for train/evaluate.
-def _protect(scan, out, c):
-    return [scan, "-c", c.ckpt, "-o", out, "--no-progress"]
-
-
-def _tamper(scan, out, c):
-    return ["-t", scan, "-d", out, "-a", "inject", "-c", "6,20,20", "--models", c.empty_models]
-
-
-def _gui(scan, out, c):
-    return ["--scan", scan, "--models", c.empty_models, "--out", out]
-
-
-def _evaluate(data, out, c, *extra):
-    return ["--methods", "noise", "--noise-rms", "5", "--actions", "inject", "--data", data,
-            "--models", c.models, "--out", out, "--no-progress", "--no-figures", "--device", "cpu", *extra]
-
-
-FILE_ENTRIES = {"protect": (protect.main, _protect), "tamper": (tamper.main, _tamper), "GUI": (GUI.main, _gui)}
-FOLDER_ENTRIES = {"train": (train.main, _train), "evaluate": (evaluate.main, _evaluate)}
-
-
-def _ctx(request, tmp_path, entry) -> Ctx:
-    c = Ctx(tmp_path)
-    c.empty_models = request.getfixturevalue("empty_models")
-    if entry == "protect":
-        c.ckpt = request.getfixturevalue("ckpt")
-    if entry == "evaluate":
-        c.models = request.getfixturevalue("held_ctgan_models")
-    return c
-
-
-def _entry_param(entry, case):
-    marks = [pytest.mark.tf] if entry == "evaluate" else []
-    return pytest.param(entry, case, id=f"{entry}-{case}", marks=marks)
 
 
 # ==============================================================================================

@@ -25,16 +25,15 @@ import numpy as np  # noqa: E402
 import pydicom  # noqa: E402
 import pytest  # noqa: E402
 
-import GUI  # noqa: E402
 import evaluate  # noqa: E402
 import protect  # noqa: E402
 import tamper  # noqa: E402
 import train  # noqa: E402
 from conftest import ROOT, make_phantom  # noqa: E402
-from helpers import SHAPE, Ctx, assert_refused, call, phantom_scan, tree  # noqa: E402
+from helpers import SHAPE, assert_refused, call, phantom_scan, tree  # noqa: E402
 from scanDataset import SCAN_SUFFIXES  # noqa: E402
-from test_bad_inputs import (FILE_ENTRIES, FOLDER_ENTRIES, _ctx, _edit_dicom, _edit_header,  # noqa: E402,F401
-                             _entry_param, _mhd, _series, ckpt, empty_models, held_ctgan_models)
+from entry_points import (FILE_ENTRIES, FOLDER_ENTRIES, _ctx, _edit_dicom, _edit_header,  # noqa: E402
+                          _entry_param, _mhd, _series)
 from utils.errors import OutputError, ScanFormatError  # noqa: E402
 from utils.scan_io import Scan, load_scan, refuse_overwrite, save_dicom_series, save_mhd, validate_dicom  # noqa: E402
 
@@ -589,7 +588,7 @@ def test_failed_evaluation_leaves_no_figure(held_ctgan_models, tmp_path, capfd, 
     import procedures.evaluation as E
     from utils.errors import MitsError
 
-    def fail(res, out):
+    def fail(res, out, **kw):
         assert list(Path(out).glob("qualitative_*.png")), "the figure should exist before the failure"
         raise MitsError("reports failed")
 
