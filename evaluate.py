@@ -199,27 +199,33 @@ def _build_signs(args, ctx):
     return random_signs_method(_eps(args, ctx), seed=args.seed)
 
 
-def _target_settings(args, eps):
+def _target_settings(args, eps, background="signs"):
     from procedures.targeted import TargetSettings
 
     # Even-parity offsets only: the evaluation's offsets around a target are the odd ones.
-    return TargetSettings(eps=eps, steps=args.targeted_steps, seed=args.seed, parity=0).validate()
+    return TargetSettings(eps=eps, steps=args.targeted_steps, seed=args.seed, parity=0,
+                          background=background).validate()
 
 
-def _build_targeted(args, ctx):
-    from procedures.evaluation import targeted_method
-    from procedures.targeted import load_attacker
+def _targeted_builder(background: str):
+    def build(args, ctx):
+        from procedures.evaluation import targeted_method
+        from procedures.targeted import load_attacker
 
-    if not ctx.get("targets"):
-        raise UsageError("--methods targeted needs --targets CSV")
-    ctx.setdefault("torch_attacker", load_attacker(args.models))
-    s = _target_settings(args, _eps(args, ctx))
-    return targeted_method(ctx["torch_attacker"], ctx["targets"], s, progress=ctx["progress"],
-                           label=f"targeted, eps {s.eps:g} HU, {s.steps} steps")
+        if not ctx.get("targets"):
+            raise UsageError("--methods targeted needs --targets CSV")
+        ctx.setdefault("torch_attacker", load_attacker(args.models))
+        s = _target_settings(args, _eps(args, ctx), background)
+        return targeted_method(ctx["torch_attacker"], ctx["targets"], s, progress=ctx["progress"],
+                               name="targeted" if background == "signs" else "targeted_bare",
+                               boxes=ctx.setdefault("target_boxes", {}),
+                               label=f"targeted, eps {s.eps:g} HU, {s.steps} steps, {background} elsewhere")
+    return build
 
 
 METHODS["signs"] = _build_signs
-METHODS["targeted"] = _build_targeted
+METHODS["targeted"] = _targeted_builder("signs")
+METHODS["targeted_bare"] = _targeted_builder("none")
 
 
 def _curve_methods(args, ctx, eps: float) -> list:

@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eps", type=float, default=10.0, help="--targets: L-inf bound in HU (default 10)")
     p.add_argument("--models", default="models", help="--targets: CT-GAN folder with INJ/ and REM/")
     p.add_argument("--targeted-steps", type=int, default=120, help="--targets: Adam steps per target (default 120)")
+    p.add_argument("--background", choices=["signs", "none"], default="signs",
+                   help="--targets without -c: random +-eps signs (seeded by --seed) or nothing outside "
+                        "the targets (default signs; docs/results.md section 2)")
     p.add_argument("-o", "--out", default="protected",
                    help="output .mhd file, or a folder (default: protected/)")
     p.add_argument("--format", choices=["mhd", "dicom"], default=None,
@@ -124,7 +127,8 @@ def main(argv=None) -> int:
     if centres:
         from procedures.targeted import protect_scan_targets
         protect_scan_targets(scan, centres, out, models=args.models, eps=args.eps, steps=args.targeted_steps,
-                             seed=args.seed, progress=None if args.no_progress else tqdm)
+                             seed=args.seed, progress=None if args.no_progress else tqdm,
+                             background_name=scan_path.name if G is None and args.background == "signs" else None)
     seconds = time.perf_counter() - t0
     stats = perturbation_stats(out, hu)
 

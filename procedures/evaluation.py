@@ -137,13 +137,10 @@ def random_signs_method(eps_hu: float, *, seed: int = 0, label: str | None = Non
                         name: str = "signs") -> ProtectionMethod:
     """Baseline: random +-eps HU on every voxel (the largest RMS an L-inf bound of eps allows,
     no learning). Seeded by (seed, scan name)."""
-    def run(item: VolumeItem) -> np.ndarray:
-        rng = np.random.default_rng([int(seed), zlib.crc32(Path(item.path).name.encode()), 1])
-        hu = item.scan.hu
-        out = hu.astype(np.float32)
-        for z in range(hu.shape[0]):
-            out[z] += np.where(rng.random(hu.shape[1:]) < 0.5, -1.0, 1.0).astype(np.float32) * np.float32(eps_hu)
-        return out
+    from procedures.targeted import TargetSettings, background
+
+    def run(item: VolumeItem) -> np.ndarray:  # the targeted protection's background "signs"
+        return background(item.scan.hu, TargetSettings(eps=eps_hu, seed=seed), Path(item.path).name)
 
     return ProtectionMethod(name, label or f"random +-{eps_hu:g} HU signs", run)
 
@@ -167,12 +164,13 @@ def eps_scaled_method(base: ProtectionMethod, eps_hu: float, bound_hu: float, *,
 
 
 def targeted_method(attacker, rows, settings, *, label: str | None = None, name: str = "targeted",
-                    progress=None) -> ProtectionMethod:
-    """Targeted protection (procedures.targeted) of the targets CSV rows of each scan, nothing
-    elsewhere. `attacker`: a procedures.ctgan_torch.DifferentiableTamper (the seen attacker)."""
-    from procedures.targeted import protect_targets, targets_for_scan
+                    progress=None, boxes: dict | None = None) -> ProtectionMethod:
+    """Targeted protection (procedures.targeted) of the targets CSV rows of each scan, its
+    settings.background elsewhere. `attacker`: a procedures.ctgan_torch.DifferentiableTamper
+    (the seen attacker). `boxes`: a cache shared by methods of equal settings but background."""
+    from procedures.targeted import background, protect_targets, targets_for_scan
 
-    boxes: dict = {}  # scan path -> [(box, d)]: small, so the eps curve reuses the main run's
+    boxes = {} if boxes is None else boxes  # scan path -> [(box, d)]: small, reused
 
     def run(item: VolumeItem) -> np.ndarray:
         if item.path not in boxes:
@@ -180,7 +178,7 @@ def targeted_method(attacker, rows, settings, *, label: str | None = None, name:
             _, info = protect_targets(attacker, item.scan.hu, item.scan.spacing, centres, settings,
                                       progress=progress, keep=True)
             boxes[item.path] = [(i["slices"], i["d"]) for i in info]
-        out = item.scan.hu.astype(np.float32)
+        out = background(item.scan.hu, settings, Path(item.path).name)
         for box, d in boxes[item.path]:
             out[box] = item.scan.hu[box].astype(np.float32) + d
         return out

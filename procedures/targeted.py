@@ -12,8 +12,11 @@ random integer offsets within +-radius voxels on every axis (CT-GAN truncates th
 voxel) and the loss is the mean over offsets and actions. Optimised for the exact centre only,
 the perturbation disrupts little one voxel off (docs/results.md).
 
-Elsewhere the scan keeps the generator's protection (or is left as it is): the region of a
-target is replaced by real + d, so |protected - real| <= eps there whatever the generator did.
+Elsewhere the scan keeps the generator's protection, or gets random +-eps signs (background
+"signs": CT-GAN's noise touch-up copies a fixed block of the protected scan into every tampered
+cube, so a whole-scan perturbation reaches every tamper that way; docs/results.md measures it),
+or is left as it is ("none"): the region of a target is replaced by real + d, so
+|protected - real| <= eps there whatever the generator did.
 
 Targets CSV: a header with z,y,x (voxel indices, or world mm with a `coord` column saying
 `world` on that row, as data/*/nodules.csv); an optional `filename` column keeps only the rows
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +48,7 @@ class TargetSettings:
     actions: tuple = ("inject", "remove")
     seed: int = 0
     parity: int | None = None    # only offsets with (oz + oy + ox) % 2 == parity (held-out checks)
+    background: str = "signs"    # outside the targets: signs (random +-eps, seeded) or none
 
     def validate(self) -> "TargetSettings":
         if not self.eps > 0 or self.steps < 1 or self.radius < 0 or self.offsets_per_step < 1:
@@ -53,7 +58,23 @@ class TargetSettings:
             raise UsageError(f"targeted protection: method must be pgd or adam, not {self.method!r}")
         if not self.actions or any(a not in ("inject", "remove") for a in self.actions):
             raise UsageError(f"targeted protection: actions must be inject and/or remove, not {self.actions!r}")
+        if self.background not in BACKGROUNDS:
+            raise UsageError(f"targeted protection: background must be signs or none, not {self.background!r}")
         return self
+
+
+BACKGROUNDS = ("signs", "none")
+
+
+def background(hu: np.ndarray, s: TargetSettings, name: str) -> np.ndarray:
+    """float32 HU outside the targets: hu + random +-eps signs seeded by (seed, scan file name),
+    the same draw as the evaluation's signs baseline, or hu itself (background "none")."""
+    out = hu.astype(np.float32)
+    if s.background == "signs":
+        rng = np.random.default_rng([int(s.seed), zlib.crc32(Path(name).name.encode()), 1])
+        for z in range(hu.shape[0]):
+            out[z] += np.where(rng.random(hu.shape[1:]) < 0.5, -1.0, 1.0).astype(np.float32) * np.float32(s.eps)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,17 +240,25 @@ def load_attacker(models, actions=("inject", "remove"), device=None):
 
 
 def protect_scan_targets(scan, centres, out: np.ndarray, *, models, eps: float, steps: int,
-                         seed: int = 0, progress=None) -> list[dict]:
+                         seed: int = 0, progress=None, background_name: str | None = None) -> list[dict]:
     """protect.py --targets: optimise every target of `scan` against the CT-GAN pair in
     `models` and write real + d into `out` (the generator's protection, or the scan itself; int16
-    holds d exactly: it is integer HU). Returns the per-target info."""
-    s = TargetSettings(eps=eps, steps=steps, seed=seed)
+    holds d exactly: it is integer HU). background_name: the scan's file name, to first fill
+    `out` with the signs background (background "signs"; None keeps `out`). Returns the info."""
+    s = TargetSettings(eps=eps, steps=steps, seed=seed,
+                       background="none" if background_name is None else "signs").validate()
     dt = load_attacker(models)
+    if background_name is not None:
+        out[...] = _stored(background(scan.hu, s, background_name), out.dtype)
     info = []
     for i, box, d in optimise_targets(dt, scan.hu, scan.spacing, centres, s, progress):
-        v = scan.hu[box].astype(np.float32) + d
-        if np.issubdtype(out.dtype, np.integer):
-            v = np.clip(v, np.iinfo(out.dtype).min, np.iinfo(out.dtype).max)
-        out[box] = v.astype(out.dtype)
+        out[box] = _stored(scan.hu[box].astype(np.float32) + d, out.dtype)
         info.append(i)
     return info
+
+
+def _stored(v: np.ndarray, dtype) -> np.ndarray:
+    """float HU as `dtype` (integers clipped to its range)."""
+    if np.issubdtype(dtype, np.integer):
+        v = np.clip(v, np.iinfo(dtype).min, np.iinfo(dtype).max)
+    return v.astype(dtype)

@@ -97,9 +97,20 @@ def test_optimised_perturbation_is_bounded_integer_and_local(scan_path, tiny_ctg
 
 
 def test_settings_are_validated():
-    for bad in (dict(eps=0), dict(steps=0), dict(radius=-1), dict(actions=("swap",)), dict(method="sgd")):
+    for bad in (dict(eps=0), dict(steps=0), dict(radius=-1), dict(actions=("swap",)), dict(method="sgd"),
+                dict(background="noise")):
         with pytest.raises(UsageError):
             T.TargetSettings(**bad).validate()
+
+
+def test_background_signs_are_seeded_and_bounded():
+    hu = make_phantom((4, 16, 16), seed=1)
+    s = T.TargetSettings(eps=7, seed=3)
+    a, b = T.background(hu, s, "dir/a.mhd"), T.background(hu, s, "a.mhd")
+    assert np.array_equal(a, b) and set(np.unique(a - hu)) == {-7.0, 7.0}    # by file name, +-eps
+    assert not np.array_equal(a, T.background(hu, s, "b.mhd"))
+    assert not np.array_equal(a, T.background(hu, T.TargetSettings(eps=7, seed=4), "a.mhd"))
+    assert np.array_equal(T.background(hu, T.TargetSettings(background="none"), "a.mhd"), hu)
 
 
 def test_protect_cli_with_targets_only(scan_path, tiny_ctgan_models, tmp_path, capsys):
@@ -114,6 +125,21 @@ def test_protect_cli_with_targets_only(scan_path, tiny_ctgan_models, tmp_path, c
     src = load_scan(scan_path)
     d = got.hu.astype(np.int32) - src.hu
     assert got.hu.dtype == src.hu.dtype and 0 < np.abs(d).max() <= 10
+    # Default background: +-eps signs outside the target's box (a corner no cube reaches).
+    assert set(np.unique(d[:3, :3, :3])) == {-10, 10}
+    rc = protect.main([str(scan_path), "--targets", str(csv), "--models", str(tiny_ctgan_models),
+                       "--eps", "10", "--targeted-steps", "1", "-o", str(tmp_path / "bare"), "--no-progress",
+                       "--background", "none"])
+    bare = load_scan(tmp_path / "bare" / "chest_protected.mhd").hu.astype(np.int32) - src.hu
+    assert rc == 0 and not bare[:3, :3, :3].any() and 0 < np.abs(bare).max() <= 10
+
+
+def test_protect_cli_bad_background(scan_path, tmp_path, capfd):
+    csv = tmp_path / "t.csv"
+    csv.write_text("z,y,x\n12,24,24\n")
+    before = tree(tmp_path)
+    res = call(protect.main, [scan_path, "--targets", csv, "--background", "noise", "-o", tmp_path / "out"], capfd)
+    assert_refused(res, UsageError.exit_code, ("--background", "noise"), tmp_path, before)
 
 
 @pytest.mark.parametrize("text,code", [
