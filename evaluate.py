@@ -22,7 +22,9 @@ Protection methods (--methods, comma-separated):
   signs     random +-eps HU on every voxel (--eps; default the checkpoint's bound, else 10 HU)
   targeted  targeted protection of the --targets CSV rows (procedures.targeted), optimised
             through the seen attacker's PyTorch port on offsets of even parity; evaluate it
-            with --locations targets (held-out offsets of odd parity around each target)
+            with --locations targets (held-out offsets of odd parity around each target);
+            random +-eps signs elsewhere (the signs column's draw)
+  targeted_bare  the same targeted perturbation with nothing elsewhere
   mitsgan2  a second MITS-GAN checkpoint (--checkpoint2), e.g. the white-box `default` model
   mitsgan_float, mitsgan2_float
             the same generators' float32 output, not rounded to the scan's int16 storage

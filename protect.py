@@ -6,8 +6,8 @@
 
 --targets protects known findings: around each row the perturbation (|d| <= --eps HU, integer)
 is optimised against CT-GAN's removal and injection with the cube centre up to 2 voxels off
-(procedures.targeted; docs/results.md has what it achieves); the generator (-c) or nothing
-protects the rest of the scan.
+(procedures.targeted; docs/results.md has what it achieves); the generator (-c), or random
++-eps signs (--background signs, the default) or nothing (--background none) protects the rest.
 
 Reads a MetaImage (.mhd), NRRD/NIfTI file or a DICOM series folder; writes the protected scan in
 HU with the source geometry (and, for DICOM, the source's patient/study metadata):
