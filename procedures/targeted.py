@@ -258,7 +258,7 @@ def protect_scan_targets(scan, centres, out: np.ndarray, *, models, eps: float, 
 
 
 def _stored(v: np.ndarray, dtype) -> np.ndarray:
-    """float HU as `dtype` (integers clipped to its range)."""
+    """float HU as `dtype` (integers rounded, clipped to its range: a fractional --eps)."""
     if np.issubdtype(dtype, np.integer):
-        v = np.clip(v, np.iinfo(dtype).min, np.iinfo(dtype).max)
+        v = np.clip(np.rint(v), np.iinfo(dtype).min, np.iinfo(dtype).max)
     return v.astype(dtype)
