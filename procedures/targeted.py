@@ -249,7 +249,8 @@ def protect_scan_targets(scan, centres, out: np.ndarray, *, models, eps: float, 
                        background="none" if background_name is None else "signs").validate()
     dt = load_attacker(models)
     if background_name is not None:
-        out[...] = _stored(background(scan.hu, s, background_name), out.dtype)
+        hu = scan.hu.astype(np.float32)  # integer signs (a fractional eps rounds toward 0): <= eps stored
+        out[...] = _stored(hu + np.fix(background(scan.hu, s, background_name) - hu), out.dtype)
     info = []
     for i, box, d in optimise_targets(dt, scan.hu, scan.spacing, centres, s, progress):
         out[box] = _stored(scan.hu[box].astype(np.float32) + d, out.dtype)
@@ -258,7 +259,7 @@ def protect_scan_targets(scan, centres, out: np.ndarray, *, models, eps: float, 
 
 
 def _stored(v: np.ndarray, dtype) -> np.ndarray:
-    """float HU as `dtype` (integers rounded, clipped to its range: a fractional --eps)."""
+    """float HU as `dtype` (integers rounded and clipped to its range)."""
     if np.issubdtype(dtype, np.integer):
         v = np.clip(np.rint(v), np.iinfo(dtype).min, np.iinfo(dtype).max)
     return v.astype(dtype)
