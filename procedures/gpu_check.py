@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import NamedTuple, Sequence
 
 from utils.errors import CliParser, InputFileError, MitsError, run_cli
-from utils.scan_io import load_scan, save_numpy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,7 +123,8 @@ class StepFailed(MitsError):
 def export_npy(data: Path, dest: Path) -> None:
     """The scans of `data` as .npy + .json (and its CSVs) in `dest`: what a machine without
     SimpleITK reads, and what fits the carry to a GPU machine."""
-    from scanDataset import SCAN_SUFFIXES  # lazy: scanDataset pulls torch (keeps --help light)
+    from scanDataset import SCAN_SUFFIXES  # lazy: keeps this orchestrator free of torch and numpy (fast --help)
+    from utils.scan_io import load_scan, save_numpy
 
     dest.mkdir(parents=True, exist_ok=True)
     for p in sorted(data.iterdir()):
@@ -142,7 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.export_npy:
         export_npy(Path(args.data), Path(args.export_npy))
         return 0
-    from utils.device import pick_device  # lazy: torch after --help
+    from utils.device import pick_device  # lazy: keeps this orchestrator free of torch and numpy (fast --help)
+    from utils.scan_io import load_scan
 
     pick_device(args.device)  # a machine without CUDA fails here, in one line
     scan = load_scan(first_scan(Path(args.data)))
