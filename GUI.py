@@ -53,7 +53,7 @@ class Viewer:
 
     # --- figure ---------------------------------------------------------------------------------
     def build(self, fig=None):
-        import matplotlib.pyplot as plt  # lazy: matplotlib/torch/SciPy after --help, only when used
+        import matplotlib.pyplot as plt  # lazy: matplotlib only when the viewer opens (fast --help)
         from matplotlib.widgets import Button
 
         for name, keys in plt.rcParams.items():  # our keys must not also trigger matplotlib's

@@ -101,7 +101,7 @@ def main(argv=None) -> int:
         return int(e.code or 0)
     coords = [parse_coord(c) for c in args.coord]
 
-    from procedures.attack_pipeline import AttackShapeError, check_coord, published_shape_error  # lazy: SciPy after --help
+    from procedures.attack_pipeline import AttackShapeError, check_coord, published_shape_error  # lazy: fast --help
 
     target = Path(args.target)
     scan = _load(args.target)
