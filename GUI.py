@@ -19,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from utils.atomic import check_output_dir, ensure_not_input, os_error_message
 from utils.errors import CliParser, MitsError, OutputError, ScanFormatError, UsageError, run_cli
+from utils.scan_io import load_scan, save_dicom_series, save_mhd
 
 KEYS = ("up", "down", "pageup", "pagedown", "a", "t", "s", "q")
 
@@ -51,7 +53,7 @@ class Viewer:
 
     # --- figure ---------------------------------------------------------------------------------
     def build(self, fig=None):
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # lazy: matplotlib only when the viewer opens (fast --help)
         from matplotlib.widgets import Button
 
         for name, keys in plt.rcParams.items():  # our keys must not also trigger matplotlib's
@@ -115,7 +117,7 @@ class Viewer:
         elif k == "s":
             self._guarded(self.save)
         elif k == "q" and self.fig is not None:
-            import matplotlib.pyplot as plt
+            import matplotlib.pyplot as plt  # lazy: as in build
             plt.close(self.fig)
 
     def on_click(self, event) -> None:
@@ -154,7 +156,7 @@ class Viewer:
 
     def tamper(self, y: int, x: int) -> tuple:
         """Tamper the shown volume at (current slice, y, x); returns the changed slices."""
-        from procedures.attack_pipeline import check_coord
+        from procedures.attack_pipeline import check_coord  # lazy: it pulls scipy.stats (fast --help)
 
         coord = (self.z, y, x)
         check_coord(coord, self.current.shape)
@@ -169,13 +171,11 @@ class Viewer:
 
     def save(self) -> Path:
         """Write the shown volume (with its tampers) into out_dir, as the source's dtype."""
-        from procedures.protection import protected_scan, scan_stem
-        from utils.scan_io import save_dicom_series, save_mhd
+        from procedures.protection import protected_scan, scan_stem  # lazy: it pulls torch (fast --help)
 
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            from utils.atomic import os_error_message
             raise OutputError(os_error_message(self.out_dir, e)) from None
         stem = f"{scan_stem(self.scan.source_path or 'scan')}_{self.showing}_tampered"
         k = 1
@@ -222,9 +222,7 @@ def main(argv=None) -> int:
         assert len(window) == 2 and window[1] > window[0]
     except (ValueError, AssertionError):
         raise UsageError(f"--window must be LOW,HIGH in HU, got {args.window!r}") from None
-    from procedures.attack_pipeline import ScanManipulator
-    from utils.atomic import check_output_dir, ensure_not_input
-    from utils.scan_io import load_scan
+    from procedures.attack_pipeline import ScanManipulator  # lazy: SciPy/torch/matplotlib after --help
 
     scan = load_scan(args.scan)
     ensure_not_input(args.out, [args.scan])

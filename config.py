@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from utils.atomic import atomic_write_bytes
 from utils.errors import CliParser, ModelFileError, UsageError
 
 
@@ -106,7 +107,6 @@ class Config:
         return dataclasses.asdict(self)
 
     def save(self, path) -> None:
-        from utils.atomic import atomic_write_bytes
         atomic_write_bytes(Path(path), (json.dumps(self.to_dict(), indent=2) + "\n").encode())
 
 

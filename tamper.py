@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from utils.atomic import check_output_dir, os_error_message
 from utils.errors import CliParser, CoordinateError, OutputError, UsageError, run_cli
+from utils.scan_io import load_numpy, load_scan, refuse_overwrite, save_dicom_series, save_mhd, save_numpy
 
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _COORD = re.compile(rf"^\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*$")
@@ -56,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _manipulator(args):
     """The attacker: Keras (procedures.attack_pipeline) or its torch equal on the device."""
-    from procedures.attack_pipeline import ScanManipulator
+    from procedures.attack_pipeline import ScanManipulator  # lazy: SciPy/torch after --help
     from utils.device import pick_device
 
     device = pick_device(args.device)
@@ -81,7 +83,6 @@ def parse_coord(text: str) -> np.ndarray:
 
 
 def _load(path: str):
-    from utils.scan_io import load_numpy, load_scan
     return load_numpy(path) if str(path).lower().endswith(".npy") else load_scan(path)
 
 
@@ -100,8 +101,7 @@ def main(argv=None) -> int:
         return int(e.code or 0)
     coords = [parse_coord(c) for c in args.coord]
 
-    from procedures.attack_pipeline import AttackShapeError, check_coord, published_shape_error
-    from utils.scan_io import save_dicom_series, save_mhd, save_numpy
+    from procedures.attack_pipeline import AttackShapeError, check_coord, published_shape_error  # lazy: fast --help
 
     target = Path(args.target)
     scan = _load(args.target)
@@ -110,11 +110,9 @@ def main(argv=None) -> int:
     dest = Path(args.destination)
     if dest.exists() and not dest.is_dir():
         raise OutputError(f"cannot write {dest}: exists and is not a folder")
-    from utils.atomic import check_output_dir
     check_output_dir(dest)  # before any model is loaded or any tamper is done
     stem = target.name if is_dicom else target.name.split(".")[0]
     out = dest / f"{stem}_tampered" if fmt == "dicom" else dest / f"{stem}_tampered.{'mhd' if fmt == 'mhd' else 'npy'}"
-    from utils.scan_io import refuse_overwrite
     refuse_overwrite(out, target)  # not over any file the input reads, not inside its folder
 
     # All coordinates are checked before any model is loaded or anything is written.
@@ -139,7 +137,6 @@ def main(argv=None) -> int:
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        from utils.atomic import os_error_message
         raise OutputError(os_error_message(dest, e)) from None
     if fmt == "mhd":
         written = save_mhd(man.scan, out)

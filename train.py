@@ -33,6 +33,7 @@ import logging
 import os
 import sys
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -49,6 +50,7 @@ from discriminator import build_discriminator
 from generator import build_generator
 from procedures.disruption import DisruptionStats, DisruptionTarget, Slab
 from procedures.protection import eps_scale, export_protected, protect_volume
+from procedures.whitebox import WhiteboxDisruption
 from scanDataset import ScanDataset
 from utils.atomic import atomic_write_text, check_output_dir, os_error_message
 from utils.checkpoint import load_checkpoint, load_state_into, save_checkpoint
@@ -142,7 +144,6 @@ def build_run(cfg, size: int, device: torch.device, dtype: torch.dtype, world: i
     # Published D ends in a sigmoid (BCELoss); ours outputs logits (BCEWithLogitsLoss).
     bce = nn.BCELoss() if getattr(D_raw, "sigmoid_head", False) else nn.BCEWithLogitsLoss()
     if target is None and cfg.attack_mode == "whitebox":
-        from procedures.whitebox import WhiteboxDisruption
         target = WhiteboxDisruption(cfg, device)
     elif target is None:
         target = DisruptionTarget(cfg)
@@ -520,10 +521,9 @@ def _merged_stats(stats: DisruptionStats, world: int) -> DisruptionStats:
 def _tensorboard(path: Path):
     # TensorBoard's writer imports TensorFlow when installed (6 s here) unless the module
     # tensorboard.compat.notf exists; then it uses its own stub, which is all scalars need.
-    import types
     sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # lazy: TensorBoard only when logging, after the stub above
     except ImportError:  # tensorboard is in requirements.txt; degrade rather than fail
         log.warning("tensorboard not installed: no TensorBoard scalars")
         return None

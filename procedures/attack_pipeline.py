@@ -38,6 +38,7 @@ import numpy as np
 import scipy.ndimage
 import scipy.stats
 
+from procedures.keras_env import get_keras
 from utils.cubes import cube_bounds, cut_cube, paste_cube
 from utils.equalizer import HistEqualizer
 from utils.errors import (CoordinateError, MitsError, ModelFileError, ScanFormatError, UnsafeFileError,
@@ -149,7 +150,6 @@ class CTGANModel:
         self.g_path = g_path
         self.norm = self._load_norm(norm_path)
         self.eq = HistEqualizer.load(eq_path)
-        from procedures.keras_env import get_keras  # TensorFlow only when a model is really used
         self.keras = get_keras(backend)
         self.model = self._load_keras(g_path)
         self.available = True

@@ -32,6 +32,7 @@ from procedures.attack_pipeline import (CUBE, G_NAMES, KERNEL_SIGMA, REF_SCALE, 
                                         noise_block_center, published_shape_error)
 from procedures.ctgan_torch import DifferentiableTamper, from_keras_h5
 from utils.cubes import cube_bounds
+from utils.device import pick_device
 from utils.errors import ModelFileError, ScanFormatError, UsageError
 from utils.resample import scaled_shape
 
@@ -181,16 +182,12 @@ def attacker_impl(cfg) -> str:
     Keras pipeline's NumPy/SciPy work bound training, keras on the CPU; docs/performance.md)."""
     if cfg.attacker_impl != "auto":
         return cfg.attacker_impl
-    from utils.device import pick_device
-
     return "torch" if pick_device(cfg.device).type == "cuda" else "keras"
 
 
 def blackbox_attacker(cfg) -> ScanManipulator:
     """The black-box training attacker of a config: ScanManipulator (Keras; it also has the
     published border and missing-model behaviours) or TorchScanManipulator on the device."""
-    from utils.device import pick_device
-
     if attacker_impl(cfg) == "torch":
         if cfg.attack_borders != "pad" or cfg.missing_model != "error":
             raise UsageError("--attacker_impl torch has only --attack_borders pad and --missing_model "

@@ -21,10 +21,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import config as config_mod
+from generator import build_generator
+from procedures.ctgan_models import write_untrained_model_dir
+from procedures.keras_env import get_keras
+from procedures.protection import protect_hu
+from scanDataset import ScanDataset
 from utils.device import pick_device, torch_dtype
 from utils.errors import InputFileError, UsageError
+from utils.scan_io import Scan, load_scan, save_mhd, save_numpy
 
 SPACING_512 = (2.5, 0.5703125, 0.5703125)   # the z2.5 real scans: 2.5 mm slices, 292 mm field
 
@@ -193,10 +200,9 @@ def phantom(shape=(40, 64, 64), seed: int = 0) -> np.ndarray:
 
 def write_scan(hu: np.ndarray, spacing, path: Path) -> Path:
     """.mhd when SimpleITK is installed (what the published loader reads), else .npy + .json."""
-    from utils.scan_io import Scan, save_mhd, save_numpy
     scan = Scan(hu, spacing, (0.0, 0.0, 0.0))
     try:
-        import SimpleITK  # noqa: F401
+        import SimpleITK  # noqa: F401  # probe: is SimpleITK installed
     except ImportError:
         return save_numpy(scan, path.with_suffix(".npy"))
     return save_mhd(scan, path.with_suffix(".mhd"))
@@ -204,7 +210,6 @@ def write_scan(hu: np.ndarray, spacing, path: Path) -> Path:
 
 def prepare_data(args, work: Path) -> dict:
     """{'train_dir', 'protect_hu', 'spacing', 'size', 'label'}."""
-    from utils.scan_io import load_scan
     if args.data == "real":
         folder = Path(args.data_dir)
         scans = sorted(folder.glob("*.mhd")) + sorted(folder.glob("*.npy"))
@@ -236,8 +241,6 @@ def ctgan_models(args, work: Path, sample_hu: np.ndarray) -> tuple[Path, str]:
         return given, f"{given} (gf {_h5_width(given / 'INJ' / 'G_model.h5')})"
     root = work / f"ctgan_gf{args.ctgan_gf}"
     if not all((root / sub / "G_model.h5").is_file() for sub in ("INJ", "REM")):
-        from procedures.ctgan_models import write_untrained_model_dir
-        from procedures.keras_env import get_keras
         keras = get_keras(args.keras_backend or None)
         d, h, w = sample_hu.shape
         cubes = np.stack([sample_hu[d // 2 - 16:d // 2 + 16, y:y + 32, x:x + 32]
@@ -249,7 +252,7 @@ def ctgan_models(args, work: Path, sample_hu: np.ndarray) -> tuple[Path, str]:
 
 def _h5_width(path: Path):
     """CT-GAN generator width gf: the output channels of the first Conv3D on 1 channel."""
-    import h5py
+    import h5py  # lazy: h5py only to read a .h5 model
     found = []
 
     def visit(name, obj):
@@ -271,8 +274,7 @@ def eligible_subbatches(depth: int, slab: int) -> list[int]:
 
 def bench_train(args, data: dict, models: Path, device, specs: list[str]) -> list[dict]:
 
-    import train
-    from scanDataset import ScanDataset
+    import train  # lazy: a root script (imports run root -> procedures); only this section times it
     results = []
     for spec in specs:
         preset, kv = parse_spec(spec)
@@ -338,10 +340,6 @@ PROTECT_KEYS = ("batch", "amp", "channels_last", "compile", "slices")
 
 
 def bench_protect(args, data: dict, device, specs: list[str], peaks: dict) -> list[dict]:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from generator import build_generator
-    from procedures.protection import protect_hu
     results = []
     for spec in specs:
         preset, kv = parse_spec(spec)
@@ -411,7 +409,7 @@ def bench_protect(args, data: dict, device, specs: list[str], peaks: dict) -> li
 
 # --- tampering -------------------------------------------------------------------------------------
 def bench_tamper(args, data: dict, models: Path, device) -> list[dict]:
-    from procedures.attack_pipeline import ScanManipulator
+    from procedures.attack_pipeline import ScanManipulator  # lazy: the attackers pull SciPy
     from procedures.attack_torch import TorchScanManipulator
     from procedures.ctgan_torch import DifferentiableTamper
     hu = data["protect_hu"][:max(80, min(120, data["protect_hu"].shape[0]))].astype(np.float32)

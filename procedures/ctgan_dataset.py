@@ -14,16 +14,19 @@ through SciPy's zoom, shift and rotate, which round) except cubes that needed pa
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import numpy as np
 import scipy.ndimage
+from tqdm import tqdm
 
 from utils.cubes import cut_cube
 from utils.equalizer import HistEqualizer
 from utils.errors import CoordinateError, InputFileError
 from utils.resample import resample_exact, scale_published
+from utils.scan_io import load_scan
 
 CUBE = 32            # voxels per axis at 1 mm
 MARGIN = 8           # extra border cut for the augmentations, cropped away afterwards
@@ -50,7 +53,7 @@ class Location(NamedTuple):
 # --- locations ------------------------------------------------------------------------------
 def read_locations(csv_path) -> list[Location]:
     """Parse the locations CSV; `filename` is relative to the CSV's folder."""
-    import pandas as pd
+    import pandas as pd  # lazy: pandas only to read the CSV
 
     csv_path = Path(csv_path)
     if not csv_path.is_file():
@@ -92,7 +95,7 @@ def extract_cube(hu: np.ndarray, spacing, center_vox, exact_resample: bool = Tru
     which gives e.g. 39 slices at 3 mm. Float32, or with `integer_hu` int16 as published
     when the cut needed no padding (the published padded cut is float64).
     """
-    from procedures.attack_pipeline import published_cut_pads
+    from procedures.attack_pipeline import published_cut_pads  # lazy: it pulls scipy.stats (ctgan_train --help)
 
     spacing = np.asarray(spacing, dtype=np.float64)
     size = np.round((CUBE + MARGIN) / spacing).astype(np.int64)
@@ -180,10 +183,8 @@ def build_training_set(csv_path, exact_resample: bool = True, progress: bool = T
     `loader(path) -> utils.scan_io.Scan` defaults to utils.scan_io.load_scan; each scan is
     read once however many locations it has.
     """
-    from tqdm import tqdm
-
     if loader is None:
-        from utils.scan_io import load_scan as loader
+        loader = load_scan
     locs = read_locations(csv_path)
     cache: dict[Path, object] = {}
     parts = []
@@ -203,8 +204,6 @@ def build_training_set(csv_path, exact_resample: bool = True, progress: bool = T
 
 def save_preprocessing(model_dir, equalizer: HistEqualizer, normalization) -> None:
     """Write equalization.npz (our safe format) and normalization.npy next to the model."""
-    import os
-
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     equalizer.save(model_dir / "equalization.npz")

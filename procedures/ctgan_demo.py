@@ -17,13 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from utils.errors import CliParser, InputFileError, UsageError, run_cli
+from utils.images import save_grid
 from utils.scan_io import Scan, load_scan, save_mhd
 
 
 
 def read_locations(csv_path: Path) -> dict[str, list[tuple[int, int, int]]]:
     """filename -> voxel (z, y, x) list, from a CSV written by procedures.prepare_data."""
-    import pandas as pd
+    import pandas as pd  # lazy: pandas only to read the CSV
 
     if not csv_path.is_file():
         raise InputFileError(f"{csv_path}: location file not found (run `make data`)")
@@ -44,8 +45,7 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default=None, choices=("tensorflow", "torch"))
     args = p.parse_args(argv)
 
-    from procedures.attack_pipeline import ScanManipulator
-    from utils.images import save_grid
+    from procedures.attack_pipeline import ScanManipulator  # lazy: SciPy/Keras plumbing after --help
 
     data, out = Path(args.data), Path(args.out)
     nodules = read_locations(data / "nodules.csv")

@@ -6,6 +6,12 @@ that importing this module never imports TensorFlow.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
+
+from utils.equalizer import HistEqualizer
+
 CUBE = (32, 32, 32, 1)
 
 
@@ -104,12 +110,7 @@ def write_untrained_model_dir(folder, gf: int, keras, sample_hu, seed: int = 0):
     equalization.npz, normalization.npy = [mean, min, max] of the equalised sample, as
     procedures.ctgan_dataset saves them. For timing the attacker (bench.py) and tests, where the
     trained weights are absent: the arithmetic is CT-GAN's, the tampering is not realistic."""
-    from pathlib import Path
-
-    import numpy as np
-
-    from procedures.ctgan_dataset import save_preprocessing
-    from utils.equalizer import HistEqualizer
+    from procedures.ctgan_dataset import save_preprocessing  # lazy: it pulls SciPy; this module stays import-light
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from procedures.keras_env import get_keras
 from utils.cubes import cube_bounds
+from utils.equalizer import HistEqualizer
 from utils.errors import CoordinateError, ModelFileError, UnsafeFileError, UsageError
 from utils.resample import scaled_shape
 
@@ -212,7 +214,7 @@ def read_keras_h5(path) -> tuple[list[tuple[str, dict]], dict]:
     ('g_d1_conv/kernel' in Keras 3, 'g_d1_conv/kernel:0' in Keras 2). Reading them with h5py never
     runs code from the file. Returns ([(layer, {short name: array})], {bn layer: epsilon}).
     """
-    import h5py
+    import h5py  # lazy: h5py only to read a .h5 model
 
     def s(v):
         return v.decode("utf8") if isinstance(v, bytes) else str(v)
@@ -282,8 +284,6 @@ def from_keras_h5(path, device=None) -> CTGANGeneratorTorch:
     if not path.is_file():
         raise ModelFileError(f"{path}: generator file not found")
     if path.suffix == ".keras":
-        from procedures.keras_env import get_keras  # TensorFlow only on this fallback path
-
         keras = get_keras()
         try:
             km = keras.saving.load_model(path, compile=False, safe_mode=True)
@@ -352,8 +352,6 @@ def spline_zoom_matrix(n: int, m: int) -> np.ndarray:
 def _as_arrays(eq):
     """(centres, cdf) from a HistEqualizer, a (centres, cdf) pair or a path (.npz/.pkl)."""
     if isinstance(eq, (str, os.PathLike)):
-        from utils.equalizer import HistEqualizer
-
         eq = HistEqualizer.load(eq)
     if hasattr(eq, "centres") and hasattr(eq, "cdf"):
         return np.asarray(eq.centres, np.float64), np.asarray(eq.cdf, np.float64)

@@ -23,6 +23,7 @@ at the start of every epoch after the first, never saving the last epoch's weigh
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -33,8 +34,11 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from procedures.ctgan_dataset import MASK, N_AUG, TrainingSet, build_training_set, save_preprocessing
+from procedures.ctgan_models import CUBE, build_discriminator, build_generator, call_frozen_batch_stats
+from procedures.keras_env import get_keras
 from utils.errors import CliParser, OutputError, UsageError, run_cli
 
 MODELS = ("inj", "rem")
@@ -114,7 +118,6 @@ def resolve_backend(requested: str | None, prefer_torch: bool = False) -> str | 
     if os.environ.get("KERAS_BACKEND"):
         return os.environ["KERAS_BACKEND"]
     if prefer_torch:
-        import importlib.util
         if importlib.util.find_spec("torch"):
             return "torch"
     return None
@@ -152,8 +155,6 @@ class TrainResult:
 # --- Keras pieces -------------------------------------------------------------------------------
 def build_models(keras, cfg: CTGANTrainConfig):
     """(G, D, combined), compiled as published. D.trainable is toggled by train_step."""
-    from procedures.ctgan_models import CUBE, build_discriminator, build_generator, call_frozen_batch_stats
-
     G = build_generator(keras, cfg.gf)
     D = build_discriminator(keras, cfg.df)
     D.compile(loss="mse", optimizer=keras.optimizers.Adam(cfg.d_lr, beta_1=cfg.beta1),
@@ -232,7 +233,7 @@ def _progress_indices(n: int, k: int) -> np.ndarray:
 
 def save_progress_image(G, cubes: np.ndarray, path: Path, title: str) -> None:
     """Middle axial slice of condition / generated / original for a few cubes (PNG)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: matplotlib only when a figure is drawn
     from matplotlib.figure import Figure
 
     cond = make_condition(cubes)
@@ -264,10 +265,6 @@ def _write_json(path: Path, obj) -> None:
 def train(data: TrainingSet, out_dir, cfg: CTGANTrainConfig, progress: bool = True,
           extra_config: dict | None = None) -> TrainResult:
     """Train G and D on `data` (see procedures.ctgan_dataset) and write the model folder."""
-    from tqdm import tqdm
-
-    from procedures.keras_env import get_keras
-
     cfg.validate()
     out_dir = Path(out_dir)
     try:

@@ -26,16 +26,20 @@ import logging
 import math
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from procedures.protection import protect_hu
+from procedures.targeted import TargetSettings, background, offset_grid, protect_targets, targets_for_scan
 from scanDataset import VolumeItem
 from utils import metrics as M
+from utils.atomic import atomic_path, atomic_write_text
 from utils.cubes import cube_bounds
 from utils.errors import InputFileError, MitsError, ModelFileError, UsageError
+from utils.lung import lung_mask
 from utils.resample import scaled_shape
 
 log = logging.getLogger("mitsgan.evaluation")
@@ -103,8 +107,6 @@ def mitsgan_method(G, cfg, device, dtype, *, seed: int = 0, batch: int = 4, prog
     """Protection with a trained MITS-GAN generator (procedures.protection.protect_hu).
     stored=False keeps the float32 output (what the network made, before int16 storage rounds
     it): the float-vs-stored comparison (docs/results.md)."""
-    from procedures.protection import protect_hu
-
     def run(item: VolumeItem) -> np.ndarray:
         hu = item.scan.hu
         integer = stored and np.issubdtype(hu.dtype, np.integer)
@@ -137,7 +139,6 @@ def random_signs_method(eps_hu: float, *, seed: int = 0, label: str | None = Non
                         name: str = "signs") -> ProtectionMethod:
     """Baseline: random +-eps HU on every voxel (the largest RMS an L-inf bound of eps allows,
     no learning). Seeded by (seed, scan name)."""
-    from procedures.targeted import TargetSettings, background
 
     def run(item: VolumeItem) -> np.ndarray:  # the targeted protection's background "signs"
         return background(item.scan.hu, TargetSettings(eps=eps_hu, seed=seed), Path(item.path).name)
@@ -168,8 +169,6 @@ def targeted_method(attacker, rows, settings, *, label: str | None = None, name:
     """Targeted protection (procedures.targeted) of the targets CSV rows of each scan, its
     settings.background elsewhere. `attacker`: a procedures.ctgan_torch.DifferentiableTamper
     (the seen attacker). `boxes`: a cache shared by methods of equal settings but background."""
-    from procedures.targeted import background, protect_targets, targets_for_scan
-
     boxes = {} if boxes is None else boxes  # scan path -> [(box, d)]: small, reused
 
     def run(item: VolumeItem) -> np.ndarray:
@@ -241,8 +240,6 @@ def target_locations(item: VolumeItem, rows, n: int, rng, actions, radius: int =
     """Held-out cube centres around the targets: n offsets per target within +-radius voxels,
     drawn without replacement from the offsets of odd parity ((oz + oy + ox) odd), which the
     targeted protection under evaluation never optimises for (it uses the even ones)."""
-    from procedures.targeted import offset_grid, targets_for_scan
-
     name = Path(item.path).name
     grid = offset_grid(radius, parity=1)
     hi = np.asarray(item.scan.hu.shape) - 1
@@ -290,8 +287,6 @@ def sample_locations(item: VolumeItem, n: int, *, seed: int = 0, mode: str = "lu
         return out
     if mode != "lung":
         raise UsageError(f"unknown location mode {mode!r}; choose lung, csv or targets")
-    from utils.lung import lung_mask
-
     hu = item.scan.hu
     cand = np.argwhere(lung_mask(hu))
     if len(cand) == 0:
@@ -726,8 +721,6 @@ def csv_report(res: EvalResult) -> str:
 
 def write_reports(res: EvalResult, out_dir, extra_sections: Sequence[str] = ()) -> dict[str, Path]:
     """results.md, results.csv, results.json in out_dir (each written atomically)."""
-    from utils.atomic import atomic_write_text
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = summarise(res)
@@ -751,9 +744,7 @@ def write_reports(res: EvalResult, out_dir, extra_sections: Sequence[str] = ()) 
 
 def save_png(fig, path, dpi: int) -> None:
     """Write a matplotlib figure atomically and close it."""
-    import matplotlib.pyplot as plt
-
-    from utils.atomic import atomic_path
+    import matplotlib.pyplot as plt  # lazy: matplotlib only when a figure is drawn
 
     fig.tight_layout()
     path = Path(path)
@@ -772,8 +763,6 @@ def tradeoff_curve(items: Iterable[VolumeItem], methods_at: Callable[[float], li
     and eps, `methods_at(eps)` (methods with the same names at every eps) are evaluated without
     the image tables. Returns {attacker: {method name: {"label", "eps", "disruption",
     "ssim"}}}."""
-    from dataclasses import replace
-
     quiet = replace(settings, figure=False, image_metrics=False)
     rows = []
     for item in items:
@@ -796,7 +785,7 @@ def tradeoff_curve(items: Iterable[VolumeItem], methods_at: Callable[[float], li
 
 def curve_report(curve: dict, path) -> list[str]:
     """Plot the curve (one panel per attacker) into `path` and return its markdown lines."""
-    import matplotlib
+    import matplotlib  # lazy: matplotlib only when a figure is drawn
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -834,7 +823,7 @@ def qualitative_figure(path, real, protected: dict, sample, labels: dict, window
     """One row per method: real | protected | tampered real | tampered protected |
     |protected - real| | |tampered protected - tampered real|, on the tamper's centre slice,
     the tampered square outlined."""
-    import matplotlib
+    import matplotlib  # lazy: matplotlib only when a figure is drawn
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle

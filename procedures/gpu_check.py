@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def first_scan(data: Path) -> Path:
-    from scanDataset import SCAN_SUFFIXES
+    from scanDataset import SCAN_SUFFIXES  # lazy: scanDataset pulls torch (keeps --help light)
 
     if not data.is_dir():
         raise InputFileError(f"{data}: scan folder not found")
@@ -122,9 +123,7 @@ class StepFailed(MitsError):
 def export_npy(data: Path, dest: Path) -> None:
     """The scans of `data` as .npy + .json (and its CSVs) in `dest`: what a machine without
     SimpleITK reads, and what fits the carry to a GPU machine."""
-    import shutil
-
-    from scanDataset import SCAN_SUFFIXES
+    from scanDataset import SCAN_SUFFIXES  # lazy: keeps this orchestrator free of torch and numpy (fast --help)
     from utils.scan_io import load_scan, save_numpy
 
     dest.mkdir(parents=True, exist_ok=True)
@@ -143,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.export_npy:
         export_npy(Path(args.data), Path(args.export_npy))
         return 0
-    from utils.device import pick_device
+    from utils.device import pick_device  # lazy: keeps this orchestrator free of torch and numpy (fast --help)
     from utils.scan_io import load_scan
 
     pick_device(args.device)  # a machine without CUDA fails here, in one line

@@ -30,7 +30,7 @@ def get_keras(backend: str | None = None):
     if backend not in BACKENDS:
         raise UsageError(f"unknown Keras backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if "keras" in sys.modules:
-        import keras
+        import keras  # lazy: Keras/TensorFlow only when an attacker model runs
         if keras.backend.backend() != backend:
             raise UsageError(
                 f"Keras already runs on {keras.backend.backend()!r} in this process; "

@@ -23,8 +23,10 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from procedures.targeted import TargetSettings, load_attacker, optimise_target
 from utils.atomic import atomic_write_text
 from utils.errors import CliParser, UsageError, run_cli
+from utils.scan_io import load_scan
 
 
 def _rmse(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -35,8 +37,6 @@ def bound_at(dt, hu: np.ndarray, spacing, center, action: str, *, eps: float, st
              lr: float, seed: int) -> dict:
     """Optimise one location. hu: the scan (D, H, W) in HU; center: (z, y, x) voxel.
     procedures.targeted's optimiser with no centre offsets and one action."""
-    from procedures.targeted import TargetSettings, optimise_target
-
     s = TargetSettings(eps=eps, steps=steps, lr=lr, radius=0, offsets_per_step=1, actions=(action,),
                        seed=seed, method="adam")
     box, d = optimise_target(dt, hu, spacing, center, s.validate())
@@ -82,9 +82,7 @@ def main(argv=None) -> int:
     actions = [a.strip() for a in args.actions.split(",") if a.strip()]
     if not actions or any(a not in ("inject", "remove") for a in actions):
         raise UsageError(f"--actions: inject and/or remove, not {args.actions!r}")
-    from procedures.evaluation import sample_locations
-    from procedures.targeted import load_attacker
-    from utils.scan_io import load_scan
+    from procedures.evaluation import sample_locations  # lazy: evaluation pulls SciPy (keeps --help light)
 
     scan = load_scan(args.scan)
     models = Path(args.models)

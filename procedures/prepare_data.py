@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import scipy.ndimage
 
 from utils.atomic import atomic_path, atomic_write_text, os_error_message
 from utils.errors import CliParser, DataFetchError, OutputError, run_cli
@@ -159,8 +160,6 @@ def resample_z(scan: Scan, dz: float, *, order: int) -> Scan:
     Cubic spline (order 3) for HU, clipped to the original range (splines overshoot), rounded
     to int16; order 0 for labels.
     """
-    import scipy.ndimage
-
     n = scan.shape[0]
     n_new = int(round((n - 1) * scan.spacing[0] / dz)) + 1
     factor = (n_new / n, 1.0, 1.0)
@@ -179,8 +178,6 @@ def resample_z(scan: Scan, dz: float, *, order: int) -> Scan:
 
 def nodule_centres(label: np.ndarray) -> list[tuple[int, int, int]]:
     """Rounded centre of mass of each labelled connected component, (z, y, x)."""
-    import scipy.ndimage
-
     lab, k = scipy.ndimage.label(label > 0)
     if k == 0:
         return []
@@ -192,8 +189,6 @@ def healthy_points(scan: Scan, nodules_world: np.ndarray, n: int, seed: int) -> 
     """Seeded healthy-lung points (remover targets): eroded lung (>= LUNG_MARGIN_MM from the
     wall), locally dark (mean HU < -600 around, value < -500), >= 40 mm from any nodule,
     z >= END_SLICES from each end, >= MIN_SEPARATION_MM from each other; half per lung."""
-    import scipy.ndimage
-
     hu = scan.hu
     rng = np.random.default_rng(seed)
     lungs = lung_masks(hu)

@@ -19,9 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import config as config_mod
+from generator import build_generator
 from scanDataset import VolumeItem
+from utils.checkpoint import load_checkpoint
+from utils.device import torch_dtype
 from utils.errors import ModelFileError, UsageError
-from utils.scan_io import Scan
+from utils.scan_io import Scan, save_dicom_series, save_mhd
 
 
 def slab_starts(depth: int, slab: int) -> list[int]:
@@ -232,11 +236,6 @@ def load_generator(path, device="cpu"):
 
     A config that is not ours, or weights that do not fit the generator the config describes
     (another architecture or width), is a one-line ModelFileError."""
-    import config as config_mod
-    from generator import build_generator
-    from utils.checkpoint import load_checkpoint
-    from utils.device import torch_dtype
-
     path = Path(path)
     state = load_checkpoint(path)
     cfg = config_mod.checkpoint_config(state, path)
@@ -285,8 +284,6 @@ def scan_stem(path) -> str:
 
 def export_protected(item: VolumeItem, protected_hu: np.ndarray, out_dir) -> list[Path]:
     """Write <out_dir>/<name>.mhd (+ a DICOM series folder when the source was DICOM)."""
-    from utils.scan_io import save_dicom_series, save_mhd
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     scan = protected_scan(item, protected_hu)

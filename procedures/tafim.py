@@ -51,8 +51,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from procedures.protection import run_slabs, slab_starts, slabs_meeting
+from scanDataset import ScanDataset
+from utils.atomic import atomic_write_text
+from utils.checkpoint import load_state_into, save_checkpoint, torch_load_weights
+from utils.cubes import cube_bounds
 from utils.device import pick_device
 from utils.errors import CliParser, InputFileError, ModelFileError, OutputError, UsageError, run_cli
 
@@ -241,7 +246,7 @@ class TafimObjective:
 
     @classmethod
     def from_model_dirs(cls, models, cfg: TafimConfig, device=None) -> "TafimObjective":
-        from procedures.ctgan_torch import DifferentiableTamper
+        from procedures.ctgan_torch import DifferentiableTamper  # lazy: the attacker pulls SciPy
 
         models = Path(models)
         for sub in ("INJ", "REM"):
@@ -262,7 +267,7 @@ class TafimObjective:
         else:
             hu = self._lung_mean.get(item.path)
             if hu is None:
-                from utils.lung import lung_mask
+                from utils.lung import lung_mask  # lazy: SciPy only for the lung-mean target
 
                 mask = lung_mask(item.scan.hu)
                 hu = float(item.scan.hu[mask].mean()) if mask.any() else -850.0
@@ -270,8 +275,6 @@ class TafimObjective:
         return (hu - item.hu_min) / span * 2.0 - 1.0
 
     def cube_slabs(self, item, center) -> list[int]:
-        from utils.cubes import cube_bounds
-
         depth = item.volume.shape[0]
         cut = self.tamper.cut_shape(item.scan.spacing)
         _, _, a, e = cube_bounds(center, cut, item.volume.shape)
@@ -334,7 +337,7 @@ def protect_hu(model: TafimUNet, hu: np.ndarray, device="cpu", *, hu_min: float 
 def tafim_method(model: TafimUNet, device="cpu", *, batch: int = 4, progress=None,
                  label: str = "TAFIM"):
     """A procedures.evaluation.ProtectionMethod protecting with the TAFIM net."""
-    from procedures.evaluation import ProtectionMethod
+    from procedures.evaluation import ProtectionMethod  # lazy: evaluation pulls SciPy
 
     def run(item) -> np.ndarray:
         hu = item.scan.hu
@@ -358,8 +361,6 @@ def checkpoint_state(model: TafimUNet, cfg: TafimConfig, step: int, optimizer=No
 
 
 def read_checkpoint(path) -> dict:
-    from utils.checkpoint import torch_load_weights
-
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: TAFIM checkpoint not found" if not path.exists()
@@ -373,8 +374,6 @@ def read_checkpoint(path) -> dict:
 
 def load_tafim(path, device="cpu") -> tuple[TafimUNet, TafimConfig, dict]:
     """(model in eval mode on `device`, its config, the whole checkpoint dict)."""
-    from utils.checkpoint import load_state_into
-
     state = read_checkpoint(path)
     cfg = TafimConfig.from_dict(state["config"], str(path))
     model = build_model(cfg)
@@ -403,7 +402,7 @@ def draw_sample(items, locator, cfg: TafimConfig, step: int, rng: np.random.Gene
 
 
 def make_locator(cfg: TafimConfig):
-    from procedures.disruption import Locator
+    from procedures.disruption import Locator  # lazy: disruption pulls SciPy
 
     return Locator(SimpleNamespace(slab=cfg.slab, tamper_z="slab", tamper_yx="lung", near_end_rule=False))
 
@@ -493,8 +492,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _write_summary(out: Path, cfg: TafimConfig, history: list, start: int, done: int, wall: float,
                    device: str, n_params: int) -> None:
     """summary.json and history.json of a TAFIM run, and the loss curve on the console."""
-    from utils.atomic import atomic_write_text
-
     curve = curve_summary(history)
     secs = [r["seconds"] for r in history[len(history) - (done - start):]] if done > start else []
     summary = {"config": asdict(cfg), "steps_done": done, "steps_this_run": done - start,
@@ -523,9 +520,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = pick_device(args.device)
     out = Path(args.out)
     ckpt_path = out / "checkpoint.pt"
-
-    from scanDataset import ScanDataset
-    from utils.checkpoint import load_state_into, save_checkpoint
 
     # Everything that can fail cheaply fails before training.
     data = ScanDataset(args.data)
@@ -570,8 +564,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         history.append(records[-1])
         if step % args.ckpt_every == 0:
             save(step)
-
-    from tqdm import tqdm
 
     deadline = time.monotonic() + 60.0 * args.max_minutes if args.max_minutes else None
     t0 = time.perf_counter()

@@ -35,7 +35,7 @@ def dicom_quiet(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from pydicom import config
+        from pydicom import config  # lazy: keeps `import utils.scan_io` free of pydicom
 
         settings = config.settings
         saved = (settings.reading_validation_mode, settings.writing_validation_mode)
@@ -136,7 +136,7 @@ def _orientation(item, path) -> np.ndarray:
 
 def _list_headers(folder: Path) -> list:
     """(path, header) of every file of the folder; anything but a DICOM image is an error."""
-    import pydicom
+    import pydicom  # lazy: keeps `import utils.scan_io` free of pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
@@ -291,7 +291,7 @@ def _stack(frames: list[_Frame], folder: Path):
 
 def _decoder_available(ts) -> bool:
     try:
-        from pydicom.pixels import get_decoder
+        from pydicom.pixels import get_decoder  # lazy: keeps `import utils.scan_io` free of pydicom
 
         return bool(get_decoder(ts).is_available)
     except Exception:  # noqa: BLE001 - unknown transfer syntax: no decoder
@@ -300,7 +300,7 @@ def _decoder_available(ts) -> bool:
 
 def _pixels(p: Path):
     """(header without pixel data, decoded pixel array) of one file."""
-    import pydicom
+    import pydicom  # lazy: keeps `import utils.scan_io` free of pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
@@ -358,7 +358,7 @@ def _volume(frames: list[_Frame], rows: int, cols: int) -> tuple[np.ndarray, lis
 @dicom_quiet
 def load_dicom(path: Path, series_uid: str | None = None) -> Scan:
     """A CT volume from a series folder, or from one Enhanced (multi-frame) CT file."""
-    import pydicom
+    import pydicom  # lazy: keeps `import utils.scan_io` free of pydicom
 
     if path.is_dir():
         chosen = _choose_series(_list_headers(path), path, series_uid)

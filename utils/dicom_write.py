@@ -2,6 +2,7 @@
 endian) that dciodvfy accepts, carrying the source series' patient, study and equipment."""
 from __future__ import annotations
 
+import datetime
 import os
 import shutil
 import subprocess
@@ -106,7 +107,7 @@ _SYNTHETIC = {"PatientName": "ANONYMOUS", "PatientID": "ANONYMOUS", "PatientSex"
 def _identity(template, now):
     """Patient, study, equipment and frame of reference: the source's (a whitelist), else a
     synthetic 'ANONYMOUS' patient; type 2 attributes present, possibly empty."""
-    from pydicom.dataset import Dataset
+    from pydicom.dataset import Dataset  # lazy: keeps `import utils.scan_io` free of pydicom
     from pydicom.uid import generate_uid
 
     base = Dataset()
@@ -145,9 +146,7 @@ def save_dicom_series(scan: Scan, outdir: str | os.PathLike, *, series_descripti
     'ANONYMOUS' patient. New series and instance UIDs; ImageType DERIVED\\SECONDARY\\AXIAL.
     Written into a temporary folder renamed to `outdir`; a non-empty `outdir` is refused.
     """
-    import datetime
-
-    from pydicom.uid import CTImageStorage, generate_uid
+    from pydicom.uid import CTImageStorage, generate_uid  # lazy: keeps `import utils.scan_io` free of pydicom
 
     outdir = Path(outdir)
     check_writable(scan, outdir)
@@ -202,7 +201,7 @@ def save_dicom_series(scan: Scan, outdir: str | os.PathLike, *, series_descripti
 
 
 def _write_slice(path: Path, base, k: int, ipp: np.ndarray, location: float, pixels: np.ndarray) -> None:
-    import pydicom
+    import pydicom  # lazy: keeps `import utils.scan_io` free of pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from utils.atomic import atomic_path
 from utils.errors import ModelFileError, UnsafeFileError
 
 # The only globals a pickled list of float ndarrays needs (numpy 1.x and 2.x spellings).
@@ -67,8 +68,6 @@ class HistEqualizer:
     # --- storage ---------------------------------------------------------------------------
     def save(self, path) -> None:
         """Write `.npz` atomically (hidden tmp name + rename; removed on failure, OutputError)."""
-        from utils.atomic import atomic_path
-
         with atomic_path(Path(path)) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, centres=self.centres, cdf=self.cdf)

@@ -5,16 +5,16 @@ from pathlib import Path
 
 import numpy as np
 
+from utils.atomic import atomic_path
+
 
 def save_grid(path, columns: dict[str, list[np.ndarray | None]], title: str = "",
               hu_window=(-1000.0, 400.0), diff_columns=("difference",)) -> None:
     """One row per slice, one column per named image list. CT columns share a HU window;
     difference columns get their own symmetric scale. None draws an empty 'n/a' tile."""
-    import matplotlib
+    import matplotlib  # lazy: matplotlib only when a figure is drawn (fast --help)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from utils.atomic import atomic_path
 
     names = list(columns)
     rows = max(len(v) for v in columns.values())

@@ -21,7 +21,7 @@ SITK_SUFFIXES = (".mhd", ".mha", ".nrrd", ".nhdr", ".nii", ".nii.gz", ".hdr", ".
 
 
 def _sitk():
-    import SimpleITK as sitk  # local: keeps `import utils.scan_io` cheap
+    import SimpleITK as sitk  # lazy: keeps `import utils.scan_io` free of SimpleITK
 
     return sitk
 

@@ -45,7 +45,7 @@ def rmse(real, test) -> float:
 
 
 def _psnr(a: np.ndarray, b: np.ndarray, data_range: float) -> float:
-    from skimage.metrics import peak_signal_noise_ratio
+    from skimage.metrics import peak_signal_noise_ratio  # lazy: scikit-image only when a metric is computed
 
     if np.array_equal(a, b):
         return float("inf")  # skimage would divide by zero (with a warning)
@@ -71,7 +71,7 @@ def ssim(real, test, window=LUNG_WINDOW) -> float:
     """Mean SSIM (skimage defaults: 7x7 uniform window, K1 0.01, K2 0.03) of 2-D images on HU
     clipped to `window`, data range = window width. Images narrower than 7 pixels use the
     largest odd window that fits; below 3 pixels SSIM is undefined (NaN)."""
-    from skimage.metrics import structural_similarity
+    from skimage.metrics import structural_similarity  # lazy: scikit-image only when a metric is computed
 
     a, b = _pair(real, test)
     if a.ndim != 2:
@@ -121,7 +121,7 @@ Other keys (classifier.*, scaling_layer.*) are ignored."""
 
 
 def _lpips_state(path: Path) -> dict:
-    from utils.checkpoint import torch_load_weights
+    from utils.checkpoint import torch_load_weights  # lazy: torch only when LPIPS is loaded
 
     files = sorted(q for q in path.iterdir() if q.suffix in (".pth", ".pt")) if path.is_dir() else [path]
     if not files:
@@ -168,7 +168,7 @@ def load_lpips(path, device="cpu"):
 
 
 def _build_lpips():
-    import torch
+    import torch  # lazy: torch only when LPIPS is loaded
     import torch.nn as nn
     import torch.nn.functional as F
 
@@ -230,7 +230,7 @@ def _build_lpips():
 
 def lpips_hu(model, real, test, window=LUNG_WINDOW) -> float:
     """LPIPS distance of two 2-D HU images: clipped to `window`, mapped to [-1, 1], 3 channels."""
-    import torch
+    import torch  # lazy: torch only when LPIPS is used
 
     a, b = _pair(real, test)
     if a.ndim != 2:

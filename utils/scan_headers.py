@@ -8,6 +8,7 @@ each of those becomes one line here instead.
 """
 from __future__ import annotations
 
+import gzip
 import struct
 import zlib
 from pathlib import Path
@@ -227,8 +228,6 @@ def _nifti_dims(path: Path, head: bytes) -> tuple[list[int], int, int, int] | No
 def precheck_nifti(path: Path) -> None:
     """NIfTI-1/2 (.nii, .nii.gz) and NIfTI/Analyze pairs (.hdr + .img): the data must be as long
     as the header says (SimpleITK zero-fills a truncated file) and fit in memory."""
-    import gzip
-
     gz = path.name.lower().endswith(".gz")
     try:
         with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
