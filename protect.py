@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from utils.errors import CliParser, OutputError, ScanFormatError, UsageError, run_cli
+# lazy: procedures.* (torch, SciPy), tqdm and the scan I/O are imported inside the functions
+# that use them, so --help and argument errors answer at once without loading torch.
 
 
 

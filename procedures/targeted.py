@@ -162,7 +162,7 @@ def _centres(center, box, offsets, vol_shape) -> np.ndarray:
 
 def optimise_target(dt, hu: np.ndarray, spacing, center, s: TargetSettings) -> tuple[tuple, np.ndarray]:
     """Optimise one target. Returns (box slices, integer perturbation d of the box's shape)."""
-    from procedures.whitebox import straight_through_round
+    from procedures.whitebox import straight_through_round  # lazy: whitebox loads the CT-GAN port (SciPy)
 
     box = reach_box(dt.cut_shape(spacing), center, s.radius, hu.shape)
     real = torch.from_numpy(np.ascontiguousarray(hu[box], dtype=np.float32))
@@ -231,7 +231,7 @@ def protect_targets(dt, hu: np.ndarray, spacing, targets, s: TargetSettings, *, 
 
 def load_attacker(models, actions=("inject", "remove"), device=None):
     """The differentiable CT-GAN (spline resampling, as the Keras pipeline) from a models folder."""
-    from procedures.ctgan_torch import DifferentiableTamper
+    from procedures.ctgan_torch import DifferentiableTamper  # lazy: SciPy; reading targets needs none of it
 
     models = Path(models)
     return DifferentiableTamper.from_model_dirs(
