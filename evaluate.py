@@ -47,9 +47,9 @@ from pathlib import Path
 from typing import Callable
 
 from utils.errors import CliParser, OutputError, UsageError, run_cli
+from utils.metrics import LPIPS_WEIGHTS_HELP
 # lazy: procedures.* (torch, SciPy), tqdm and the scan I/O are imported inside the functions
 # that use them, so --help and argument errors answer at once without loading torch.
-from utils.metrics import LPIPS_WEIGHTS_HELP
 
 
 
