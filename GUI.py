@@ -156,7 +156,7 @@ class Viewer:
 
     def tamper(self, y: int, x: int) -> tuple:
         """Tamper the shown volume at (current slice, y, x); returns the changed slices."""
-        from procedures.attack_pipeline import check_coord  # lazy: it pulls scipy.stats (fast --help)
+        from procedures.attacker.pipeline import check_coord  # lazy: it pulls scipy.stats (fast --help)
 
         coord = (self.z, y, x)
         check_coord(coord, self.current.shape)
@@ -171,7 +171,7 @@ class Viewer:
 
     def save(self) -> Path:
         """Write the shown volume (with its tampers) into out_dir, as the source's dtype."""
-        from procedures.protection import protected_scan, scan_stem  # lazy: it pulls torch (fast --help)
+        from procedures.protection.apply import protected_scan, scan_stem  # lazy: it pulls torch (fast --help)
 
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -222,7 +222,7 @@ def main(argv=None) -> int:
         assert len(window) == 2 and window[1] > window[0]
     except (ValueError, AssertionError):
         raise UsageError(f"--window must be LOW,HIGH in HU, got {args.window!r}") from None
-    from procedures.attack_pipeline import ScanManipulator  # lazy: SciPy/torch/matplotlib after --help
+    from procedures.attacker.pipeline import ScanManipulator  # lazy: SciPy/torch/matplotlib after --help
 
     scan = load_scan(args.scan)
     ensure_not_input(args.out, [args.scan])
@@ -231,7 +231,7 @@ def main(argv=None) -> int:
     if args.protected:
         protected = load_scan(args.protected).hu
     elif args.checkpoint:
-        from procedures.protection import load_generator, protect_hu
+        from procedures.protection.apply import load_generator, protect_hu
         from utils.device import pick_device
 
         device = pick_device(args.device)

@@ -16,7 +16,7 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 data: setup
-	$(PY) -m procedures.prepare_data
+	$(PY) -m procedures.data.prepare
 
 # dciodvfy (dicom3tools) validates every DICOM we write; tests use it when present.
 dicom3tools:
@@ -27,9 +27,9 @@ dicom3tools:
 
 # Small CT-GAN injector/remover on the real scans, trained only when absent.
 ctgan: data
-	@test -f models/INJ/G_model.h5 || $(PY) -m procedures.ctgan_train --model inj --preset demo \
+	@test -f models/INJ/G_model.h5 || $(PY) -m procedures.ctgan.train --model inj --preset demo \
 	    --csv data/z2.5/nodules.csv --out models/INJ
-	@test -f models/REM/G_model.h5 || $(PY) -m procedures.ctgan_train --model rem --preset demo \
+	@test -f models/REM/G_model.h5 || $(PY) -m procedures.ctgan.train --model rem --preset demo \
 	    --csv data/z2.5/healthy.csv --out models/REM
 
 # A second CT-GAN pair with another seed and width, never used by any MITS-GAN training: the
@@ -37,16 +37,16 @@ ctgan: data
 # (gf 6, 7 epochs) so that `make demo` stays about 10 minutes on a CPU.
 HOLDOUT := --preset demo --seed 1 --gf 6 --df 6 --epochs 7 --quiet
 ctgan-holdout: data
-	@test -f models/holdout/INJ/G_model.h5 || $(PY) -m procedures.ctgan_train --model inj $(HOLDOUT) \
+	@test -f models/holdout/INJ/G_model.h5 || $(PY) -m procedures.ctgan.train --model inj $(HOLDOUT) \
 	    --csv data/z2.5/nodules.csv --out models/holdout/INJ
-	@test -f models/holdout/REM/G_model.h5 || $(PY) -m procedures.ctgan_train --model rem $(HOLDOUT) \
+	@test -f models/holdout/REM/G_model.h5 || $(PY) -m procedures.ctgan.train --model rem $(HOLDOUT) \
 	    --csv data/z2.5/healthy.csv --out models/holdout/REM
 
 # The main job: CT-GAN before/after figure, MITS-GAN demo training (protected scans, samples),
 # the unseen CT-GAN pair, then the evaluation on the two real scans: 12 held-out locations per
 # scan, both actions, both attackers; results.md ends with the held-out table.
 demo: ctgan ctgan-holdout
-	$(PY) -m procedures.ctgan_demo --data data/z2.5 --models models --out runs/demo
+	$(PY) -m procedures.ctgan.demo --data data/z2.5 --models models --out runs/demo
 	$(PY) train.py --preset demo
 	$(PY) evaluate.py --data data/z2.5 --checkpoint runs/demo/checkpoint.pt --models models \
 	    --holdout-models models/holdout --out runs/demo/eval --no-progress
@@ -72,4 +72,4 @@ clean:
 # No install step: the venv's python when there is one, else the machine's (GPU_PY=... to choose).
 GPU_PY ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 gpu-check:
-	$(GPU_PY) -m procedures.gpu_check --data data/z2.5 --models models --out runs/gpu_check
+	$(GPU_PY) -m procedures.benchmarking.gpu_check --data data/z2.5 --models models --out runs/gpu_check

@@ -5,17 +5,17 @@
     python bench.py --device cuda --keras_backend torch
     python bench.py --sections protect --protect "demo,demo:channels_last=true"
 
-Sections (procedures.benchmark measures them; docs/performance.md has the figures):
+Sections (procedures.benchmarking.benchmark measures them; docs/performance.md has the figures):
   train    seconds per training step split into G/D and attacker (train.train_step), for each
            `--train` spec and for the `--reference` spec (the published code's behaviour:
            float64, whole-scan re-read per eligible step) on the same slabs, and the speed-up
            reference / ours. The slabs are sub-batches the published near-end rule admits, so
            every configuration runs its attacker.
-  protect  procedures.protection.protect_hu on a (--protect_slices, size, size) int16 scan: wall
+  protect  procedures.protection.apply.protect_hu on a (--protect_slices, size, size) int16 scan: wall
            time, slices/s, FLOPs of one protected slice and the fraction of the device's peak
            (a large matmul measured in the same run).
-  tamper   CT-GAN latency per location: Keras (procedures.attack_pipeline.ScanManipulator), its
-           PyTorch equal (procedures.attack_torch.TorchScanManipulator, tamper.py's default) and
+  tamper   CT-GAN latency per location: Keras (procedures.attacker.pipeline.ScanManipulator), its
+           PyTorch equal (procedures.attacker.torch_attacker.TorchScanManipulator, tamper.py's default) and
            the differentiable port (forward and forward+backward).
 
 A spec is `preset[:field=value...]` with config.py fields (train) or protect options
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     for name in ("warmup", "steps", "tamper_reps", "size", "depth", "protect_slices", "ctgan_gf"):
         if getattr(args, name) < (0 if name == "warmup" else 1):
             raise UsageError(f"--{name} must be positive")
-    from procedures.benchmark import markdown, run_sections  # lazy: torch after --help
+    from procedures.benchmarking.benchmark import markdown, run_sections  # lazy: torch after --help
 
     command = "python bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
     res = run_sections(args, set(sections), command)

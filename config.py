@@ -81,7 +81,7 @@ class Config:
     quantize: bool = False             # round protected HU to integers before the attacker
                                        # (straight-through in whitebox): survives int16 storage
     keras_backend: str = ""            # "" = tensorflow when installed, else torch
-    attacker_impl: str = "auto"        # black box: keras | torch (procedures.attack_torch, the
+    attacker_impl: str = "auto"        # black box: keras | torch (procedures.attacker.torch_attacker, the
                                        # same within 2 HU, on the device) | auto: torch on a GPU
     exact_resample: bool = True        # resample CT-GAN cubes to exactly 32^3 (docs/attack.md#exact-resampling)
     near_end_rule: bool = True         # published: term only when 32 < s and s + 32 < depth

@@ -20,7 +20,7 @@ Protection methods (--methods, comma-separated):
   noise     Gaussian noise with the RMS (HU) of MITS-GAN's perturbation of the same scan
             (or --noise-rms HU when mitsgan is not evaluated)
   signs     random +-eps HU on every voxel (--eps; default the checkpoint's bound, else 10 HU)
-  targeted  targeted protection of the --targets CSV rows (procedures.targeted), optimised
+  targeted  targeted protection of the --targets CSV rows (procedures.protection.targeted), optimised
             through the seen attacker's PyTorch port on offsets of even parity; evaluate it
             with --locations targets (held-out offsets of odd parity around each target);
             random +-eps signs elsewhere (the signs column's draw)
@@ -29,8 +29,8 @@ Protection methods (--methods, comma-separated):
   mitsgan_float, mitsgan2_float
             the same generators' float32 output, not rounded to the scan's int16 storage
             (every other column is evaluated as stored): what storage does to the protection
-  tafim     the TAFIM baseline (Aneja et al., ECCV 2022; procedures/tafim.py) from --tafim-checkpoint
-            (trained with `python -m procedures.tafim`)
+  tafim     the TAFIM baseline (Aneja et al., ECCV 2022; procedures/baselines/tafim.py) from --tafim-checkpoint
+            (trained with `python -m procedures.baselines.tafim`)
 Adding a method: one entry in METHODS below (a builder returning a ProtectionMethod).
 
 --curve 5,10,20,40 adds disruption vs eps for signs, targeted and every generator (curve.png).
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 # --- protection methods: name -> builder(args, context) -> ProtectionMethod ----------------------
 # `context` holds what builders share (device, progress) and the methods built so far, by name.
 def _build_mitsgan(args, ctx):
-    from procedures.evaluation import mitsgan_method
+    from procedures.evaluation.harness import mitsgan_method
 
     G, cfg, dtype = _generator(ctx, "mitsgan", args.checkpoint)
     ctx["mitsgan_config"] = cfg
@@ -118,7 +118,7 @@ def _build_mitsgan(args, ctx):
 
 def _generator(ctx, key: str, checkpoint):
     """Load a checkpoint's generator once, shared by its stored and float columns."""
-    from procedures.protection import load_generator
+    from procedures.protection.apply import load_generator
 
     cache = ctx.setdefault("generators", {})
     if key not in cache:
@@ -127,7 +127,7 @@ def _generator(ctx, key: str, checkpoint):
 
 
 def _build_noise(args, ctx):
-    from procedures.evaluation import gaussian_noise_method, matched_rms
+    from procedures.evaluation.harness import gaussian_noise_method, matched_rms
 
     if args.noise_rms is not None:
         if args.noise_rms < 0:
@@ -143,7 +143,7 @@ METHODS: dict[str, Callable] = {"mitsgan": _build_mitsgan, "noise": _build_noise
 
 
 def _build_tafim(args, ctx):
-    from procedures.tafim import load_tafim, tafim_method
+    from procedures.baselines.tafim import load_tafim, tafim_method
 
     model, cfg, state = load_tafim(args.tafim_checkpoint, ctx["device"])
     return tafim_method(model, ctx["device"], batch=args.batch, progress=ctx["progress"],
@@ -156,7 +156,7 @@ METHODS["tafim"] = _build_tafim
 def _build_mitsgan2(args, ctx):
     """A second MITS-GAN checkpoint as its own columns (e.g. the published black-box model
     beside the bounded white-box `default` one)."""
-    from procedures.evaluation import mitsgan_method
+    from procedures.evaluation.harness import mitsgan_method
 
     if not args.checkpoint2:
         raise UsageError("--methods mitsgan2 needs --checkpoint2 CKPT")
@@ -173,7 +173,7 @@ def _float_variant(base: str):
     """`<base>_float`: the same generator's float32 output, not rounded to int16 (i.e.
     protection evaluated before and after storage, side by side)."""
     def build(args, ctx):
-        from procedures.evaluation import mitsgan_method
+        from procedures.evaluation.harness import mitsgan_method
 
         if base not in ctx["methods"]:
             raise UsageError(f"--methods {base}_float needs {base} listed before it")
@@ -198,13 +198,13 @@ def _eps(args, ctx) -> float:
 
 
 def _build_signs(args, ctx):
-    from procedures.evaluation import random_signs_method
+    from procedures.evaluation.harness import random_signs_method
 
     return random_signs_method(_eps(args, ctx), seed=args.seed)
 
 
 def _target_settings(args, eps, background="signs"):
-    from procedures.targeted import TargetSettings
+    from procedures.protection.targeted import TargetSettings
 
     # Even-parity offsets only: the evaluation's offsets around a target are the odd ones.
     return TargetSettings(eps=eps, steps=args.targeted_steps, seed=args.seed, parity=0,
@@ -213,8 +213,8 @@ def _target_settings(args, eps, background="signs"):
 
 def _targeted_builder(background: str):
     def build(args, ctx):
-        from procedures.evaluation import targeted_method
-        from procedures.targeted import load_attacker
+        from procedures.evaluation.harness import targeted_method
+        from procedures.protection.targeted import load_attacker
 
         if not ctx.get("targets"):
             raise UsageError("--methods targeted needs --targets CSV")
@@ -234,7 +234,7 @@ METHODS["targeted_bare"] = _targeted_builder("none")
 
 def _curve_methods(args, ctx, eps: float) -> list:
     """The methods of the eps curve at one eps, named alike at every eps."""
-    from procedures.evaluation import eps_scaled_method, random_signs_method, targeted_method
+    from procedures.evaluation.harness import eps_scaled_method, random_signs_method, targeted_method
 
     out = [random_signs_method(eps, seed=args.seed, label=f"random +-{eps:g} HU signs")]
     main = ctx["methods"].get("targeted")
@@ -251,7 +251,7 @@ def _curve_methods(args, ctx, eps: float) -> list:
 
 def _float_bases(args, ctx) -> None:
     """Each evaluated generator's float output, computed once per scan for the curve."""
-    from procedures.evaluation import mitsgan_method
+    from procedures.evaluation.harness import mitsgan_method
 
     ctx["float_bases"] = {}
     for key in ("mitsgan", "mitsgan2"):
@@ -294,7 +294,7 @@ def _check_args(args) -> tuple[list[str], tuple[str, ...], list[float]]:
 def _attackers(args, actions) -> dict:
     """The seen attacker (--models) and, with --holdout-models, the unseen one; loaded now, so a
     missing model fails before hours of work."""
-    from procedures.attack_pipeline import ScanManipulator
+    from procedures.attacker.pipeline import ScanManipulator
 
     out = {"seen": ScanManipulator(args.models, backend=args.backend)}
     if args.holdout_models:
@@ -314,8 +314,8 @@ def main(argv=None) -> int:
 
     from tqdm import tqdm
 
-    from procedures.evaluation import EvalSettings, curve_report, evaluate, tradeoff_curve, write_reports
-    from procedures.targeted import read_target_rows
+    from procedures.evaluation.harness import EvalSettings, curve_report, evaluate, tradeoff_curve, write_reports
+    from procedures.protection.targeted import read_target_rows
     from scanDataset import ScanDataset
     from utils.device import pick_device
     from utils.atomic import check_output_dir, os_error_message, removed_on_failure

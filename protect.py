@@ -6,7 +6,7 @@
 
 --targets protects known findings: around each row the perturbation (|d| <= --eps HU, integer)
 is optimised against CT-GAN's removal and injection with the cube centre up to 2 voxels off
-(procedures.targeted; docs/results.md has what it achieves); the generator (-c), or random
+(procedures.protection.targeted; docs/results.md has what it achieves); the generator (-c), or random
 +-eps signs (--background signs, the default) or nothing (--background none) protects the rest.
 
 Reads a MetaImage (.mhd), NRRD/NIfTI file or a DICOM series folder; writes the protected scan in
@@ -14,7 +14,7 @@ HU with the source geometry (and, for DICOM, the source's patient/study metadata
   -o ending in .mhd     that file (with its .raw)
   -o anything else      a folder: <name>_protected.mhd, or the DICOM series <name>_protected/
 Prints the perturbation size (RMS and max |protected - original|, HU). The scan is processed in
-slabs (procedures.protection.protect_hu, no autograd): memory is the scan twice (int16) plus one
+slabs (procedures.protection.apply.protect_hu, no autograd): memory is the scan twice (int16) plus one
 batch of the generator's activations plus PyTorch itself; a 121 x 512 x 512 scan with the
 width-32 U-Net at --batch 4 peaks at 1.6 GB RSS on the CPU (docs/performance.md).
 Never writes over the input; outputs appear complete or not at all.
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", default="",
                    help="CSV of known findings (z,y,x[,coord vox|world][,filename]): optimise the "
                         "perturbation around each against CT-GAN removal and injection "
-                        "(procedures.targeted); the generator (or nothing) elsewhere")
+                        "(procedures.protection.targeted); the generator (or nothing) elsewhere")
     p.add_argument("--eps", type=float, default=10.0, help="--targets: L-inf bound in HU (default 10)")
     p.add_argument("--models", default="models", help="--targets: CT-GAN folder with INJ/ and REM/")
     p.add_argument("--targeted-steps", type=int, default=120, help="--targets: Adam steps per target (default 120)")
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def output_path(scan_path: Path, out: Path, fmt: str) -> Path:
     """The .mhd file or DICOM series folder to write."""
-    from procedures.protection import scan_stem
+    from procedures.protection.apply import scan_stem
 
     if fmt == "mhd" and out.suffix.lower() == ".mhd":
         return out
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
         raise UsageError("--eps must be > 0 and --targeted-steps >= 1")
     from tqdm import tqdm
 
-    from procedures.protection import load_generator, protect_hu, protected_scan
+    from procedures.protection.apply import load_generator, protect_hu, protected_scan
     from utils.device import pick_device
     from utils.atomic import check_output_dir
     from utils.metrics import perturbation_stats
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     # The checkpoint and the targets are checked before the (possibly large) scan is read.
     G, cfg, dtype = load_generator(args.checkpoint, device) if args.checkpoint else (None, None, None)
     if args.targets:
-        from procedures.targeted import read_target_rows, targets_for_scan
+        from procedures.protection.targeted import read_target_rows, targets_for_scan
         rows = read_target_rows(args.targets)
     fmt = args.format or ("dicom" if scan_path.is_dir() else "mhd")
     target = output_path(scan_path, Path(args.out), fmt)
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     else:
         out[...] = hu
     if centres:
-        from procedures.targeted import protect_scan_targets
+        from procedures.protection.targeted import protect_scan_targets
         protect_scan_targets(scan, centres, out, models=args.models, eps=args.eps, steps=args.targeted_steps,
                              seed=args.seed, progress=None if args.no_progress else tqdm,
                              background_name=scan_path.name if G is None and args.background == "signs" else None)

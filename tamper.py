@@ -50,15 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--published-resample", action="store_true",
                    help="CT-GAN's own zoom (fails on 5 mm slices) instead of exact resampling to 32^3")
     p.add_argument("--impl", choices=["auto", "keras", "torch"], default="auto",
-                   help="keras, or torch (procedures.attack_torch: equal within 2 HU, copy noise only, "
+                   help="keras, or torch (procedures.attacker.torch_attacker: equal within 2 HU, copy noise only, "
                         "no TensorFlow); auto: torch on a GPU with copy noise")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (the torch attacker)")
     return p
 
 
 def _manipulator(args):
-    """The attacker: Keras (procedures.attack_pipeline) or its torch equal on the device."""
-    from procedures.attack_pipeline import ScanManipulator  # lazy: SciPy/torch after --help
+    """The attacker: Keras (procedures.attacker.pipeline) or its torch equal on the device."""
+    from procedures.attacker.pipeline import ScanManipulator  # lazy: SciPy/torch after --help
     from utils.device import pick_device
 
     device = pick_device(args.device)
@@ -70,7 +70,7 @@ def _manipulator(args):
                                exact_resample=not args.published_resample)
     if args.noise != "copy":
         raise UsageError("--impl torch has only the copy-noise touch-up; use --impl keras")
-    from procedures.attack_torch import TorchScanManipulator
+    from procedures.attacker.torch_attacker import TorchScanManipulator
     return TorchScanManipulator(args.models, device=device, seed=args.seed,
                                 exact_resample=not args.published_resample)
 
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
         return int(e.code or 0)
     coords = [parse_coord(c) for c in args.coord]
 
-    from procedures.attack_pipeline import AttackShapeError, check_coord, published_shape_error  # lazy: fast --help
+    from procedures.attacker.pipeline import AttackShapeError, check_coord, published_shape_error  # lazy: fast --help
 
     target = Path(args.target)
     scan = _load(args.target)

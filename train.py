@@ -48,9 +48,9 @@ from tqdm import tqdm
 import config as config_mod
 from discriminator import build_discriminator
 from generator import build_generator
-from procedures.disruption import DisruptionStats, DisruptionTarget, Slab
-from procedures.protection import eps_scale, export_protected, protect_volume
-from procedures.whitebox import WhiteboxDisruption
+from procedures.protection.disruption import DisruptionStats, DisruptionTarget, Slab
+from procedures.protection.apply import eps_scale, export_protected, protect_volume
+from procedures.protection.whitebox import WhiteboxDisruption
 from scanDataset import ScanDataset
 from utils.atomic import atomic_write_text, check_output_dir, os_error_message
 from utils.checkpoint import load_checkpoint, load_state_into, save_checkpoint

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from procedures.benchmark import phantom as make_phantom  # the one synthetic chest
+from procedures.benchmarking.benchmark import phantom as make_phantom  # the one synthetic chest
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
@@ -33,8 +33,8 @@ def real_data_dir() -> Path:
 def build_tiny_ctgan_models(root: Path, gf: int = 2, seed: int = 0, g_name: str = "G_model.h5") -> Path:
     """Write INJ/ and REM/ model folders under `root`: a random gf-wide generator, an equaliser
     fitted on phantom cubes and its [mean, min, max] (as CT-GAN's trainer saves them)."""
-    from procedures.ctgan_models import build_generator
-    from procedures.keras_env import get_keras
+    from procedures.ctgan.models import build_generator
+    from procedures.attacker.keras_env import get_keras
     from utils.equalizer import HistEqualizer
 
     keras = get_keras()
@@ -79,7 +79,7 @@ def empty_models(tmp_path_factory):
 def held_ctgan_models(tiny_ctgan_models):
     """The tiny CT-GAN folder, its injector kept loaded: evaluate's ScanManipulator then reuses
     it (CTGANModel.shared) instead of loading the Keras model again for every bad input."""
-    from procedures.attack_pipeline import SUBDIR, CTGANModel
+    from procedures.attacker.pipeline import SUBDIR, CTGANModel
 
     held = CTGANModel.shared(tiny_ctgan_models / SUBDIR["inject"])
     yield tiny_ctgan_models

@@ -1,4 +1,4 @@
-"""CT-GAN's scan manipulator (procedures/attack_pipeline.py) with tiny random generators."""
+"""CT-GAN's scan manipulator (procedures/attacker/pipeline.py) with tiny random generators."""
 from __future__ import annotations
 
 import shutil
@@ -10,7 +10,7 @@ import pytest
 from conftest import build_tiny_ctgan_models as make_tiny_ctgan
 from conftest import make_phantom
 from test_equalizer import _reference_dir
-from procedures.attack_pipeline import (AttackBorderError, AttackShapeError, CTGANModel, ScanManipulator,
+from procedures.attacker.pipeline import (AttackBorderError, AttackShapeError, CTGANModel, ScanManipulator,
                                         check_coord, copy_noise, fix_overflow, kern01, published_shape_error)
 from utils.cubes import cut_cube
 from utils.errors import CoordinateError, ModelFileError, UnsafeFileError
@@ -223,7 +223,7 @@ def test_legacy_pickle_equaliser_and_readme_file_name(models, tmp_path):
 
 @pytest.mark.tf
 def test_model_that_runs_code_is_refused(models, tmp_path):
-    from procedures.keras_env import get_keras
+    from procedures.attacker.keras_env import get_keras
 
     keras = get_keras()
     i = keras.Input((32, 32, 32, 1))

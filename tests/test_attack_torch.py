@@ -1,5 +1,5 @@
-"""procedures.attack_torch: CT-GAN's black-box attacker in torch equals the Keras/NumPy pipeline
-(procedures.attack_pipeline) with tiny random generators, on the CPU."""
+"""procedures.attacker.torch_attacker: CT-GAN's black-box attacker in torch equals the Keras/NumPy pipeline
+(procedures.attacker.pipeline) with tiny random generators, on the CPU."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,9 +8,9 @@ import torch
 
 import config as config_mod
 from conftest import make_phantom
-from procedures.attack_pipeline import AttackShapeError, ScanManipulator
-from procedures.attack_torch import TorchScanManipulator, attacker_impl, blackbox_attacker
-from procedures.disruption import DisruptionTarget
+from procedures.attacker.pipeline import AttackShapeError, ScanManipulator
+from procedures.attacker.torch_attacker import TorchScanManipulator, attacker_impl, blackbox_attacker
+from procedures.protection.disruption import DisruptionTarget
 from utils.errors import ModelFileError, UsageError
 
 SPACING = (2.5, 0.7, 0.7)
@@ -144,8 +144,8 @@ def test_the_torch_attacker_needs_no_tensorflow_or_keras(tiny_ctgan_models):
     import sys
 
     code = ("import sys, numpy as np\n"
-            "from procedures.attack_torch import TorchScanManipulator\n"
-            "from procedures.benchmark import phantom\n"
+            "from procedures.attacker.torch_attacker import TorchScanManipulator\n"
+            "from procedures.benchmarking.benchmark import phantom\n"
             f"m = TorchScanManipulator({str(tiny_ctgan_models)!r})\n"
             "v = phantom((40, 64, 64)).astype(np.float32)\n"
             "m.tamper_volume(v, (2.5, 0.7, 0.7), (20, 32, 46), 'inject')\n"

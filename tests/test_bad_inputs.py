@@ -32,7 +32,7 @@ import train  # noqa: E402
 from conftest import ROOT, make_phantom  # noqa: E402
 from helpers import SHAPE, Ctx, assert_refused, call, phantom_scan, tree  # noqa: E402
 from helpers import train_argv as _train  # noqa: E402
-from procedures import prepare_data  # noqa: E402
+from procedures.data import prepare as prepare_data  # noqa: E402
 from utils.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from utils.errors import (CoordinateError, DataFetchError, InputFileError, ModelFileError,  # noqa: E402
                           OutputError, UsageError)
@@ -432,7 +432,7 @@ def test_gui_actions_that_fail_keep_the_viewer_running(empty_models, tmp_path, c
 
     import matplotlib.pyplot as plt
 
-    from procedures.attack_pipeline import ScanManipulator
+    from procedures.attacker.pipeline import ScanManipulator
 
     (tmp_path / "a_file").write_text("x")
     v = GUI.Viewer(phantom_scan(), ScanManipulator(empty_models), tmp_path / "a_file" / "saved")
@@ -484,7 +484,7 @@ def test_output_folder_that_cannot_exist(entry, kind, ckpt, empty_models, tmp_pa
 
 
 # ==============================================================================================
-# the set-up script: procedures.prepare_data --sdist <bad file>
+# the set-up script: procedures.data.prepare --sdist <bad file>
 # ==============================================================================================
 def _sd_garbage(d):
     p = d / prepare_data.SDIST
@@ -546,7 +546,7 @@ def test_scripts_in_subprocesses(ckpt, empty_models, tmp_path):
         "GUI": ([py, "GUI.py", "--scan", str(series), "--models", str(empty_models)], 4, series.name),
         "train": ([py, "train.py", *map(str, _train(tmp_path / "nope", tmp_path / "o2", Ctx(tmp_path,
                    empty_models=empty_models)))], 3, "nope"),
-        "prepare_data": ([py, "-m", "procedures.prepare_data", "--data-dir", str(tmp_path / "o4"),
+        "prepare_data": ([py, "-m", "procedures.data.prepare", "--data-dir", str(tmp_path / "o4"),
                           "--sdist", str(inputs / "gone.tar.gz")], 9, "gone.tar.gz"),
     }
     env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONWARNINGS": "default"}

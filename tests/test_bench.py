@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import bench
-from procedures import benchmark
+from procedures.benchmarking import benchmark as benchmark
 from utils.errors import UsageError
 
 

@@ -1,4 +1,4 @@
-"""The PyTorch port of CT-GAN's generator and the differentiable tamper core (procedures.ctgan_torch).
+"""The PyTorch port of CT-GAN's generator and the differentiable tamper core (procedures.attacker.port).
 
 Keras comparisons (marked `tf`) randomise biases and BatchNorm gamma/beta/moving statistics
 first, so a wrong kernel layout, padding or BatchNorm mapping cannot pass.
@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from procedures.ctgan_torch import (BN_NAMES, CONV_NAMES, CTGANGeneratorTorch, DifferentiableTamper,
+from procedures.attacker.port import (BN_NAMES, CONV_NAMES, CTGANGeneratorTorch, DifferentiableTamper,
                                     from_keras_h5, load_keras_generator_weights, tf_same_pads,
                                     torch_interp)
 from tests.conftest import make_phantom
@@ -99,7 +99,7 @@ def build_generator_tf_keras(tfk, gf: int, named: bool = True):
 
 
 def keras3():
-    from procedures.keras_env import get_keras
+    from procedures.attacker.keras_env import get_keras
 
     return get_keras("tensorflow")
 
@@ -137,7 +137,7 @@ def tamper(preprocessing):
 
 def numpy_cube_reference(vol, spacing, center, gen_np, eq, norm):
     """Steps 1-7 of docs/attack.md#overview in NumPy (the attack pipeline's arithmetic, before touch-ups)."""
-    from procedures.attack_pipeline import fix_overflow
+    from procedures.attacker.pipeline import fix_overflow
 
     shape = scaled_shape((32,) * 3, 1.0 / np.asarray(spacing, dtype=np.float64))
     clean = resample_exact(cut_cube(vol, center, shape, 0.0).astype(np.float64), (32,) * 3)
@@ -196,7 +196,7 @@ def test_from_keras_h5_rejects_bad_files(tmp_path):
 # generator vs Keras (TensorFlow backend)
 # --------------------------------------------------------------------------------------------
 def _compare_with_keras(gf: int, n: int) -> float:
-    from procedures.ctgan_models import build_generator
+    from procedures.ctgan.models import build_generator
 
     km = randomise_keras(build_generator(keras3(), gf), seed=gf)
     x = random_cubes(n, seed=gf)
@@ -226,7 +226,7 @@ def test_generator_matches_keras_published_width():
 @pytest.mark.tf
 def test_comparison_is_sensitive_to_batchnorm_stats():
     """The randomised moving statistics matter: dropping them breaks the agreement."""
-    from procedures.ctgan_models import build_generator
+    from procedures.ctgan.models import build_generator
 
     km = randomise_keras(build_generator(keras3(), 2), seed=3)
     x = random_cubes(1, seed=3)
@@ -240,7 +240,7 @@ def test_comparison_is_sensitive_to_batchnorm_stats():
 
 @pytest.mark.tf
 def test_from_keras_h5_keras3_file(tmp_path):
-    from procedures.ctgan_models import build_generator
+    from procedures.ctgan.models import build_generator
 
     km = randomise_keras(build_generator(keras3(), 3), seed=5)
     path = tmp_path / "G_model.h5"
@@ -462,12 +462,12 @@ def test_tamper_forward_time_cpu(tamper, scan):
 
 
 # --------------------------------------------------------------------------------------------
-# against the NumPy/Keras attack pipeline (procedures.attack_pipeline.ScanManipulator)
+# against the NumPy/Keras attack pipeline (procedures.attacker.pipeline.ScanManipulator)
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, preprocessing):
     """models/{INJ,REM} with random gf=2 Keras generators, written as the trainer would."""
-    from procedures.ctgan_models import build_generator
+    from procedures.ctgan.models import build_generator
 
     eq, norm = preprocessing
     root = tmp_path_factory.mktemp("models")
@@ -489,7 +489,7 @@ def test_tamper_matches_attack_pipeline(model_dir, scan, action, spacing):
 
     ScanManipulator.tamper_volume always adds the noise touch-ups (step 8), so the comparison is
     on the pre-touch-up cube, built from the manipulator's model (to_net/generate/from_net)."""
-    from procedures.attack_pipeline import ScanManipulator, fix_overflow
+    from procedures.attacker.pipeline import ScanManipulator, fix_overflow
 
     sm = ScanManipulator(model_dir, backend="tensorflow", exact_resample=True)
     m = sm.model(action)

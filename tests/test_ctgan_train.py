@@ -1,4 +1,4 @@
-"""CT-GAN training set (procedures.ctgan_dataset) and trainer (procedures.ctgan_train), docs/ctgan-training.md."""
+"""CT-GAN training set (procedures.ctgan.dataset) and trainer (procedures.ctgan.train), docs/ctgan-training.md."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from procedures import ctgan_dataset as ds
-from procedures.ctgan_train import (PRESETS, epoch_batches, make_condition, make_config, main,
+from procedures.ctgan import dataset as ds
+from procedures.ctgan.train import (PRESETS, epoch_batches, make_condition, make_config, main,
                                     save_schedule, train)
 from conftest import make_phantom
 from utils.errors import CoordinateError, InputFileError, UsageError, run_cli
@@ -198,7 +198,7 @@ def _backend() -> str:
     """The Keras backend this test process uses (one per process)."""
     if "keras" in sys.modules:
         return sys.modules["keras"].backend.backend()
-    from procedures.keras_env import default_backend
+    from procedures.attacker.keras_env import default_backend
     return default_backend()
 
 
@@ -242,8 +242,8 @@ def test_reference_preset_is_the_published_trainer():
 def test_frozen_discriminator_in_the_combined_model_uses_batch_statistics():
     """Keras 2 (the published trainer) normalised a frozen D with each batch's statistics in
     training; Keras 3 alone would use the moving averages."""
-    from procedures.ctgan_train import build_models
-    from procedures.keras_env import get_keras
+    from procedures.ctgan.train import build_models
+    from procedures.attacker.keras_env import get_keras
 
     keras = get_keras(_backend())
     rng = np.random.default_rng(0)
@@ -273,7 +273,7 @@ def test_frozen_discriminator_in_the_combined_model_uses_batch_statistics():
 @pytest.mark.tf
 def test_tiny_training_via_cli_writes_the_model_folder_and_is_reproducible(tmp_path, scan_dir, capsys):
     """One eager step of gf=df=2 (TensorFlow's graph tracing alone would take ~30 s here)."""
-    from procedures.keras_env import get_keras
+    from procedures.attacker.keras_env import get_keras
     keras = get_keras(_backend())
     out = tmp_path / "REM"
     args = dict(epochs=1, gf=2, df=2, batch=4, max_steps_per_epoch=1, seed=3)
@@ -307,7 +307,7 @@ def test_tiny_training_via_cli_writes_the_model_folder_and_is_reproducible(tmp_p
     for k in w1:
         np.testing.assert_array_equal(w1[k], w2[k], err_msg=k)
     # ...and that step did train: the kernels moved away from the seeded initialisation
-    from procedures.ctgan_models import build_generator
+    from procedures.ctgan.models import build_generator
     keras.utils.set_random_seed(3)
     g0 = {w.path: np.asarray(w) for w in build_generator(keras, 2).weights}
     trained = {w.path: np.asarray(w) for w in G.weights}
@@ -321,7 +321,7 @@ def test_keras3_loads_a_keras2_h5_generator(tmp_path):
     """A G_model.h5 written by Keras 2 (tf_keras, the published CT-GAN's format) loads in Keras 3
     and computes the same cube."""
     tf_keras = pytest.importorskip("tf_keras")
-    from procedures.keras_env import get_keras
+    from procedures.attacker.keras_env import get_keras
     keras = get_keras(_backend())
     L = tf_keras.layers
     gf = 2

@@ -1,4 +1,4 @@
-"""evaluate.py / procedures.evaluation on tiny phantoms with a real tiny CT-GAN and a tiny
+"""evaluate.py / procedures.evaluation.harness on tiny phantoms with a real tiny CT-GAN and a tiny
 MITS-GAN checkpoint made by train.py."""
 import csv
 import json
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import evaluate
-from procedures import evaluation as E
+from procedures.evaluation.harness import harness as E
 from scanDataset import ScanDataset
 from helpers import fake_lpips_state, make_tiny_checkpoint
 from utils import metrics as M
@@ -78,7 +78,7 @@ def test_every_column_on_a_phantom_with_two_locations(setup, tmp_path, capsys):
     assert signs_row.count("| 1.00 |") == 2                  # the baseline against itself
 
     # Recompute one unprotected column independently: CT-GAN on the real scan at that location.
-    from procedures.attack_pipeline import ScanManipulator
+    from procedures.attacker.pipeline import ScanManipulator
     item = ScanDataset(data)[0]
     r = next(r for r in rows if r["kind"] == "tampered" and r["method"] == "none" and r["region"] == "slice")
     z, y, x = int(r["z"]), int(r["y"]), int(r["x"])
@@ -92,7 +92,7 @@ def test_every_column_on_a_phantom_with_two_locations(setup, tmp_path, capsys):
 def test_an_extra_method_is_one_entry_and_lpips_plumbing(setup, tmp_path):
     """The hook TAFIM will use: any (item) -> HU callable. LPIPS here runs with FAKE random
     weights (plumbing only: the numbers mean nothing)."""
-    from procedures.attack_pipeline import ScanManipulator
+    from procedures.attacker.pipeline import ScanManipulator
 
     data, _, models = setup
     torch.save(fake_lpips_state(), tmp_path / "fake_lpips.pt")
@@ -210,7 +210,7 @@ def test_held_out_locations_around_targets_and_baselines(tmp_path):
     """--locations targets: offsets of odd parity (the targeted protection trains on even ones)
     within +-2 voxels, from the evaluation's own stream; the signs and eps-scaled methods."""
     from conftest import make_phantom
-    from procedures.targeted import read_target_rows
+    from procedures.protection.targeted import read_target_rows
     from utils.scan_io import Scan, save_mhd
 
     save_mhd(Scan(make_phantom((30, 48, 48), seed=0), (2.5, 0.7, 0.7), (0.0, 0.0, 0.0)), tmp_path / "a.mhd")

@@ -18,7 +18,7 @@ Z25 = "data/z2.5"
 def models(tiny_ctgan_models):
     """The tiny CT-GAN models, loaded and traced once for this module (CTGANModel.shared
     reuses a model while something holds it)."""
-    from procedures.attack_pipeline import ScanManipulator
+    from procedures.attacker.pipeline import ScanManipulator
 
     keep = [ScanManipulator(tiny_ctgan_models, missing_model=m) for m in ("error", "unchanged")]
     for k in keep:
@@ -27,7 +27,7 @@ def models(tiny_ctgan_models):
 
 
 def _target(cfg, manipulator=None):
-    from procedures.disruption import DisruptionTarget
+    from procedures.protection.disruption import DisruptionTarget
     return DisruptionTarget(cfg, manipulator=manipulator)
 
 
@@ -71,7 +71,7 @@ def test_reference_discriminator_has_eight_convolutions_without_bias():
 @pytest.mark.realdata
 def test_near_end_rule_counts_on_the_real_scans(real_data_dir):
     import SimpleITK as sitk
-    from procedures.disruption import Locator
+    from procedures.protection.disruption import Locator
 
     def counts(folder):
         out = []
@@ -100,7 +100,7 @@ def test_published_zoom_of_a_5mm_cut_gives_30_slices():
 @pytest.mark.tf
 @pytest.mark.realdata
 def test_reference_attack_cannot_tamper_a_5mm_scan(models, real_data_dir):
-    from procedures.attack_pipeline import AttackShapeError
+    from procedures.attacker.pipeline import AttackShapeError
 
     scan = load_scan(real_data_dir / "lung1.mhd")        # 5 mm slices
     man = _target(make_config("reference", models_dir=str(models))).manip
@@ -111,7 +111,7 @@ def test_reference_attack_cannot_tamper_a_5mm_scan(models, real_data_dir):
 
 # --- border cubes: the published paste grows the scan ---------------------------------------
 def test_published_paste_shape_on_the_real_geometries():
-    from procedures.attack_pipeline import published_paste_shape
+    from procedures.attacker.pipeline import published_paste_shape
     from utils.resample import scaled_shape
 
     # lung1 at 2.5 x 0.570 mm: cube (13, 56, 56); lung2 at 2.5 x 0.627 mm: cube (13, 51, 51).
@@ -132,7 +132,7 @@ def _border_phantom():
 
 @pytest.mark.tf
 def test_border_cube_grows_the_scan_and_copies_noise_from_the_grown_scan(models):
-    from procedures.attack_pipeline import ScanManipulator
+    from procedures.attacker.pipeline import ScanManipulator
 
     spacing, coord = (2.5, 0.7, 0.7), (50, 64, 64)
     pub = ScanManipulator(models, exact_resample=False, borders="published")
@@ -151,7 +151,7 @@ def test_border_cube_grows_the_scan_and_copies_noise_from_the_grown_scan(models)
 
 @pytest.mark.tf
 def test_border_cube_fails_where_a_touch_up_cut_needs_padding(models):
-    from procedures.attack_pipeline import AttackBorderError, ScanManipulator
+    from procedures.attacker.pipeline import AttackBorderError, ScanManipulator
 
     pub = ScanManipulator(models, exact_resample=False, borders="published")
     vol = _border_phantom()
@@ -211,7 +211,7 @@ class _Recorder:
 
 @pytest.mark.tf
 def test_T_uses_one_joint_min_max_each_way(tmp_path, models):
-    from procedures.attack_pipeline import ScanManipulator
+    from procedures.attacker.pipeline import ScanManipulator
 
     cfg = make_config("reference", data_dir=str(_write_scan(tmp_path)), models_dir=str(models))
     item = _items(cfg.data_dir)[0]
@@ -257,8 +257,8 @@ def test_failed_reread_gives_a_silent_zero_term(tmp_path, caplog):
 
 # --- CT-GAN training samples: 67 augmentations, integer HU, the published zoom ----------------
 def test_reference_training_samples_at_3mm():
-    from procedures import ctgan_dataset as ds
-    from procedures.ctgan_train import make_config as ctgan_config
+    from procedures.ctgan import dataset as ds
+    from procedures.ctgan.train import make_config as ctgan_config
 
     cfg = ctgan_config("reference")
     hu = make_phantom((40, 96, 96), seed=2)

@@ -1,4 +1,4 @@
-"""procedures.gpu_check (`make gpu-check`): its steps, its loud failures, and a CPU dry run."""
+"""procedures.benchmarking.gpu_check (`make gpu-check`): its steps, its loud failures, and a CPU dry run."""
 from __future__ import annotations
 
 import sys
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import make_phantom
-from procedures import gpu_check
+from procedures.benchmarking import gpu_check as gpu_check
 from utils.errors import run_cli
 from utils.scan_io import Scan, save_numpy
 

@@ -10,7 +10,7 @@ import pytest  # noqa: E402
 
 import GUI  # noqa: E402
 from conftest import make_phantom  # noqa: E402
-from procedures.attack_pipeline import ScanManipulator  # noqa: E402
+from procedures.attacker.pipeline import ScanManipulator  # noqa: E402
 from utils.scan_io import Scan, load_scan, save_mhd  # noqa: E402
 
 pytestmark = pytest.mark.tf

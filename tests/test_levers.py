@@ -10,7 +10,7 @@ import torch
 import config as config_mod
 import train
 from conftest import build_tiny_ctgan_models, make_phantom
-from procedures.disruption import Slab
+from procedures.protection.disruption import Slab
 from utils.errors import UsageError
 from utils.scan_io import Scan, save_mhd
 
@@ -27,7 +27,7 @@ def item(tmp_path_factory):
 
 def _setup(models, **kw):
     from generator import UNetGenerator
-    from procedures.whitebox import WhiteboxDisruption
+    from procedures.protection.whitebox import WhiteboxDisruption
     cfg = config_mod.make_config("default", models_dir=str(models), eps_hu=50.0, whitebox_cube=False, **kw)
     torch.manual_seed(0)
     G = UNetGenerator(slab=4, width=4, depth=2, out_init_std=0.1)
@@ -35,7 +35,7 @@ def _setup(models, **kw):
 
 
 def _slab(cfg, G, item, s=8, seed=0):
-    from procedures.protection import eps_scale
+    from procedures.protection.apply import eps_scale
     x = item.volume[s:s + 4].unsqueeze(0)
     delta = torch.full_like(x, 0.5)  # fixed noise: the same x_p at every call
     return Slab(0, item, 0, s, np.random.default_rng(seed), x, delta, G(x, delta, scale=eps_scale(cfg, item)))

@@ -1,10 +1,10 @@
-"""procedures.pgd_bound: the per-location upper bound on what eps HU can do to CT-GAN."""
+"""procedures.protection.bound: the per-location upper bound on what eps HU can do to CT-GAN."""
 import json
 
 import pytest
 
 from conftest import make_phantom
-from procedures import pgd_bound
+from procedures.protection.apply import bound as pgd_bound
 from utils.errors import UsageError, run_cli
 from utils.scan_io import Scan, save_mhd
 

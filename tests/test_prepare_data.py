@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from procedures import prepare_data as pdata
+from procedures.data import prepare as pdata
 from utils.errors import DataFetchError
 from utils.scan_io import Scan, load_scan, save_dicom_series, save_mhd, validate_dicom
 

@@ -9,7 +9,7 @@ import torch
 import protect
 from conftest import make_phantom
 from helpers import make_tiny_checkpoint
-from procedures.protection import load_generator, protect_hu, protect_volume
+from procedures.protection.apply import load_generator, protect_hu, protect_volume
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.errors import ModelFileError
 from utils.scan_io import Scan, load_scan, save_mhd
@@ -178,7 +178,7 @@ def test_peak_memory_does_not_grow_with_the_number_of_slices():
     """Each batch's activations are freed after the batch: protecting 12x more slices needs no
     more memory than the scan itself (the in-place writes into `out` used to chain every batch's
     autograd graph: 19 GB for a 95-slice scan at width 32)."""
-    from procedures.benchmark import Memory
+    from procedures.benchmarking.benchmark import Memory
 
     G, cfg = _unet(16)
     growth = {}
@@ -194,7 +194,7 @@ def test_peak_memory_does_not_grow_with_the_number_of_slices():
 def test_noise_on_a_gpu_is_the_cpu_noise():
     """slab_noise's device (int64) and CPU (uint32) hashes give the same bits, keys at the edges
     of 32 bits included."""
-    from procedures.protection import _noise_numpy, _noise_torch, _slab_keys
+    from procedures.protection.apply import _noise_numpy, _noise_torch, _slab_keys
 
     keys = np.concatenate([_slab_keys(7, [0, 4, 96]),
                            np.array([[0, 0], [0xFFFFFFFF, 0xFFFFFFFF], [0x80000000, 1]], np.uint32)])
@@ -205,7 +205,7 @@ def test_noise_on_a_gpu_is_the_cpu_noise():
 
 
 def test_scan_stem_drops_every_scan_suffix():
-    from procedures.protection import scan_stem
+    from procedures.protection.apply import scan_stem
 
     for name in ("a.mhd", "a.nii.gz", "a.NRRD", "a.npy", "dir/a.mha"):
         assert scan_stem(name) == "a"

@@ -6,7 +6,7 @@ import torch
 import config as config_mod
 from conftest import make_phantom
 from generator import UNetGenerator
-from procedures.protection import protect_hu, protected_scan
+from procedures.protection.apply import protect_hu, protected_scan
 from utils.scan_io import Scan, load_scan, save_dicom_series, save_mhd
 
 

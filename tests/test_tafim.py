@@ -1,4 +1,4 @@
-"""procedures.tafim: the TAFIM baseline (Aneja et al., ECCV 2022) trained through the PyTorch CT-GAN,
+"""procedures.baselines.tafim: the TAFIM baseline (Aneja et al., ECCV 2022) trained through the PyTorch CT-GAN,
 on tiny phantoms with tiny CT-GAN models."""
 import csv
 import json
@@ -9,8 +9,8 @@ import torch
 
 import evaluate
 from conftest import make_phantom
-from procedures import tafim as T
-from procedures.protection import slabs_meeting
+from procedures.baselines import tafim as T
+from procedures.protection.apply import slabs_meeting
 from scanDataset import ScanDataset
 from utils.errors import ModelFileError, UsageError, run_cli
 from utils.scan_io import Scan, save_mhd

@@ -1,4 +1,4 @@
-"""procedures.targeted and protect.py --targets: targeted protection of known findings on tiny
+"""procedures.protection.targeted and protect.py --targets: targeted protection of known findings on tiny
 phantoms with a tiny CT-GAN (random gf-2 generators)."""
 import numpy as np
 import pytest
@@ -7,7 +7,7 @@ import torch
 import protect
 from conftest import make_phantom
 from helpers import assert_refused, call, tree
-from procedures import targeted as T
+from procedures.protection.apply import targeted as T
 from utils.errors import CoordinateError, InputFileError, UsageError
 from utils.scan_io import Scan, load_scan, save_mhd
 

@@ -114,7 +114,7 @@ def test_whitebox_bounded_quantised_training(tiny_data, tiny_ctgan_models, tmp_p
 
 
 def _wb_slab(item, s, x_p, k=0, seed=0, protect=None):
-    from procedures.disruption import Slab
+    from procedures.protection.disruption import Slab
     x = item.volume[s:s + 4].unsqueeze(0)
     return Slab(0, item, k, s, np.random.default_rng(seed), x, torch.zeros_like(x), x_p, protect)
 
@@ -122,7 +122,7 @@ def _wb_slab(item, s, x_p, k=0, seed=0, protect=None):
 def test_whitebox_gradient_reaches_generator_weights(tiny_data, tiny_ctgan_models):
     import config as config_mod
     from generator import UNetGenerator
-    from procedures.whitebox import WhiteboxDisruption
+    from procedures.protection.whitebox import WhiteboxDisruption
     from scanDataset import ScanDataset
 
     cfg = config_mod.make_config("default", models_dir=str(tiny_ctgan_models), eps_hu=50.0)
@@ -149,8 +149,8 @@ def test_whitebox_cube_protects_every_slab_the_cube_touches(tiny_data, tiny_ctga
     call), as protect.py protects the whole scan; the loss then differs from the one-slab loss."""
     import config as config_mod
     from generator import UNetGenerator
-    from procedures.protection import eps_scale
-    from procedures.whitebox import WhiteboxDisruption
+    from procedures.protection.apply import eps_scale
+    from procedures.protection.whitebox import WhiteboxDisruption
     from scanDataset import ScanDataset
 
     cfg = config_mod.make_config("default", models_dir=str(tiny_ctgan_models), eps_hu=50.0)

@@ -77,7 +77,7 @@ def keras_lambda_model(path: Path, marker: Path, *, tf_keras: bool = False) -> P
     if tf_keras:
         import tf_keras as keras
     else:
-        from procedures.keras_env import get_keras
+        from procedures.attacker.keras_env import get_keras
         keras = get_keras()
     fn = eval(f"lambda t: (__import__('pathlib').Path({str(marker)!r}).touch(), t)[1]")  # noqa: S307
     i = keras.Input((32, 32, 32, 1))
@@ -118,7 +118,7 @@ def test_crafted_files_are_live(tmp_path):
 
 @pytest.mark.tf
 def test_crafted_keras_models_are_live(tmp_path):
-    from procedures.keras_env import get_keras
+    from procedures.attacker.keras_env import get_keras
 
     keras = get_keras()
     marker = tmp_path / "PWNED"
@@ -148,7 +148,7 @@ def test_torch_checkpoint_with_code_is_refused(tmp_path):
 
 
 def test_pickled_npy_is_refused(tmp_path):
-    from procedures.attack_pipeline import CTGANModel
+    from procedures.attacker.pipeline import CTGANModel
 
     marker = tmp_path / "PWNED"
     with pytest.raises(ScanFormatError) as e:
@@ -165,8 +165,8 @@ def test_pickled_npy_is_refused(tmp_path):
 def test_keras_lambda_refused_by_both_loaders(name, tfk, tiny_ctgan_models, tmp_path):
     """attack_pipeline.CTGANModel (Keras, safe_mode) and ctgan_torch.from_keras_h5 (h5py or,
     for .keras, Keras in safe_mode) refuse a generator with a Lambda layer."""
-    from procedures.attack_pipeline import CTGANModel
-    from procedures.ctgan_torch import from_keras_h5
+    from procedures.attacker.pipeline import CTGANModel
+    from procedures.attacker.port import from_keras_h5
 
     marker = tmp_path / "PWNED"
     g = keras_lambda_model(tmp_path / name, marker, tf_keras=tfk)
@@ -184,7 +184,7 @@ def test_keras_lambda_refused_by_both_loaders(name, tfk, tiny_ctgan_models, tmp_
 
 @pytest.mark.tf
 def test_differentiable_tamper_refuses_a_pickle_equaliser(tiny_ctgan_models, tmp_path):
-    from procedures.ctgan_torch import DifferentiableTamper
+    from procedures.attacker.port import DifferentiableTamper
 
     marker = tmp_path / "PWNED"
     folder = model_folder(tmp_path / "models", tiny_ctgan_models, eq=evil_pickle(tmp_path / "e.pkl", marker))

@@ -25,9 +25,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import config as config_mod
 from generator import build_generator
-from procedures.ctgan_models import write_untrained_model_dir
-from procedures.keras_env import get_keras
-from procedures.protection import protect_hu
+from procedures.ctgan.models import write_untrained_model_dir
+from procedures.attacker.keras_env import get_keras
+from procedures.protection.apply import protect_hu
 from scanDataset import ScanDataset
 from utils.device import pick_device, torch_dtype
 from utils.errors import InputFileError, UsageError
@@ -409,9 +409,9 @@ def bench_protect(args, data: dict, device, specs: list[str], peaks: dict) -> li
 
 # --- tampering -------------------------------------------------------------------------------------
 def bench_tamper(args, data: dict, models: Path, device) -> list[dict]:
-    from procedures.attack_pipeline import ScanManipulator  # lazy: the attackers pull SciPy
-    from procedures.attack_torch import TorchScanManipulator
-    from procedures.ctgan_torch import DifferentiableTamper
+    from procedures.attacker.pipeline import ScanManipulator  # lazy: the attackers pull SciPy
+    from procedures.attacker.torch_attacker import TorchScanManipulator
+    from procedures.attacker.port import DifferentiableTamper
     hu = data["protect_hu"][:max(80, min(120, data["protect_hu"].shape[0]))].astype(np.float32)
     spacing = data["spacing"]
     d, h, w = hu.shape
@@ -422,7 +422,7 @@ def bench_tamper(args, data: dict, models: Path, device) -> list[dict]:
                       lambda: ScanManipulator(models, backend=args.keras_backend or None), hu, spacing,
                       center, args, device),
         # its torch equal on the device (black box and tamper.py on a GPU)
-        _pipeline_row("torch TorchScanManipulator.tamper_volume (procedures.attack_torch)",
+        _pipeline_row("torch TorchScanManipulator.tamper_volume (procedures.attacker.torch_attacker)",
                       lambda: TorchScanManipulator(models, device=device), hu, spacing, center, args, device)]
 
     # PyTorch port (the white-box attacker): footprints of one location, then + backward
@@ -576,7 +576,7 @@ def markdown(res: dict) -> str:
             return (f"| {r['spec']} | {'x'.join(map(str, r['shape'][::-1]))} | {r['wall_s']:.2f} | "
                     f"{r['slices_per_s']:.1f} | {r['wall_300_s']:.1f} | {r['gflop_per_slice']:.1f} | "
                     f"{1e3 * r['achieved_tflops']:.0f} | {frac} | {_mem(r['memory'])} |")
-        lines += _md_table("Protection (whole scan through procedures.protection.protect_hu)",
+        lines += _md_table("Protection (whole scan through procedures.protection.apply.protect_hu)",
                            ["spec", "scan", "wall s", "slices/s", "512x512x300 s", "GFLOP/slice", "GFLOP/s",
                             "of peak", _MEM_COLUMN], res["protect"], "spec", protect_row)
     if res.get("tamper"):

@@ -3,7 +3,7 @@
 The published loss only pushes x_p away from a constant target T = CT-GAN(x_p) computed in
 NumPy (docs/fidelity.md): it cannot see how CT-GAN responds to the perturbation. Here CT-GAN's
 generator runs as a differentiable PyTorch module loaded from the same `G_model.h5`
-(procedures.ctgan_torch), so the generator learns perturbations that change CT-GAN's *output*:
+(procedures.attacker.port), so the generator learns perturbations that change CT-GAN's *output*:
 
     disruption = RMSE( CT-GAN(protected)[cube], CT-GAN(real)[cube] ) / 100 HU
 
@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from procedures.ctgan_torch import DifferentiableTamper
-from procedures.disruption import DisruptionStats, Locator, Slab
-from procedures.protection import slabs_meeting
+from procedures.attacker.port import DifferentiableTamper
+from procedures.protection.disruption import DisruptionStats, Locator, Slab
+from procedures.protection.apply import slabs_meeting
 
 
 DISRUPTION_SCALE_HU = 100.0

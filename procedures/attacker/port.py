@@ -2,7 +2,7 @@
 
 Two parts (docs/attack.md#pytorch-port):
 
-1. `CTGANGeneratorTorch`: a layer-for-layer port of `procedures.ctgan_models.build_generator`
+1. `CTGANGeneratorTorch`: a layer-for-layer port of `procedures.ctgan.models.build_generator`
    (same layer names), in eval mode equal to Keras `training=False` (Dropout off, BatchNorm on
    its moving statistics with Keras' epsilon 1e-3). Weights come from a Keras model
    (`load_keras_generator_weights`) or straight from a `G_model.h5` with h5py
@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from procedures.keras_env import get_keras
+from procedures.attacker.keras_env import get_keras
 from utils.cubes import cube_bounds
 from utils.equalizer import HistEqualizer
 from utils.errors import CoordinateError, ModelFileError, UnsafeFileError, UsageError

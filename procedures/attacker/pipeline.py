@@ -1,6 +1,6 @@
 """CT-GAN's scan manipulator: inject or remove a lung nodule at one location (docs/attack.md).
 
-Follows the arithmetic of CT-GAN's procedures/attack_pipeline.py (Mirsky et al. 2019), which
+Follows the arithmetic of CT-GAN's procedures/attacker/pipeline.py (Mirsky et al. 2019), which
 MITS-GAN uses unchanged as its frozen attacker, with these deliberate differences
 (docs/fidelity.md lists each with its measured effect):
 - `exact_resample=True` (default) zooms the cut cube to exactly 32^3 and back to exactly its
@@ -38,7 +38,7 @@ import numpy as np
 import scipy.ndimage
 import scipy.stats
 
-from procedures.keras_env import get_keras
+from procedures.attacker.keras_env import get_keras
 from utils.cubes import cube_bounds, cut_cube, paste_cube
 from utils.equalizer import HistEqualizer
 from utils.errors import (CoordinateError, MitsError, ModelFileError, ScanFormatError, UnsafeFileError,

@@ -1,7 +1,7 @@
 """CT-GAN's 3-D pix2pix networks in Keras 3 (docs/ctgan-training.md).
 
-Layer names are fixed so that the PyTorch port (procedures/ctgan_torch.py) can map weights by name, and so that
-a G_model.h5 saved here reloads anywhere. `keras` is passed in (see procedures.keras_env) so
+Layer names are fixed so that the PyTorch port (procedures/attacker/port.py) can map weights by name, and so that
+a G_model.h5 saved here reloads anywhere. `keras` is passed in (see procedures.attacker.keras_env) so
 that importing this module never imports TensorFlow.
 """
 from __future__ import annotations
@@ -108,9 +108,9 @@ def write_untrained_model_dir(folder, gf: int, keras, sample_hu, seed: int = 0):
     """A CT-GAN model folder with an *untrained* (randomly initialised) generator of width `gf`
     and the preprocessing fitted on `sample_hu` (HU cubes or any HU array): G_model.h5,
     equalization.npz, normalization.npy = [mean, min, max] of the equalised sample, as
-    procedures.ctgan_dataset saves them. For timing the attacker (bench.py) and tests, where the
+    procedures.ctgan.dataset saves them. For timing the attacker (bench.py) and tests, where the
     trained weights are absent: the arithmetic is CT-GAN's, the tampering is not realistic."""
-    from procedures.ctgan_dataset import save_preprocessing  # lazy: it pulls SciPy; this module stays import-light
+    from procedures.ctgan.dataset import save_preprocessing  # lazy: it pulls SciPy; this module stays import-light
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

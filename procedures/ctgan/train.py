@@ -1,6 +1,6 @@
 """Train CT-GAN's injector or remover: the 3-D pix2pix of CT-GAN (docs/ctgan-training.md), in Keras 3.
 
-    python -m procedures.ctgan_train --model inj --csv data/z2.5/nodules.csv --out models/INJ --preset demo
+    python -m procedures.ctgan.train --model inj --csv data/z2.5/nodules.csv --out models/INJ --preset demo
 
 Writes into the model folder: G_model.h5 (Keras, loads with keras.models.load_model(...,
 compile=False)), equalization.npz + normalization.npy (the preprocessing the attack needs),
@@ -36,9 +36,9 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from procedures.ctgan_dataset import MASK, N_AUG, TrainingSet, build_training_set, save_preprocessing
-from procedures.ctgan_models import CUBE, build_discriminator, build_generator, call_frozen_batch_stats
-from procedures.keras_env import get_keras
+from procedures.ctgan.dataset import MASK, N_AUG, TrainingSet, build_training_set, save_preprocessing
+from procedures.ctgan.models import CUBE, build_discriminator, build_generator, call_frozen_batch_stats
+from procedures.attacker.keras_env import get_keras
 from utils.errors import CliParser, OutputError, UsageError, run_cli
 
 MODELS = ("inj", "rem")
@@ -264,7 +264,7 @@ def _write_json(path: Path, obj) -> None:
 # --- training ---------------------------------------------------------------------------------
 def train(data: TrainingSet, out_dir, cfg: CTGANTrainConfig, progress: bool = True,
           extra_config: dict | None = None) -> TrainResult:
-    """Train G and D on `data` (see procedures.ctgan_dataset) and write the model folder."""
+    """Train G and D on `data` (see procedures.ctgan.dataset) and write the model folder."""
     cfg.validate()
     out_dir = Path(out_dir)
     try:
@@ -336,7 +336,7 @@ def train_from_csv(csv_path, out_dir, cfg: CTGANTrainConfig, progress: bool = Tr
 # --- CLI ----------------------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
-    p = CliParser(prog="python -m procedures.ctgan_train",
+    p = CliParser(prog="python -m procedures.ctgan.train",
                 description="Train CT-GAN's injector (nodule locations) or remover (healthy locations).")
     p.add_argument("--model", required=True, choices=MODELS)
     p.add_argument("--csv", required=True, help="locations CSV: filename,z,y,x[,coord]")

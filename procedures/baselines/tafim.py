@@ -1,7 +1,7 @@
 """TAFIM (Aneja et al., ECCV 2022), the published baseline, adapted to CT.
 
-    python -m procedures.tafim --data data/z2.5 --models models --out runs/tafim --steps 2000
-    python -m procedures.tafim --width 16 --max-minutes 5          # a CPU-sized run
+    python -m procedures.baselines.tafim --data data/z2.5 --models models --out runs/tafim --steps 2000
+    python -m procedures.baselines.tafim --width 16 --max-minutes 5          # a CPU-sized run
 
 TAFIM as published (its public code): a pix2pix U-Net ("unet_64": 6 down-convolutions, 64
 filters, InstanceNorm, dropout 0.5 in the inner 8x-width blocks, tanh) takes [image, a learned
@@ -17,14 +17,14 @@ Our CT adaptation (MITS-GAN's authors did not publish theirs):
   The slices of a slab are channels (TAFIM's RGB); the global noise has one channel per slice.
   The global noise is a (slab, N, N) parameter (N = --noise-size, default 512) resized
   bilinearly to the slice size, so any size works (identity for 512 x 512 slices).
-- M = CT-GAN's inject/remove of one location through procedures.ctgan_torch.DifferentiableTamper
+- M = CT-GAN's inject/remove of one location through procedures.attacker.port.DifferentiableTamper
   (the same Keras G_model.h5 files the evaluation attacks with; docs/attack.md#pytorch-port, steps 1-7, cubic
   spline resampling as scipy, straight-through clamp of the generator output so saturation does
   not stop the gradient). Inject on even steps, remove on odd ones (MITS-GAN's alternation).
   Location: the slab's middle slice, (y, x) a uniform voxel of the lung mask on that slice
-  (procedures.disruption.Locator, tamper_z=slab, tamper_yx=lung).
+  (procedures.protection.disruption.Locator, tamper_z=slab, tamper_yx=lung).
 - One sample (TAFIM's batch of 1) = one tamper: every slab of the protection tiling
-  (procedures.protection.slab_starts, as used at protection time) that meets the 32 mm cube's
+  (procedures.protection.apply.slab_starts, as used at protection time) that meets the 32 mm cube's
   z-range is protected with gradient, so CT-GAN sees the cube exactly as it would in a protected
   scan. M(protected) = the tampered cube (its part inside the scan) in normalised units.
 - Target: a uniform cube. `--target 0` (default): the constant 0 in normalised units, i.e. the
@@ -34,7 +34,7 @@ Our CT adaptation (MITS-GAN's authors did not publish theirs):
 - The perturbation term MSE(protected, x) runs over all protected slabs (whole slices).
 - Protection (`protect_hu`) runs the net slab by slab over a whole volume in eval mode (dropout
   off; InstanceNorm has no running statistics, so it is the training computation) with the last
-  slab aligned to the end, like procedures.protection.protect_hu.
+  slab aligned to the end, like procedures.protection.apply.protect_hu.
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from procedures.protection import run_slabs, slab_starts, slabs_meeting
+from procedures.protection.apply import run_slabs, slab_starts, slabs_meeting
 from scanDataset import ScanDataset
 from utils.atomic import atomic_write_text
 from utils.checkpoint import load_state_into, save_checkpoint, torch_load_weights
@@ -246,7 +246,7 @@ class TafimObjective:
 
     @classmethod
     def from_model_dirs(cls, models, cfg: TafimConfig, device=None) -> "TafimObjective":
-        from procedures.ctgan_torch import DifferentiableTamper  # lazy: the attacker pulls SciPy
+        from procedures.attacker.port import DifferentiableTamper  # lazy: the attacker pulls SciPy
 
         models = Path(models)
         for sub in ("INJ", "REM"):
@@ -323,7 +323,7 @@ def protect_hu(model: TafimUNet, hu: np.ndarray, device="cpu", *, hu_min: float 
                progress=None, desc: str = "TAFIM protect") -> np.ndarray:
     """Protect the HU volume `hu` (z, y, x) slab by slab with the TAFIM net; protected HU.
 
-    procedures.protection.run_slabs: normalisation as in training (min-max of the volume to
+    procedures.protection.apply.run_slabs: normalisation as in training (min-max of the volume to
     [-1, 1], or hu_min/hu_max as given); `out` (default float32) receives the result, an
     integer `out` gets rounded, clipped values."""
     model.eval()
@@ -336,8 +336,8 @@ def protect_hu(model: TafimUNet, hu: np.ndarray, device="cpu", *, hu_min: float 
 
 def tafim_method(model: TafimUNet, device="cpu", *, batch: int = 4, progress=None,
                  label: str = "TAFIM"):
-    """A procedures.evaluation.ProtectionMethod protecting with the TAFIM net."""
-    from procedures.evaluation import ProtectionMethod  # lazy: evaluation pulls SciPy
+    """A procedures.evaluation.harness.ProtectionMethod protecting with the TAFIM net."""
+    from procedures.evaluation.harness import ProtectionMethod  # lazy: evaluation pulls SciPy
 
     def run(item) -> np.ndarray:
         hu = item.scan.hu
@@ -402,7 +402,7 @@ def draw_sample(items, locator, cfg: TafimConfig, step: int, rng: np.random.Gene
 
 
 def make_locator(cfg: TafimConfig):
-    from procedures.disruption import Locator  # lazy: disruption pulls SciPy
+    from procedures.protection.disruption import Locator  # lazy: disruption pulls SciPy
 
     return Locator(SimpleNamespace(slab=cfg.slab, tamper_z="slab", tamper_yx="lung", near_end_rule=False))
 
@@ -459,7 +459,7 @@ def curve_summary(history: list[dict], parts: int = 5) -> list[dict]:
 
 def build_parser() -> argparse.ArgumentParser:
     d = TafimConfig()
-    p = CliParser(prog="python -m procedures.tafim", description=__doc__,
+    p = CliParser(prog="python -m procedures.baselines.tafim", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=d.data, help=f"folder of scans (default {d.data})")
     p.add_argument("--models", default=d.models, help="CT-GAN models folder with INJ/ and REM/")

@@ -1,8 +1,8 @@
 """One command for a GPU machine (`make gpu-check`): benchmark, train, evaluate, protect, tamper.
 
-    python -m procedures.gpu_check                          # CUDA, data/z2.5, models/
-    python -m procedures.gpu_check --device cpu --quick     # the same steps, tiny, on the CPU
-    python -m procedures.gpu_check --export-npy runs/gpu_data   # scans as .npy + .json to carry
+    python -m procedures.benchmarking.gpu_check                          # CUDA, data/z2.5, models/
+    python -m procedures.benchmarking.gpu_check --device cpu --quick     # the same steps, tiny, on the CPU
+    python -m procedures.benchmarking.gpu_check --export-npy runs/gpu_data   # scans as .npy + .json to carry
 
 Each step is a separate process with a time limit, timed; the first failure stops the check
 with its output's tail and a non-zero exit. Every step runs Keras on its torch backend
@@ -26,7 +26,7 @@ from typing import NamedTuple, Sequence
 
 from utils.errors import CliParser, InputFileError, MitsError, run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Step(NamedTuple):
@@ -36,7 +36,7 @@ class Step(NamedTuple):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = CliParser(prog="python -m procedures.gpu_check", description=__doc__,
+    p = CliParser(prog="python -m procedures.benchmarking.gpu_check", description=__doc__,
                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", help="cuda (default) | cuda:N | cpu (a dry run)")
     p.add_argument("--data", default="data/z2.5", help="folder of scans (.mhd or .npy + .json)")

@@ -1,6 +1,6 @@
 """CT-GAN demo: tamper each real scan at its own locations and draw before/after.
 
-    python -m procedures.ctgan_demo [--data data/z2.5] [--models models] [--out runs/demo]
+    python -m procedures.ctgan.demo [--data data/z2.5] [--models models] [--out runs/demo]
 
 For every scan in the folder: remove its labelled nodule (nodules.csv) and inject a nodule at
 its first healthy location (healthy.csv). Writes the tampered scans (`<name>_tampered.mhd`),
@@ -23,7 +23,7 @@ from utils.scan_io import Scan, load_scan, save_mhd
 
 
 def read_locations(csv_path: Path) -> dict[str, list[tuple[int, int, int]]]:
-    """filename -> voxel (z, y, x) list, from a CSV written by procedures.prepare_data."""
+    """filename -> voxel (z, y, x) list, from a CSV written by procedures.data.prepare."""
     import pandas as pd  # lazy: pandas only to read the CSV
 
     if not csv_path.is_file():
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default=None, choices=("tensorflow", "torch"))
     args = p.parse_args(argv)
 
-    from procedures.attack_pipeline import ScanManipulator  # lazy: SciPy/Keras plumbing after --help
+    from procedures.attacker.pipeline import ScanManipulator  # lazy: SciPy/Keras plumbing after --help
 
     data, out = Path(args.data), Path(args.out)
     nodules = read_locations(data / "nodules.csv")

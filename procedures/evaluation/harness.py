@@ -32,8 +32,8 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from procedures.protection import protect_hu
-from procedures.targeted import TargetSettings, background, offset_grid, protect_targets, targets_for_scan
+from procedures.protection.apply import protect_hu
+from procedures.protection.targeted import TargetSettings, background, offset_grid, protect_targets, targets_for_scan
 from scanDataset import VolumeItem
 from utils import metrics as M
 from utils.atomic import atomic_path, atomic_write_text
@@ -104,7 +104,7 @@ def as_stored(hu: np.ndarray, like: np.ndarray) -> np.ndarray:
 
 def mitsgan_method(G, cfg, device, dtype, *, seed: int = 0, batch: int = 4, progress=None,
                    label: str = "MITS-GAN", name: str = "mitsgan", stored: bool = True) -> ProtectionMethod:
-    """Protection with a trained MITS-GAN generator (procedures.protection.protect_hu).
+    """Protection with a trained MITS-GAN generator (procedures.protection.apply.protect_hu).
     stored=False keeps the float32 output (what the network made, before int16 storage rounds
     it): the float-vs-stored comparison (docs/results.md)."""
     def run(item: VolumeItem) -> np.ndarray:
@@ -166,8 +166,8 @@ def eps_scaled_method(base: ProtectionMethod, eps_hu: float, bound_hu: float, *,
 
 def targeted_method(attacker, rows, settings, *, label: str | None = None, name: str = "targeted",
                     progress=None, boxes: dict | None = None) -> ProtectionMethod:
-    """Targeted protection (procedures.targeted) of the targets CSV rows of each scan, its
-    settings.background elsewhere. `attacker`: a procedures.ctgan_torch.DifferentiableTamper
+    """Targeted protection (procedures.protection.targeted) of the targets CSV rows of each scan, its
+    settings.background elsewhere. `attacker`: a procedures.attacker.port.DifferentiableTamper
     (the seen attacker). `boxes`: a cache shared by methods of equal settings but background."""
     boxes = {} if boxes is None else boxes  # scan path -> [(box, d)]: small, reused
 
@@ -263,7 +263,7 @@ def sample_locations(item: VolumeItem, n: int, *, seed: int = 0, mode: str = "lu
     stays inside the scan along z.
     mode "csv": inject at the folder's healthy.csv rows, remove at its nodules.csv rows (at most
     N each, seeded choice): the attacker injects into healthy lung and removes a real nodule.
-    mode "targets": N held-out offsets around each target row (procedures.targeted rows) of
+    mode "targets": N held-out offsets around each target row (procedures.protection.targeted rows) of
     this scan (target_locations): a hand-placed attack on a known finding."""
     name = Path(item.path).name
     rng = np.random.default_rng([EVAL_STREAM, int(seed), zlib.crc32(name.encode())])
@@ -319,7 +319,7 @@ class EvalSettings:
     seed: int = 0
     window: tuple = M.LUNG_WINDOW
     figure: bool = True
-    targets: list | None = None                   # targets CSV rows (procedures.targeted) or None
+    targets: list | None = None                   # targets CSV rows (procedures.protection.targeted) or None
     image_metrics: bool = True                    # False: disruption rows only (the eps curve)
 
 
@@ -359,7 +359,7 @@ def evaluate(items: Iterable[VolumeItem], methods: Sequence[ProtectionMethod], m
              info: dict | None = None) -> EvalResult:
     """Run the evaluation; write figures into out_dir (when given and settings.figure).
 
-    `manipulator`: a procedures.attack_pipeline.ScanManipulator (its tamper_volume is used on
+    `manipulator`: a procedures.attacker.pipeline.ScanManipulator (its tamper_volume is used on
     float32 copies), or {attacker name: ScanManipulator} with the seen attacker ("seen") first:
     the image tables use the first, the disruption rows every one. `progress`: tqdm-like or None."""
     names = [m.name for m in methods]

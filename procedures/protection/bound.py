@@ -4,12 +4,12 @@ At each location (seeded in-lung voxels; inject and remove) the perturbation of 
 region is optimised directly, with no generator: d = eps * tanh(w), rounded to integer HU
 (straight-through: what int16 storage keeps), Adam maximising
 RMSE(CT-GAN(real + d), CT-GAN(real)) in the cube through the PyTorch CT-GAN port
-(procedures.ctgan_torch, steps 1-7 of docs/attack.md#overview). A MITS-GAN generator protects a whole
+(procedures.attacker.port, steps 1-7 of docs/attack.md#overview). A MITS-GAN generator protects a whole
 scan in one pass without knowing where the attacker will tamper, so on the same location it
 cannot do better than this; Gaussian noise of the same RMS is the floor. Slow (a forward and a
 backward of CT-GAN per step) and location-specific: a yardstick, not a protection method.
 
-    python -m procedures.pgd_bound --scan data/z2.5/lung1.mhd --models models --eps 10 -n 3
+    python -m procedures.protection.bound --scan data/z2.5/lung1.mhd --models models --eps 10 -n 3
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from procedures.targeted import TargetSettings, load_attacker, optimise_target
+from procedures.protection.targeted import TargetSettings, load_attacker, optimise_target
 from utils.atomic import atomic_write_text
 from utils.errors import CliParser, UsageError, run_cli
 from utils.scan_io import load_scan
@@ -36,7 +36,7 @@ def _rmse(a: torch.Tensor, b: torch.Tensor) -> float:
 def bound_at(dt, hu: np.ndarray, spacing, center, action: str, *, eps: float, steps: int,
              lr: float, seed: int) -> dict:
     """Optimise one location. hu: the scan (D, H, W) in HU; center: (z, y, x) voxel.
-    procedures.targeted's optimiser with no centre offsets and one action."""
+    procedures.protection.targeted's optimiser with no centre offsets and one action."""
     s = TargetSettings(eps=eps, steps=steps, lr=lr, radius=0, offsets_per_step=1, actions=(action,),
                        seed=seed, method="adam")
     box, d = optimise_target(dt, hu, spacing, center, s.validate())
@@ -58,7 +58,7 @@ def bound_at(dt, hu: np.ndarray, spacing, center, action: str, *, eps: float, st
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = CliParser(prog="python -m procedures.pgd_bound", description=__doc__.split("\n\n")[0],
+    p = CliParser(prog="python -m procedures.protection.bound", description=__doc__.split("\n\n")[0],
           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scan", required=True, help="a scan (.mhd, .nrrd, .nii, DICOM folder)")
     p.add_argument("--models", default="models", help="folder with INJ/ and REM/ CT-GAN models")
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     actions = [a.strip() for a in args.actions.split(",") if a.strip()]
     if not actions or any(a not in ("inject", "remove") for a in actions):
         raise UsageError(f"--actions: inject and/or remove, not {args.actions!r}")
-    from procedures.evaluation import sample_locations  # lazy: evaluation pulls SciPy (keeps --help light)
+    from procedures.evaluation.harness import sample_locations  # lazy: evaluation pulls SciPy (keeps --help light)
 
     scan = load_scan(args.scan)
     models = Path(args.models)

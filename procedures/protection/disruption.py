@@ -118,7 +118,7 @@ class DisruptionTarget:
     def __init__(self, cfg, manipulator=None):
         self.cfg = cfg
         if manipulator is None:  # Keras, or its torch equal on the device (cfg.attacker_impl)
-            from procedures.attack_torch import blackbox_attacker  # lazy: the attackers pull scipy.stats
+            from procedures.attacker.torch_attacker import blackbox_attacker  # lazy: the attackers pull scipy.stats
             manipulator = blackbox_attacker(cfg)
         self.manip = manipulator
         # Load the attacker now: a model file that asks to run code stops the run before

@@ -95,7 +95,7 @@ def extract_cube(hu: np.ndarray, spacing, center_vox, exact_resample: bool = Tru
     which gives e.g. 39 slices at 3 mm. Float32, or with `integer_hu` int16 as published
     when the cut needed no padding (the published padded cut is float64).
     """
-    from procedures.attack_pipeline import published_cut_pads  # lazy: it pulls scipy.stats (ctgan_train --help)
+    from procedures.attacker.pipeline import published_cut_pads  # lazy: it pulls scipy.stats (ctgan_train --help)
 
     spacing = np.asarray(spacing, dtype=np.float64)
     size = np.round((CUBE + MARGIN) / spacing).astype(np.int64)

@@ -1,11 +1,11 @@
 """CT-GAN's scan manipulator in PyTorch, on the device: the black-box attacker without NumPy/SciPy.
 
-`TorchScanManipulator` computes what procedures.attack_pipeline.ScanManipulator computes with
+`TorchScanManipulator` computes what procedures.attacker.pipeline.ScanManipulator computes with
 its default (non-published) settings (docs/attack.md#overview, steps 1-8):
 cut the cube and the reference cube, resample to 32^3 with SciPy's cubic-spline zoom,
 equalise, normalise, mask, run the generator, clip, de-normalise, de-equalise, fix overflow,
 resample back, paste, and the copy-noise touch-ups. Steps 1-7 are
-procedures.ctgan_torch.DifferentiableTamper (spline resampling as three small matrices, np.interp
+procedures.attacker.port.DifferentiableTamper (spline resampling as three small matrices, np.interp
 as torch_interp, plain clip, float64 work like the NumPy pipeline; its generator is the
 layer-for-layer PyTorch port in float32, like Keras; docs/attack.md#pytorch-port). Step 8
 (docs/attack.md#touch-ups) is written here in torch.
@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from procedures.attack_pipeline import (CUBE, G_NAMES, KERNEL_SIGMA, REF_SCALE, SUBDIR, AttackShapeError,
+from procedures.attacker.pipeline import (CUBE, G_NAMES, KERNEL_SIGMA, REF_SCALE, SUBDIR, AttackShapeError,
                                         CTGANModel, ScanManipulator, _check_action, check_coord, kern01,
                                         noise_block_center, published_shape_error)
-from procedures.ctgan_torch import DifferentiableTamper, from_keras_h5
+from procedures.attacker.port import DifferentiableTamper, from_keras_h5
 from utils.cubes import cube_bounds
 from utils.device import pick_device
 from utils.errors import ModelFileError, ScanFormatError, UsageError
@@ -106,7 +106,7 @@ class TorchScanManipulator(ScanManipulator):
         cube_start = cube_bounds(center, cube_shape, vol.shape)[0]
         if np.any(cube_start < ref_start) or np.any(cube_start + cube_shape > ref_start + sdim):
             raise AttackShapeError(f"voxel spacing {spacing.tolist()} mm: the cube is not inside the "
-                                   f"reference cube; use procedures.attack_pipeline.ScanManipulator")
+                                   f"reference cube; use procedures.attacker.pipeline.ScanManipulator")
         ben_ext = self._cut(vol, ref_start, sdim)
         # steps 1-7 on the reference block (it holds the whole cube, padded where the scan ends)
         part, sl = core.footprints(ben_ext, spacing, center - ref_start, action)[0]

@@ -1,6 +1,6 @@
 """Fetch the two real chest CTs and write them as MetaImage with injection/removal locations.
 
-    python -m procedures.prepare_data [--data-dir data] [--cache .cache] [--check] [--sdist FILE]
+    python -m procedures.data.prepare [--data-dir data] [--cache .cache] [--check] [--sdist FILE]
 
 Source (docs/data.md#the-two-real-scans): the PyPI source package pyradiomics-bhklab==3.1.4 ships
 data/lung{1,2}_{image,label}.nrrd (int16 HU, 5 mm slices). We download the sdist only
@@ -309,7 +309,7 @@ def verify(data_dir: Path) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = CliParser(prog="python -m procedures.prepare_data",
+    ap = CliParser(prog="python -m procedures.data.prepare",
                                  description="Fetch the two real chest CTs (pyradiomics-bhklab 3.1.4 sdist) "
                                              "into data/native and data/z2.5 with nodule/healthy CSVs.")
     ap.add_argument("--data-dir", default="data", type=Path, help="output folder (default: data)")
@@ -327,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     problems = verify(data_dir)
     if args.check:
         if problems:
-            raise DataFetchError(f"data not prepared: {problems[0]}; run `python -m procedures.prepare_data`")
+            raise DataFetchError(f"data not prepared: {problems[0]}; run `python -m procedures.data.prepare`")
         say(f"{data_dir}: all {len(expected_outputs(data_dir))} files present and verified")
         return 0
     if not problems and not args.force:

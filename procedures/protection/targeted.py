@@ -3,7 +3,7 @@
 A hospital knows where its findings are (the nodules a report lists): that is where an attacker
 would remove, and where an injection would be most misleading. For each target the perturbation
 of the region any attack cube can reach is optimised directly through the PyTorch CT-GAN port
-(procedures.ctgan_torch), as procedures.pgd_bound does for one location: d = eps * tanh(w),
+(procedures.attacker.port), as procedures.protection.bound does for one location: d = eps * tanh(w),
 rounded to integer HU in the forward pass (straight-through; int16 storage keeps exactly that),
 Adam maximising RMSE(CT-GAN(real + d), CT-GAN(real)) in the cube, for removal and injection.
 
@@ -162,7 +162,7 @@ def _centres(center, box, offsets, vol_shape) -> np.ndarray:
 
 def optimise_target(dt, hu: np.ndarray, spacing, center, s: TargetSettings) -> tuple[tuple, np.ndarray]:
     """Optimise one target. Returns (box slices, integer perturbation d of the box's shape)."""
-    from procedures.whitebox import straight_through_round  # lazy: whitebox loads the CT-GAN port (SciPy)
+    from procedures.protection.whitebox import straight_through_round  # lazy: whitebox loads the CT-GAN port (SciPy)
 
     box = reach_box(dt.cut_shape(spacing), center, s.radius, hu.shape)
     real = torch.from_numpy(np.ascontiguousarray(hu[box], dtype=np.float32))
@@ -231,7 +231,7 @@ def protect_targets(dt, hu: np.ndarray, spacing, targets, s: TargetSettings, *, 
 
 def load_attacker(models, actions=("inject", "remove"), device=None):
     """The differentiable CT-GAN (spline resampling, as the Keras pipeline) from a models folder."""
-    from procedures.ctgan_torch import DifferentiableTamper  # lazy: SciPy; reading targets needs none of it
+    from procedures.attacker.port import DifferentiableTamper  # lazy: SciPy; reading targets needs none of it
 
     models = Path(models)
     return DifferentiableTamper.from_model_dirs(

@@ -1,0 +1,1 @@
+"""Baselines MITS-GAN is compared with (TAFIM)."""

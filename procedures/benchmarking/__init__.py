@@ -1,0 +1,1 @@
+"""Speed and memory: bench.py's library and the GPU check."""

@@ -1,0 +1,1 @@
+"""Training CT-GAN's injector and remover: networks, dataset builder, trainer, demo figure."""

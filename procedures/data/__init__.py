@@ -1,0 +1,1 @@
+"""Data preparation: fetching and converting the real chest CTs."""

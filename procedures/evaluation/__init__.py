@@ -1,0 +1,1 @@
+"""Evaluation on held-out locations: methods, locations, the run loop, reports."""
