@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 # --- protection methods: name -> builder(args, context) -> ProtectionMethod ----------------------
 # `context` holds what builders share (device, progress) and the methods built so far, by name.
 def _build_mitsgan(args, ctx):
-    from procedures.evaluation.harness import mitsgan_method
+    from procedures.evaluation.methods import mitsgan_method
 
     G, cfg, dtype = _generator(ctx, "mitsgan", args.checkpoint)
     ctx["mitsgan_config"] = cfg
@@ -127,7 +127,7 @@ def _generator(ctx, key: str, checkpoint):
 
 
 def _build_noise(args, ctx):
-    from procedures.evaluation.harness import gaussian_noise_method, matched_rms
+    from procedures.evaluation.methods import gaussian_noise_method, matched_rms
 
     if args.noise_rms is not None:
         if args.noise_rms < 0:
@@ -156,7 +156,7 @@ METHODS["tafim"] = _build_tafim
 def _build_mitsgan2(args, ctx):
     """A second MITS-GAN checkpoint as its own columns (e.g. the published black-box model
     beside the bounded white-box `default` one)."""
-    from procedures.evaluation.harness import mitsgan_method
+    from procedures.evaluation.methods import mitsgan_method
 
     if not args.checkpoint2:
         raise UsageError("--methods mitsgan2 needs --checkpoint2 CKPT")
@@ -173,7 +173,7 @@ def _float_variant(base: str):
     """`<base>_float`: the same generator's float32 output, not rounded to int16 (i.e.
     protection evaluated before and after storage, side by side)."""
     def build(args, ctx):
-        from procedures.evaluation.harness import mitsgan_method
+        from procedures.evaluation.methods import mitsgan_method
 
         if base not in ctx["methods"]:
             raise UsageError(f"--methods {base}_float needs {base} listed before it")
@@ -198,7 +198,7 @@ def _eps(args, ctx) -> float:
 
 
 def _build_signs(args, ctx):
-    from procedures.evaluation.harness import random_signs_method
+    from procedures.evaluation.methods import random_signs_method
 
     return random_signs_method(_eps(args, ctx), seed=args.seed)
 
@@ -213,7 +213,7 @@ def _target_settings(args, eps, background="signs"):
 
 def _targeted_builder(background: str):
     def build(args, ctx):
-        from procedures.evaluation.harness import targeted_method
+        from procedures.evaluation.methods import targeted_method
         from procedures.protection.targeted import load_attacker
 
         if not ctx.get("targets"):
@@ -234,7 +234,7 @@ METHODS["targeted_bare"] = _targeted_builder("none")
 
 def _curve_methods(args, ctx, eps: float) -> list:
     """The methods of the eps curve at one eps, named alike at every eps."""
-    from procedures.evaluation.harness import eps_scaled_method, random_signs_method, targeted_method
+    from procedures.evaluation.methods import eps_scaled_method, random_signs_method, targeted_method
 
     out = [random_signs_method(eps, seed=args.seed, label=f"random +-{eps:g} HU signs")]
     main = ctx["methods"].get("targeted")
@@ -251,7 +251,7 @@ def _curve_methods(args, ctx, eps: float) -> list:
 
 def _float_bases(args, ctx) -> None:
     """Each evaluated generator's float output, computed once per scan for the curve."""
-    from procedures.evaluation.harness import mitsgan_method
+    from procedures.evaluation.methods import mitsgan_method
 
     ctx["float_bases"] = {}
     for key in ("mitsgan", "mitsgan2"):
@@ -314,7 +314,8 @@ def main(argv=None) -> int:
 
     from tqdm import tqdm
 
-    from procedures.evaluation.harness import EvalSettings, curve_report, evaluate, tradeoff_curve, write_reports
+    from procedures.evaluation.run import EvalSettings, evaluate, tradeoff_curve
+    from procedures.evaluation.reports import curve_report, write_reports
     from procedures.protection.targeted import read_target_rows
     from scanDataset import ScanDataset
     from utils.device import pick_device

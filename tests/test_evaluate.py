@@ -1,4 +1,4 @@
-"""evaluate.py / procedures.evaluation.harness on tiny phantoms with a real tiny CT-GAN and a tiny
+"""evaluate.py / procedures.evaluation on tiny phantoms with a real tiny CT-GAN and a tiny
 MITS-GAN checkpoint made by train.py."""
 import csv
 import json
@@ -9,7 +9,10 @@ import pytest
 import torch
 
 import evaluate
-from procedures.evaluation.harness import harness as E
+from procedures.evaluation.run import EvalSettings, evaluate as run_evaluation
+from procedures.evaluation.methods import ProtectionMethod, eps_scaled_method, random_signs_method
+from procedures.evaluation.reports import curve_report, pooled_psnr, write_reports
+from procedures.evaluation.locations import sample_locations
 from scanDataset import ScanDataset
 from helpers import fake_lpips_state, make_tiny_checkpoint
 from utils import metrics as M
@@ -97,9 +100,9 @@ def test_an_extra_method_is_one_entry_and_lpips_plumbing(setup, tmp_path):
     data, _, models = setup
     torch.save(fake_lpips_state(), tmp_path / "fake_lpips.pt")
     lp = M.load_lpips(tmp_path / "fake_lpips.pt")
-    plus10 = E.ProtectionMethod("plus10", "+10 HU", lambda item: item.scan.hu.astype(np.float32) + 10)
+    plus10 = ProtectionMethod("plus10", "+10 HU", lambda item: item.scan.hu.astype(np.float32) + 10)
     items = [ScanDataset(data)[1]]
-    res = E.evaluate(items, [plus10], ScanManipulator(models), E.EvalSettings(n_locations=1, actions=("inject",)),
+    res = run_evaluation(items, [plus10], ScanManipulator(models), EvalSettings(n_locations=1, actions=("inject",)),
                      tmp_path, lpips_model=lp)
     prot = [r for r in res.rows if r["kind"] == "protected"]
     assert {r["region"] for r in prot} == {"slice", "square"}
@@ -108,7 +111,7 @@ def test_an_extra_method_is_one_entry_and_lpips_plumbing(setup, tmp_path):
         assert 0 < r["lpips"] < math.inf
     assert res.perturbation[0]["rms_hu"] == pytest.approx(10.0)
     assert res.disruption[0]["perturbation_rms_cube_hu"] == pytest.approx(10.0)
-    paths = E.write_reports(res, tmp_path)
+    paths = write_reports(res, tmp_path)
     md = paths["md"].read_text()
     assert "protected +10 HU" in md and "tampered +10 HU" in md and "n/a (weights" not in md
 
@@ -121,16 +124,16 @@ def test_locations_inside_the_lungs_and_from_csv(tmp_path):
     scan = Scan(make_phantom((30, 48, 48), seed=0), (2.5, 0.7, 0.7), (0.0, 0.0, 0.0))
     save_mhd(scan, tmp_path / "a.mhd")
     item = ScanDataset(tmp_path)[0]
-    locs = E.sample_locations(item, 3, seed=1)
+    locs = sample_locations(item, 3, seed=1)
     assert len(locs) == 6 and [l.action for l in locs[:2]] == ["inject", "remove"]
     mask = lung_mask(item.scan.hu)
     assert all(mask[l.vox] for l in locs)
-    assert locs == E.sample_locations(item, 3, seed=1)       # seeded
-    assert locs != E.sample_locations(item, 3, seed=2)
+    assert locs == sample_locations(item, 3, seed=1)       # seeded
+    assert locs != sample_locations(item, 3, seed=2)
     # CSV mode: inject at healthy.csv, remove at nodules.csv; world coordinates converted.
     (tmp_path / "healthy.csv").write_text("filename,z,y,x,coord\na.mhd,10,20,12,vox\nb.mhd,1,1,1,vox\n")
     (tmp_path / "nodules.csv").write_text("filename,z,y,x,coord\na.mhd,25.0,14.1,21.1,world\n")
-    locs = E.sample_locations(item, 5, mode="csv")
+    locs = sample_locations(item, 5, mode="csv")
     assert [(l.action, l.vox) for l in locs] == [("inject", (10, 20, 12)), ("remove", (10, 20, 30))]
 
 
@@ -196,14 +199,14 @@ def test_a_second_mitsgan_checkpoint_gets_its_own_columns(setup, tmp_path, capsy
 
 
 def test_pooled_psnr_is_finite_when_one_sample_is_identical():
-    assert E.pooled_psnr([30.0, 30.0]) == pytest.approx(30.0)
+    assert pooled_psnr([30.0, 30.0]) == pytest.approx(30.0)
     # 20 dB = normalised MSE 0.01; an identical sample adds MSE 0: mean 0.005 = 23.01 dB.
-    assert E.pooled_psnr([20.0, math.inf]) == pytest.approx(10 * math.log10(200))
-    assert E.pooled_psnr([math.inf, math.inf]) == math.inf
-    assert E.pooled_psnr([]) is None and E.pooled_psnr([float("nan"), 40.0]) == pytest.approx(40.0)
+    assert pooled_psnr([20.0, math.inf]) == pytest.approx(10 * math.log10(200))
+    assert pooled_psnr([math.inf, math.inf]) == math.inf
+    assert pooled_psnr([]) is None and pooled_psnr([float("nan"), 40.0]) == pytest.approx(40.0)
     # Never above the mean of the per-sample PSNRs (Jensen): the worst samples weigh more.
     vals = [12.0, 25.0, 41.0]
-    assert E.pooled_psnr(vals) < np.mean(vals)
+    assert pooled_psnr(vals) < np.mean(vals)
 
 
 def test_held_out_locations_around_targets_and_baselines(tmp_path):
@@ -217,19 +220,19 @@ def test_held_out_locations_around_targets_and_baselines(tmp_path):
     item = ScanDataset(tmp_path)[0]
     (tmp_path / "t.csv").write_text("filename,z,y,x\na.mhd,15,20,30\nb.mhd,1,1,1\n")
     rows = read_target_rows(tmp_path / "t.csv")
-    locs = E.sample_locations(item, 5, seed=0, mode="targets", targets=rows)
+    locs = sample_locations(item, 5, seed=0, mode="targets", targets=rows)
     assert len(locs) == 10 and {l.action for l in locs} == {"inject", "remove"}
     offs = {(l.z - 15, l.y - 20, l.x - 30) for l in locs}
     assert len(offs) == 5 and all(max(map(abs, o)) <= 2 and sum(o) % 2 == 1 for o in offs)
-    assert locs == E.sample_locations(item, 5, seed=0, mode="targets", targets=rows)
-    assert locs != E.sample_locations(item, 5, seed=1, mode="targets", targets=rows)
+    assert locs == sample_locations(item, 5, seed=0, mode="targets", targets=rows)
+    assert locs != sample_locations(item, 5, seed=1, mode="targets", targets=rows)
 
     hu = item.scan.hu
-    signs = E.random_signs_method(7).protect(item) - hu
+    signs = random_signs_method(7).protect(item) - hu
     assert set(np.unique(signs)) == {-7.0, 7.0}
-    plus = E.ProtectionMethod("g", "g", lambda it: it.scan.hu.astype(np.float32) + np.float32(4.0), stored=False)
-    half = E.eps_scaled_method(plus, 5, 10, name="g", label="g at 5").protect(item) - hu
-    clip = E.eps_scaled_method(plus, 3, 0, name="g", label="g at 3").protect(item) - hu
+    plus = ProtectionMethod("g", "g", lambda it: it.scan.hu.astype(np.float32) + np.float32(4.0), stored=False)
+    half = eps_scaled_method(plus, 5, 10, name="g", label="g at 5").protect(item) - hu
+    clip = eps_scaled_method(plus, 3, 0, name="g", label="g at 3").protect(item) - hu
     assert np.allclose(half, 2.0) and np.allclose(clip, 3.0)   # bounded: scaled; unbounded: clipped
 
 
@@ -237,7 +240,7 @@ def test_curve_report_draws_one_panel_per_attacker(tmp_path):
     curve = {a: {"signs": {"label": "s", "eps": [5.0, 10.0], "disruption": [10.0, 20.0], "ssim": [0.9, 0.8], "n": [4, 4]},
                  "targeted": {"label": "t", "eps": [5.0, 10.0], "disruption": [30.0, 60.0], "ssim": [0.7, 0.5], "n": [4, 4]}}
              for a in ("seen", "unseen")}
-    lines = E.curve_report(curve, tmp_path / "curve.png")
+    lines = curve_report(curve, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
     md = "\n".join(lines)
     assert "| seen attacker | eps 5 HU | eps 10 HU |" in md and "| targeted | 30.0 (0.700) | 60.0 (0.500) |" in md

@@ -585,7 +585,7 @@ def test_written_dicom_keeps_thickness_and_passes_dciodvfy(name, tmp_path):
 @pytest.mark.tf
 def test_failed_evaluation_leaves_no_figure(held_ctgan_models, tmp_path, capfd, monkeypatch):
     """evaluate.py writes a figure per scan; when a later step fails, none of them is left."""
-    import procedures.evaluation.harness.harness as E
+    import procedures.evaluation.reports as E
     from utils.errors import MitsError
 
     def fail(res, out, **kw):

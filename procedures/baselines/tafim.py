@@ -336,8 +336,8 @@ def protect_hu(model: TafimUNet, hu: np.ndarray, device="cpu", *, hu_min: float 
 
 def tafim_method(model: TafimUNet, device="cpu", *, batch: int = 4, progress=None,
                  label: str = "TAFIM"):
-    """A procedures.evaluation.harness.ProtectionMethod protecting with the TAFIM net."""
-    from procedures.evaluation.harness import ProtectionMethod  # lazy: evaluation pulls SciPy
+    """A procedures.evaluation.methods.ProtectionMethod protecting with the TAFIM net."""
+    from procedures.evaluation.methods import ProtectionMethod  # lazy: evaluation pulls SciPy
 
     def run(item) -> np.ndarray:
         hu = item.scan.hu

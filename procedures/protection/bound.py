@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     actions = [a.strip() for a in args.actions.split(",") if a.strip()]
     if not actions or any(a not in ("inject", "remove") for a in actions):
         raise UsageError(f"--actions: inject and/or remove, not {args.actions!r}")
-    from procedures.evaluation.harness import sample_locations  # lazy: evaluation pulls SciPy (keeps --help light)
+    from procedures.evaluation.locations import sample_locations  # lazy: evaluation pulls SciPy (keeps --help light)
 
     scan = load_scan(args.scan)
     models = Path(args.models)
