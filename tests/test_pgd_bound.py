@@ -4,7 +4,7 @@ import json
 import pytest
 
 from conftest import make_phantom
-from procedures.protection.apply import bound as pgd_bound
+from procedures.protection import bound as pgd_bound
 from utils.errors import UsageError, run_cli
 from utils.scan_io import Scan, save_mhd
 

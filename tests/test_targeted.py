@@ -7,7 +7,7 @@ import torch
 import protect
 from conftest import make_phantom
 from helpers import assert_refused, call, tree
-from procedures.protection.apply import targeted as T
+from procedures.protection import targeted as T
 from utils.errors import CoordinateError, InputFileError, UsageError
 from utils.scan_io import Scan, load_scan, save_mhd
 
