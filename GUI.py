@@ -156,7 +156,7 @@ class Viewer:
 
     def tamper(self, y: int, x: int) -> tuple:
         """Tamper the shown volume at (current slice, y, x); returns the changed slices."""
-        from procedures.attacker.pipeline import check_coord  # lazy: it pulls scipy.stats (fast --help)
+        from utils.scan import check_coord
 
         coord = (self.z, y, x)
         check_coord(coord, self.current.shape)
@@ -171,7 +171,8 @@ class Viewer:
 
     def save(self) -> Path:
         """Write the shown volume (with its tampers) into out_dir, as the source's dtype."""
-        from procedures.protection.apply import protected_scan, scan_stem  # lazy: it pulls torch (fast --help)
+        from procedures.protection.apply import protected_scan  # lazy: it pulls torch (fast --help)
+        from utils.scan_paths import scan_stem
 
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -222,20 +223,23 @@ def main(argv=None) -> int:
         assert len(window) == 2 and window[1] > window[0]
     except (ValueError, AssertionError):
         raise UsageError(f"--window must be LOW,HIGH in HU, got {args.window!r}") from None
-    from procedures.attacker.pipeline import ScanManipulator  # lazy: SciPy/torch/matplotlib after --help
+    from procedures.attacker.pipeline import ScanManipulator, check_cube_fits  # lazy: SciPy/torch
 
     scan = load_scan(args.scan)
     ensure_not_input(args.out, [args.scan])
     check_output_dir(args.out)  # saving must be possible before the user tampers
-    protected = None
+    protected = G = None
     if args.protected:
         protected = load_scan(args.protected).hu
     elif args.checkpoint:
-        from procedures.protection.apply import load_generator, protect_hu
+        from procedures.protection.apply import check_generator_fits, load_generator, protect_hu
         from utils.device import pick_device
 
         device = pick_device(args.device)
         G, cfg, dtype = load_generator(args.checkpoint, device)
+        check_generator_fits(G, cfg.slab, scan.hu, args.scan)
+    check_cube_fits(scan.shape, scan.spacing, args.scan)  # the viewer is for CT-GAN's tamper
+    if G is not None:
         print(f"protecting {args.scan} with {args.checkpoint} ...", flush=True)
         # As a stored protected scan would be: int16 when the source is.
         hu = scan.hu

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.errors import CliParser, OutputError, ScanFormatError, UsageError, run_cli
+from utils.errors import CliParser, OutputError, UsageError, run_cli
 # lazy: procedures.* (torch, SciPy), tqdm and the scan I/O are imported inside the functions
 # that use them, so --help and argument errors answer at once without loading torch.
 
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def output_path(scan_path: Path, out: Path, fmt: str) -> Path:
     """The .mhd file or DICOM series folder to write."""
-    from procedures.protection.apply import scan_stem
+    from utils.scan_paths import scan_stem
 
     if fmt == "mhd" and out.suffix.lower() == ".mhd":
         return out
@@ -116,8 +116,13 @@ def main(argv=None) -> int:
     scan = load_scan(scan_path)
     depth = scan.hu.shape[0]
     centres = targets_for_scan(rows, scan, scan_path.name) if args.targets else []
-    if G is not None and depth < cfg.slab:
-        raise ScanFormatError(f"{scan_path}: has {depth} slices; this generator protects slabs of {cfg.slab}")
+    # Each operation's minimum size (utils.scan.check_min_size), before any work.
+    if G is not None:
+        from procedures.protection.apply import check_generator_fits
+        check_generator_fits(G, cfg.slab, scan.hu, scan_path)
+    if centres:
+        from procedures.attacker.pipeline import check_cube_fits
+        check_cube_fits(scan.shape, scan.spacing, scan_path)
     hu = scan.hu
     out = np.empty(hu.shape, dtype=hu.dtype if np.issubdtype(hu.dtype, np.integer) else np.float32)
     t0 = time.perf_counter()

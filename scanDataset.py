@@ -17,8 +17,9 @@ import torch
 
 from utils.errors import InputFileError
 from utils.scan_io import Scan, load_scan
+from utils.scan_paths import SCAN_SUFFIXES, is_scan_name
 
-SCAN_SUFFIXES = (".mhd", ".mha", ".nrrd", ".nii", ".nii.gz", ".npy")
+__all__ = ["SCAN_SUFFIXES", "ScanDataset", "VolumeItem", "list_scans", "normalise", "to_hu"]
 
 
 def list_scans(folder, mhd_only: bool = False) -> list[Path]:
@@ -30,7 +31,7 @@ def list_scans(folder, mhd_only: bool = False) -> list[Path]:
     try:
         for p in sorted(folder.iterdir()):
             name = p.name.lower()
-            if p.is_file() and (name.endswith(".mhd") if mhd_only else name.endswith(SCAN_SUFFIXES)):
+            if p.is_file() and (name.endswith(".mhd") if mhd_only else is_scan_name(name)):
                 found.append(p)
             elif p.is_dir() and not mhd_only and any(q.suffix.lower() == ".dcm" or q.suffix == ""
                                                      for q in p.iterdir() if q.is_file()):
@@ -38,7 +39,7 @@ def list_scans(folder, mhd_only: bool = False) -> list[Path]:
     except OSError as e:  # an unreadable sub-folder (mode 000) is one line, not a traceback
         raise InputFileError(f"{e.filename or folder}: cannot read ({e.strerror})") from None
     if not found:
-        raise InputFileError(f"{folder}: no scans (.mhd/.nrrd files or DICOM series folders)")
+        raise InputFileError(f"{folder}: no scans ({', '.join(SCAN_SUFFIXES)} files or DICOM series folders)")
     return found
 
 

@@ -17,7 +17,8 @@ import numpy as np
 
 from utils.atomic import check_output_dir, os_error_message
 from utils.errors import CliParser, CoordinateError, OutputError, UsageError, run_cli
-from utils.scan_io import load_numpy, load_scan, refuse_overwrite, save_dicom_series, save_mhd, save_numpy
+from utils.scan_io import load_scan, refuse_overwrite, save_dicom_series, save_mhd, save_numpy
+from utils.scan_paths import scan_stem
 
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _COORD = re.compile(rf"^\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*$")
@@ -82,10 +83,6 @@ def parse_coord(text: str) -> np.ndarray:
     return np.array([float(g) for g in m.groups()])
 
 
-def _load(path: str):
-    return load_numpy(path) if str(path).lower().endswith(".npy") else load_scan(path)
-
-
 def _output_hu(tampered: np.ndarray, original_dtype) -> np.ndarray:
     """Integer scans stay integer on disk (CT HU are int16 on disk): round and clip."""
     if np.issubdtype(original_dtype, np.integer):
@@ -101,17 +98,19 @@ def main(argv=None) -> int:
         return int(e.code or 0)
     coords = [parse_coord(c) for c in args.coord]
 
-    from procedures.attacker.pipeline import AttackShapeError, check_coord, published_shape_error  # lazy: fast --help
+    from procedures.attacker.pipeline import (AttackShapeError, check_cube_fits,  # lazy: fast --help
+                                              published_shape_error)
+    from utils.scan import check_coord
 
     target = Path(args.target)
-    scan = _load(args.target)
+    scan = load_scan(args.target)
     is_dicom = target.is_dir()
     fmt = args.outformat or ("dicom" if is_dicom else "mhd")
     dest = Path(args.destination)
     if dest.exists() and not dest.is_dir():
         raise OutputError(f"cannot write {dest}: exists and is not a folder")
     check_output_dir(dest)  # before any model is loaded or any tamper is done
-    stem = target.name if is_dicom else target.name.split(".")[0]
+    stem = target.name if is_dicom else scan_stem(target)
     out = dest / f"{stem}_tampered" if fmt == "dicom" else dest / f"{stem}_tampered.{'mhd' if fmt == 'mhd' else 'npy'}"
     refuse_overwrite(out, target)  # not over any file the input reads, not inside its folder
 
@@ -119,6 +118,7 @@ def main(argv=None) -> int:
     vox = [c if args.system == "vox" else scan.world2vox(c) for c in coords]
     for v in vox:
         check_coord(v, scan.shape)
+    check_cube_fits(scan.shape, scan.spacing, target)
     if args.published_resample and published_shape_error(scan.spacing):
         raise AttackShapeError(f"{target}: {published_shape_error(scan.spacing)}")
 

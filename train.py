@@ -57,6 +57,7 @@ from utils.checkpoint import load_checkpoint, load_state_into, save_checkpoint
 from utils.device import pick_device, torch_dtype
 from utils.errors import ModelFileError, OutputError, UsageError, run_cli
 from utils.images import save_grid
+from utils.scan import check_min_size
 
 log = logging.getLogger("mitsgan.train")
 
@@ -329,8 +330,9 @@ def load_streams(cfg, rank: int, world: int, dtype: torch.dtype) -> Streams:
     volumes = {j: [v for v in range(len(data)) if v % cfg.batch == j] for j in ids}
     items = {v: data[v] for j in ids for v in volumes[j]}
     depths = {v: it.volume.shape[0] for v, it in items.items()}
-    if min(depths.values()) < cfg.slab:
-        raise UsageError(f"a volume has {min(depths.values())} slices, fewer than --slab {cfg.slab}")
+    for it in items.values():  # the generator trains on slabs: the same minimum as protecting
+        check_min_size(it.volume.shape, (cfg.slab, 1, 1), it.path, "training",
+                       f"it cuts slabs of --slab {cfg.slab} slices")
     size = _all_min(min(min(it.volume.shape[1:]) for it in items.values()), world)
     return Streams(ids, volumes, items, depths, size)
 

@@ -205,7 +205,7 @@ def test_noise_on_a_gpu_is_the_cpu_noise():
 
 
 def test_scan_stem_drops_every_scan_suffix():
-    from procedures.protection.apply import scan_stem
+    from utils.scan_paths import scan_stem
 
     for name in ("a.mhd", "a.nii.gz", "a.NRRD", "a.npy", "dir/a.mha"):
         assert scan_stem(name) == "a"

@@ -15,9 +15,10 @@ from utils.atomic import os_error_message
 from utils.errors import OutputError, ScanFormatError
 from utils.scan import Scan, check_scan, check_writable, disk_array, hu_array
 from utils.scan_headers import precheck_mhd, precheck_nifti, precheck_nrrd
-from utils.scan_paths import refuse_overwrite
+from utils.scan_paths import SCAN_SUFFIXES, refuse_overwrite
 
-SITK_SUFFIXES = (".mhd", ".mha", ".nrrd", ".nhdr", ".nii", ".nii.gz", ".hdr", ".img")
+# What SimpleITK reads: every scan suffix but NumPy's, and an Analyze .img named directly.
+SITK_SUFFIXES = tuple(s for s in SCAN_SUFFIXES if s != ".npy") + (".img",)
 
 
 def _sitk():

@@ -13,13 +13,18 @@ from typing import Any
 
 import numpy as np
 
-from utils.errors import ScanFormatError
+from utils.errors import CoordinateError, ScanFormatError
 
 _INT16 = np.iinfo(np.int16)
 # CT numbers: air is -1000 HU, dense metal with an extended CT scale reaches about +30000 HU.
 # Outside the int16 range nothing is a Hounsfield unit: typically a header that names the wrong
 # voxel type (ushort for short puts air at 64536).
 HU_RANGE = (float(_INT16.min), float(_INT16.max))
+# Voxel sizes a CT can have, in mm: micro-CT reaches about 0.05 mm, the thickest clinical slices
+# are 10 mm, and a scout or a badly-converted header can claim more. Outside this range a
+# spacing is a broken header (1e300 mm, 1e-9 mm) that world coordinates and CT-GAN's resampling
+# to 1 mm would silently turn into garbage.
+SPACING_MM = (0.05, 50.0)
 
 
 @dataclass
@@ -88,24 +93,34 @@ def check_finite(hu: np.ndarray, path) -> None:
 
 
 def check_volume(hu: np.ndarray, path) -> None:
+    """A 3-D array of plain numbers. One slice is a volume (a single-slice series): operations
+    that need more (the generator's slabs, CT-GAN's cube) refuse it with check_min_size."""
+    kind = np.asarray(hu).dtype.kind
+    if kind == "b":
+        raise ScanFormatError(f"{path}: holds true/false values (a mask), not CT Hounsfield units")
+    if kind not in "iuf":
+        raise ScanFormatError(f"{path}: holds {np.asarray(hu).dtype} values; a CT scan is numbers")
     if hu.ndim != 3:
         raise ScanFormatError(f"{path}: is a {hu.ndim}-D image, a 3-D CT volume is needed")
-    if hu.shape[0] < 2:
-        raise ScanFormatError(f"{path}: holds a single slice (2-D image), a 3-D CT volume is needed")
     if min(hu.shape) < 1:
         raise ScanFormatError(f"{path}: empty image of shape {hu.shape}")
 
 
 def check_hu_range(hu: np.ndarray, path) -> None:
     """Values no CT scanner produces are refused: protecting them would silently turn a wrong
-    voxel type or rescale into a 'protected' scan."""
-    if hu.dtype == np.int16 or hu.size == 0:
+    voxel type or rescale into a 'protected' scan. A volume whose values all lie in 0..1 (and
+    are not all equal) is a mask or a normalised image, not Hounsfield units: in HU that range
+    is a sliver of water and never a whole scan."""
+    if hu.size == 0:
         return
     lo, hi = float(np.min(hu)), float(np.max(hu))
     if lo < HU_RANGE[0] or hi > HU_RANGE[1]:
         raise ScanFormatError(
             f"{path}: values {lo:.6g} to {hi:.6g} are not CT Hounsfield units (CT spans about -1024 to "
             f"+30000 HU); is the voxel type or the rescale in the header right?")
+    if 0.0 <= lo < hi <= 1.0:
+        raise ScanFormatError(f"{path}: every value lies in 0..1 (a mask or a normalised image), "
+                              f"not CT Hounsfield units")
 
 
 def check_geometry(spacing, origin, direction, path) -> None:
@@ -117,6 +132,9 @@ def check_geometry(spacing, origin, direction, path) -> None:
     d = np.asarray(direction, dtype=np.float64).reshape(3, 3)
     if sp.shape != (3,) or not np.isfinite(sp).all() or (sp <= 0).any():
         raise ScanFormatError(f"{path}: spacing {sp.tolist()} mm; each value must be a positive number")
+    if (sp < SPACING_MM[0]).any() or (sp > SPACING_MM[1]).any():
+        raise ScanFormatError(f"{path}: spacing {[float(f'{v:.6g}') for v in sp]} mm is not a CT voxel "
+                              f"size (each value must lie in {SPACING_MM[0]:g}..{SPACING_MM[1]:g} mm)")
     if og.shape != (3,) or not np.isfinite(og).all():
         raise ScanFormatError(f"{path}: origin {og.tolist()} is not three finite numbers")
     if not np.isfinite(d).all():
@@ -177,3 +195,31 @@ def check_writable(scan: Scan, path) -> None:
     check_volume(scan.hu, path)
     check_finite(np.asarray(scan.hu), "scan to write")
     check_geometry(scan.spacing, scan.origin, scan.direction, "scan to write")
+
+
+def check_min_size(shape, minimum, path, operation: str, why: str) -> None:
+    """ScanFormatError unless a (z, y, x) `shape` is at least `minimum` voxels along every axis.
+    The one minimum-size check: each operation states its own minimum and why (the generator's
+    slabs, CT-GAN's cube); reading a scan asks only for a volume."""
+    small = [int(s) < int(m) for s, m in zip(shape, minimum)]
+    if any(small):
+        have = " x ".join(str(int(s)) for s in shape)
+        need = " x ".join(str(int(m)) for m in minimum)
+        raise ScanFormatError(f"{path}: {have} voxels (z x y x x) is too small for {operation}, which "
+                              f"needs at least {need} ({why})")
+
+
+def check_coord(coord_vox, vol_shape) -> np.ndarray:
+    """A voxel coordinate (z, y, x floats) inside a volume of `vol_shape`, as ints truncated
+    the way CT-GAN's cutCube does; anything else (outside, not three finite numbers) is a
+    CoordinateError. The one check for tamper, GUI and --targets locations."""
+    c = np.asarray(coord_vox, dtype=np.float64).reshape(-1)
+    if c.shape != (3,) or not np.all(np.isfinite(c)):
+        raise CoordinateError(f"coordinate must be 3 finite numbers z,y,x, got {np.asarray(coord_vox).tolist()}")
+    shape = np.asarray(vol_shape[:3])
+    if np.any(c < 0) or np.any(c >= shape):
+        shown = ",".join(f"{v:g}" for v in c)
+        raise CoordinateError(f"voxel coordinate (z,y,x)=({shown}) is outside the scan of shape "
+                              f"(z,y,x)={tuple(int(s) for s in shape)}")
+    # Truncate like cutCube, but forgive float noise from world->voxel (29.9999999 is voxel 30).
+    return np.minimum(np.floor(c + 1e-6), shape - 1).astype(np.int64)

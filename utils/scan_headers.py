@@ -9,6 +9,7 @@ each of those becomes one line here instead.
 from __future__ import annotations
 
 import gzip
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -120,6 +121,28 @@ def _positive(path: Path, h: dict[str, str], key: str) -> None:
         raise ScanFormatError(f"{path}: bad {key} '{h[key]}'; each value must be a positive number")
 
 
+# Header fields that hold geometry: SimpleITK reads a value it cannot parse ('nan', 'inf',
+# text) as 0 without a word, so an origin of 'nan 0 inf' would become 0 0 0 in the output.
+_MHD_GEOMETRY = ("Offset", "Origin", "Position", "ElementSpacing", "ElementSize", "TransformMatrix",
+                 "Rotation", "Orientation", "CenterOfRotation")
+_NRRD_GEOMETRY = ("space origin", "spacings", "space directions", "thicknesses")
+
+
+def _finite(path: Path, fields: dict[str, str], keys) -> None:
+    """Every number of the geometry fields present is a finite number ('none' stands for a
+    non-spatial NRRD axis)."""
+    for key in keys:
+        if key not in fields:
+            continue
+        words = [w for w in re.split(r"[\s,()]+", fields[key]) if w and w.lower() != "none"]
+        try:
+            ok = bool(words) and all(np.isfinite(float(w)) for w in words)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ScanFormatError(f"{path}: bad {key} '{fields[key][:80]}'; geometry must be finite numbers")
+
+
 def _data_file(path: Path, name: str, kind: str) -> Path:
     if name.upper() == "LIST" or "%" in name or len(name.split()) > 1:
         raise ScanFormatError(f"{path}: names a list or pattern of {kind} data files; only one data file "
@@ -139,6 +162,7 @@ def precheck_mhd(path: Path) -> None:
         raise ScanFormatError(f"{path}: not a MetaImage header (DimSize/ElementType/ElementDataFile missing)")
     dims = _dims(path, h["DimSize"], "DimSize")
     _positive(path, h, "ElementSpacing")
+    _finite(path, h, _MHD_GEOMETRY)
     local = mhd_data_name(h).upper() == "LOCAL"
     raw = path if local else _data_file(path, mhd_data_name(h), "MetaImage")
     size = MET_SIZES.get(h["ElementType"])
@@ -168,6 +192,7 @@ def precheck_nrrd(path: Path) -> None:
         if key not in fields:
             raise ScanFormatError(f"{path}: NRRD header without the required field '{key}'")
     dims = _dims(path, fields["sizes"], "sizes")
+    _finite(path, fields, _NRRD_GEOMETRY)
     size = _NRRD_SIZES.get(fields["type"].lower())
     if size is None:
         raise ScanFormatError(f"{path}: NRRD type '{fields['type']}' is not a number type")

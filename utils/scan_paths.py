@@ -15,6 +15,26 @@ from utils.errors import OutputError, ScanFormatError
 
 _HEAD_BYTES = 65536
 
+# The one list of scan file names, longest first (".nii.gz" before ".nii"): what load_scan
+# reads as a scan, a data folder lists, and scan_stem strips. A DICOM series is a folder; the
+# data halves (.raw, .zraw, .img) are read through their headers.
+SCAN_SUFFIXES = (".nii.gz", ".mhd", ".mha", ".nrrd", ".nhdr", ".nii", ".hdr", ".npy")
+
+
+def is_scan_name(path: str | os.PathLike) -> bool:
+    """The file name ends in a scan suffix (case-insensitive)."""
+    return Path(path).name.lower().endswith(SCAN_SUFFIXES)
+
+
+def scan_stem(path: str | os.PathLike) -> str:
+    """A scan's name without its format suffix ("lung.nii.gz" -> "lung", "a.b.mhd" -> "a.b");
+    a DICOM folder's name as it is."""
+    name = Path(path).name
+    for suffix in SCAN_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
 
 def read_mhd_header(path: Path) -> tuple[dict[str, str], int]:
     """(key -> value, byte offset just after the ElementDataFile line = LOCAL data start)."""

@@ -44,6 +44,7 @@ from utils.equalizer import HistEqualizer
 from utils.errors import (CoordinateError, MitsError, ModelFileError, ScanFormatError, UnsafeFileError,
                           UsageError)
 from utils.resample import resample_exact, scale_published, scaled_shape
+from utils.scan import check_coord, check_min_size
 
 CUBE = np.array([32, 32, 32])             # z, y, x voxels at 1 mm
 MASK = (slice(6, 26),) * 3                # in-painting region, config mask_{z,y,x}lims
@@ -111,6 +112,14 @@ def fix_overflow(cube: np.ndarray) -> np.ndarray:
 
 def _fmt(v: float) -> str:
     return repr(float(v))
+
+
+def check_cube_fits(shape, spacing, path="the scan") -> None:
+    """CT-GAN cuts a 32 mm cube (CUBE voxels at 1 mm) around the location and pads what lies
+    outside the scan: a scan thinner than that cube along any axis (2 slices, 1 x 1 pixels)
+    would be tampered mostly in padding, so it is refused (docs/safety.md#what-a-scan-may-be)."""
+    cut = scaled_shape(CUBE, 1.0 / np.asarray(spacing, dtype=np.float64).reshape(3))
+    check_min_size(shape, cut, path, "CT-GAN's tamper", "its 32 mm cube must fit inside the scan")
 
 
 def published_shape_error(spacing) -> str | None:
@@ -308,6 +317,7 @@ class ScanManipulator:
         spacing = np.asarray(spacing, dtype=np.float64).reshape(3)
         if not np.all(spacing > 0):
             raise ScanFormatError(f"invalid voxel spacing {spacing.tolist()} mm")
+        check_cube_fits(vol.shape, spacing)
         if not np.issubdtype(vol.dtype, np.floating):  # pasting blends into ints would truncate
             raise UsageError(f"tamper_volume needs a float HU volume, got {vol.dtype}")
         model = self.model(action)
@@ -483,18 +493,3 @@ def gaussian_noise(local_sample: np.ndarray, ref_shape, action: str,
 def _check_action(action):
     if action not in ACTIONS:
         raise UsageError(f"unknown action {action!r}; choose inject or remove")
-
-
-def check_coord(coord_vox, vol_shape) -> np.ndarray:
-    """Validate a voxel coordinate (z, y, x floats) against the volume; return it as ints
-    (truncated, as CT-GAN's cutCube does)."""
-    c = np.asarray(coord_vox, dtype=np.float64).reshape(-1)
-    if c.shape != (3,) or not np.all(np.isfinite(c)):
-        raise CoordinateError(f"coordinate must be 3 finite numbers z,y,x, got {np.asarray(coord_vox).tolist()}")
-    shape = np.asarray(vol_shape[:3])
-    if np.any(c < 0) or np.any(c >= shape):
-        shown = ",".join(f"{v:g}" for v in c)
-        raise CoordinateError(f"voxel coordinate (z,y,x)=({shown}) is outside the scan of shape "
-                              f"(z,y,x)={tuple(int(s) for s in shape)}")
-    # Truncate like cutCube, but forgive float noise from world->voxel (29.9999999 is voxel 30).
-    return np.minimum(np.floor(c + 1e-6), shape - 1).astype(np.int64)

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from procedures.attacker.pipeline import (CUBE, G_NAMES, KERNEL_SIGMA, REF_SCALE, SUBDIR, AttackShapeError,
-                                        CTGANModel, ScanManipulator, _check_action, check_coord, kern01,
+                                        CTGANModel, ScanManipulator, _check_action, check_coord,
+                                        check_cube_fits, kern01,
                                         noise_block_center, published_shape_error)
 from procedures.attacker.port import DifferentiableTamper, from_keras_h5
 from utils.cubes import cube_bounds
@@ -92,6 +93,7 @@ class TorchScanManipulator(ScanManipulator):
         spacing = np.asarray(spacing, dtype=np.float64).reshape(3)
         if not np.all(spacing > 0):
             raise ScanFormatError(f"invalid voxel spacing {spacing.tolist()} mm")
+        check_cube_fits(tuple(vol.shape), spacing)
         is_float = vol.dtype.is_floating_point if isinstance(vol, torch.Tensor) else np.issubdtype(vol.dtype, np.floating)
         if not is_float:  # pasting blends into ints would truncate
             raise UsageError(f"tamper_volume needs a float HU volume, got {vol.dtype}")

@@ -24,8 +24,10 @@ from generator import build_generator
 from scanDataset import VolumeItem
 from utils.checkpoint import load_checkpoint
 from utils.device import torch_dtype
-from utils.errors import ModelFileError, UsageError
+from utils.errors import ModelFileError, ScanFormatError, UsageError
+from utils.scan import check_min_size
 from utils.scan_io import Scan, save_dicom_series, save_mhd
+from utils.scan_paths import scan_stem
 
 
 def slab_starts(depth: int, slab: int) -> list[int]:
@@ -36,6 +38,20 @@ def slab_starts(depth: int, slab: int) -> list[int]:
     if starts[-1] + slab < depth:
         starts.append(depth - slab)
     return starts
+
+
+def check_generator_fits(G: torch.nn.Module, slab: int, hu: np.ndarray, path="the scan") -> None:
+    """Refuse a volume the generator cannot protect, before any work: fewer slices than a slab,
+    slices smaller than the U-Net's bottleneck factor (2^depth: below it the deepest layers see
+    padding only), or a volume of one value (the output is kept within the scan's own value
+    range, so nothing could change). docs/safety.md#what-a-scan-may-be."""
+    depth = int(getattr(G, "depth", 0) or 0)
+    side = 2 ** depth
+    why = f"it protects slabs of {slab} slices" + (f" of at least {side} x {side} pixels" if depth else "")
+    check_min_size(hu.shape, (slab, side, side), path, "the generator", why)
+    if hu.size and np.min(hu) == np.max(hu):
+        raise ScanFormatError(f"{path}: every voxel is {float(np.min(hu)):g} HU; the generator keeps "
+                              f"values within the scan's own range, so nothing could be protected")
 
 
 def slabs_meeting(depth: int, slab: int, z_lo: int, z_hi: int) -> list[int]:
@@ -199,6 +215,7 @@ def protect_hu(G: torch.nn.Module, hu: np.ndarray, cfg, device, *, hu_min: float
     of (seed, first slice). Speed options: `batch` slabs per generator call; `amp`
     'bf16'/'fp16' autocast of G (its output is mapped to HU in float64); `channels_last`
     converts G (in place) and its inputs to NHWC."""
+    check_generator_fits(G, cfg.slab, hu)
     G.eval()
     device = torch.device(device)
     lo, hi = value_range(hu, hu_min, hu_max)
@@ -271,15 +288,6 @@ def protected_scan(src: VolumeItem | Scan, protected_hu: np.ndarray) -> Scan:
     return Scan(hu=hu, spacing=src.spacing.copy(), origin=src.origin.copy(),
                 direction=src.direction.copy(), source_path=None,
                 dicom_headers=src.dicom_headers)
-
-
-def scan_stem(path) -> str:
-    """A scan's name without its format suffix (a DICOM folder's name as it is)."""
-    name = Path(path).name
-    for suffix in (".nii.gz", ".mhd", ".mha", ".nrrd", ".nii", ".npy"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def export_protected(item: VolumeItem, protected_hu: np.ndarray, out_dir) -> list[Path]:

@@ -35,6 +35,7 @@ import torch
 
 from utils.cubes import cube_bounds
 from utils.errors import CoordinateError, InputFileError, UsageError
+from utils.scan import check_coord
 
 
 @dataclass
@@ -115,19 +116,17 @@ def targets_for_scan(rows: list[dict], scan, name: str | None, *, strict: bool =
     """Voxel centres (z, y, x ints, truncated like CT-GAN's cut) of the rows for scan `name`
     (rows without a filename apply to every scan). strict: a target outside the scan is a
     CoordinateError; else it is skipped."""
-    shape = np.asarray(scan.hu.shape)
     out = []
     for r in rows:
         if name is not None and r["filename"] and Path(r["filename"]).name != Path(name).name:
             continue
         c = scan.world2vox(r["zyx"]) if r["world"] else r["zyx"]
-        if np.any(c < 0) or np.any(c >= shape):
-            if not strict:
-                continue
-            shown = ",".join(f"{v:g}" for v in r["zyx"])
-            raise CoordinateError(f"target ({shown}){' (world mm)' if r['world'] else ''} is outside "
-                                  f"the scan of shape (z,y,x)={tuple(int(s) for s in shape)}")
-        out.append(tuple(int(v) for v in np.minimum(np.floor(c + 1e-6), shape - 1)))
+        try:
+            out.append(tuple(int(v) for v in check_coord(c, scan.hu.shape)))
+        except CoordinateError as e:
+            if strict:
+                shown = ",".join(f"{v:g}" for v in r["zyx"])
+                raise CoordinateError(f"target ({shown}){' (world mm)' if r['world'] else ''}: {e}") from None
     if strict and not out:
         raise InputFileError(f"no target for {name} in the targets CSV")
     return out
@@ -247,6 +246,9 @@ def protect_scan_targets(scan, centres, out: np.ndarray, *, models, eps: float, 
     `out` with the signs background (background "signs"; None keeps `out`). Returns the info."""
     s = TargetSettings(eps=eps, steps=steps, seed=seed,
                        background="none" if background_name is None else "signs").validate()
+    from procedures.attacker.pipeline import check_cube_fits  # lazy: SciPy, as load_attacker
+
+    check_cube_fits(scan.hu.shape, scan.spacing, scan.source_path or "the scan")
     dt = load_attacker(models)
     if background_name is not None:
         hu = scan.hu.astype(np.float32)  # integer signs (a fractional eps rounds toward 0): <= eps stored
