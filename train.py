@@ -299,12 +299,17 @@ def resolve_config(argv) -> tuple[object, dict | None, Path | None]:
     """(config, checkpoint state or None, its path). A resumed run's identity comes from its
     checkpoint; only where and how long it runs (RESUMABLE_OVERRIDES) may change."""
     given = config_mod.given_flags(argv, description=__doc__)
-    cfg = config_mod.make_config(given.pop("preset", "paper"), **given)
+    cfg = config_mod.make_config(given.get("preset", "paper"),
+                                 **{k: v for k, v in given.items() if k != "preset"})
     resume = Path(cfg.out_dir) / "checkpoint.pt" if cfg.resume == "auto" else (Path(cfg.resume) if cfg.resume else None)
     if resume is None or (cfg.resume == "auto" and not resume.exists()):
         return cfg, None, None
     state = load_checkpoint(resume)
     saved = config_mod.checkpoint_config(state, resume)
+    for name, value in given.items():  # a changed network or training flag is not silently ignored
+        if name not in config_mod.RESUMABLE_OVERRIDES and value != getattr(saved, name):
+            raise ModelFileError(f"{resume}: --{name} {value} differs from the checkpoint's {getattr(saved, name)}; "
+                                 f"a resumed run keeps what it trains (start a new run to change it)")
     for name in config_mod.RESUMABLE_OVERRIDES:
         if name in given or name in ("out_dir", "resume"):
             setattr(saved, name, getattr(cfg, name))

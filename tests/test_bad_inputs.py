@@ -435,7 +435,8 @@ def test_gui_actions_that_fail_keep_the_viewer_running(empty_models, tmp_path, c
     from procedures.attacker.pipeline import ScanManipulator
 
     (tmp_path / "a_file").write_text("x")
-    v = GUI.Viewer(phantom_scan(), ScanManipulator(empty_models), tmp_path / "a_file" / "saved")
+    # 35 x 34 x 34 mm: CT-GAN's 32 mm cube fits, so the click reaches the missing model
+    v = GUI.Viewer(phantom_scan(shape=(14, 48, 48)), ScanManipulator(empty_models), tmp_path / "a_file" / "saved")
     v.build()
     before = tree(tmp_path)
     capfd.readouterr()

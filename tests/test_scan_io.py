@@ -356,9 +356,10 @@ def test_dicom_error_several_series(tmp_path):
         for f in (tmp_path / sub).iterdir():
             shutil.copy(f, mixed / f"{sub}_{f.name}")
     uid_a = pydicom.dcmread(next((tmp_path / "a").iterdir())).SeriesInstanceUID
-    with pytest.raises(ScanFormatError, match=r"2 DICOM series.*first.*series_uid=") as e:
+    with pytest.raises(ScanFormatError, match=r"2 DICOM series.*series_uid=") as e:
         load_scan(mixed)
     assert uid_a in str(e.value) and "\n" not in str(e.value)
+    assert "first" not in str(e.value)  # SeriesDescription is free text: never quoted
     picked = load_scan(mixed, series_uid=uid_a)
     assert np.array_equal(picked.hu, scan.hu)
     with pytest.raises(ScanFormatError, match="no series 1.2.3"):
@@ -391,7 +392,7 @@ def test_dicom_error_not_ct(tmp_path):
     files = write_series(small_scan(shape=(4, 6, 6)), tmp_path / "s")
     for f in files:
         _edit(f, Modality="MR")
-    with pytest.raises(ScanFormatError, match="Modality is 'MR', not CT"):
+    with pytest.raises(ScanFormatError, match="Modality is not CT"):
         load_scan(tmp_path / "s")
 
 

@@ -80,9 +80,8 @@ class _Frame:
 
 
 def _series_label(ds) -> str:
-    uid = str(getattr(ds, "SeriesInstanceUID", "?"))
-    desc = str(getattr(ds, "SeriesDescription", "") or "").strip()
-    return f"{uid} ({desc})" if desc else uid
+    """A series by its UID only: SeriesDescription is free text and may hold patient data."""
+    return str(getattr(ds, "SeriesInstanceUID", "?"))
 
 
 def _floats(item, name, n, path, *, positive=False) -> np.ndarray:
@@ -93,7 +92,7 @@ def _floats(item, name, n, path, *, positive=False) -> np.ndarray:
         a = np.empty(0)
     if a.shape != (n,) or not np.isfinite(a).all() or (positive and (a <= 0).any()):
         need = "positive numbers" if positive else "finite numbers"
-        raise ScanFormatError(f"{path}: missing or bad {name} ({v!r}; {n} {need} are needed)")
+        raise ScanFormatError(f"{path}: missing or bad {name} ({n} {need} are needed)")
     return a
 
 
@@ -109,7 +108,7 @@ def _number(item, name, path, default, kind=float):
         x = None
     if x is None or not np.isfinite(x):
         need = "a finite number" if kind is float else "a whole number"
-        raise ScanFormatError(f"{path}: bad {name} ({str(v)[:40]!r}; {need} is needed)")
+        raise ScanFormatError(f"{path}: bad {name} ({need} is needed)")
     return x
 
 
@@ -121,8 +120,9 @@ def _rescale(item, path) -> tuple[float, float]:
     slope = _number(item, "RescaleSlope", path, 1.0)
     icpt = _number(item, "RescaleIntercept", path, 0.0)
     if slope == 0 or abs(slope) > _MAX_SLOPE or abs(icpt) > _MAX_INTERCEPT:
-        raise ScanFormatError(f"{path}: RescaleSlope {slope:g} / RescaleIntercept {icpt:g} cannot map "
-                              f"stored values to CT Hounsfield units")
+        raise ScanFormatError(f"{path}: RescaleSlope / RescaleIntercept cannot map stored values to CT "
+                              f"Hounsfield units (slope not 0, |slope| <= {_MAX_SLOPE:g}, "
+                              f"|intercept| <= {_MAX_INTERCEPT:g})")
     return slope, icpt
 
 
@@ -130,7 +130,7 @@ def _orientation(item, path) -> np.ndarray:
     iop = _floats(item, "ImageOrientationPatient", 6, path)
     row, col = iop[:3], iop[3:]
     if not (np.allclose([np.linalg.norm(row), np.linalg.norm(col)], 1.0, atol=1e-3) and abs(row @ col) < 1e-3):
-        raise ScanFormatError(f"{path}: ImageOrientationPatient {iop.tolist()} is not two orthogonal unit vectors")
+        raise ScanFormatError(f"{path}: ImageOrientationPatient is not two orthogonal unit vectors")
     return iop
 
 
@@ -229,13 +229,12 @@ def _frames(chosen: list, folder: Path) -> list[_Frame]:
     for p, ds in chosen:
         modality = str(getattr(ds, "Modality", "") or "")
         if modality != "CT":
-            raise ScanFormatError(f"{p}: Modality is '{modality or 'missing'}', not CT")
+            raise ScanFormatError(f"{p}: Modality is {'not CT' if modality else 'missing'}; a CT series is needed")
         for kw in ("Rows", "Columns"):
             if not isinstance(getattr(ds, kw, None), int) or getattr(ds, kw) < 1:
                 raise ScanFormatError(f"{p}: missing {kw}; not an image")
         if (ds.Rows, ds.Columns) != (ds0.Rows, ds0.Columns):
-            raise ScanFormatError(f"{p}: slice size {ds.Rows}x{ds.Columns} differs from {p0.name}'s "
-                                  f"{ds0.Rows}x{ds0.Columns}")
+            raise ScanFormatError(f"{p}: slice size (Rows, Columns) differs from {p0.name}'s")
     counts = [_int(ds, "NumberOfFrames", p, 1) for p, ds in chosen]
     if any(c < 1 for c in counts):
         raise ScanFormatError(f"{chosen[counts.index(min(counts))][0]}: NumberOfFrames must be >= 1")

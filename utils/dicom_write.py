@@ -90,14 +90,18 @@ _UNPAIRED = {"ABDOMEN", "CHEST", "HEAD", "PANCREAS", "PELVIS", "NECK", "HEART", 
 
 
 def _laterality(base) -> None:
-    """Laterality is type 2C: absent for a single organ or region (dciodvfy reports one on a
-    HEAD or PANCREAS series as an error, empty or not), present, possibly empty, otherwise."""
+    """Laterality (type 2C) is kept when the source says R or L. Otherwise it is left out: for
+    a single organ or region it must be absent (dciodvfy: an error, empty or not), and for a
+    paired or unknown body part an empty value is only a warning's worth of 'unknown'. Image
+    Laterality then says B (both sides), which satisfies the condition: an axial CT section
+    spans the width of the body (docs/safety.md#valid-private-dicom)."""
     part = str(getattr(base, "BodyPartExamined", "") or "").strip().upper()
-    if part in _UNPAIRED:
+    side = str(getattr(base, "Laterality", "") or "").strip().upper()
+    if part in _UNPAIRED or side not in ("R", "L"):
         if "Laterality" in base:
             del base.Laterality
-    elif "Laterality" not in base:
-        base.Laterality = ""
+    if part not in _UNPAIRED and side not in ("R", "L"):
+        base.ImageLaterality = "B"
 
 
 _SYNTHETIC = {"PatientName": "ANONYMOUS", "PatientID": "ANONYMOUS", "PatientSex": "O",
