@@ -83,6 +83,13 @@ def parse_coord(text: str) -> np.ndarray:
     return np.array([float(g) for g in m.groups()])
 
 
+def output_path(target: Path, dest: Path, fmt: str) -> Path:
+    """<dest>/<name>_tampered.mhd / .npy, or the DICOM folder <name>_tampered; <name> is the
+    scan's name without its format suffix (a DICOM folder's name as it is)."""
+    stem = target.name if target.is_dir() else scan_stem(target)
+    return dest / (f"{stem}_tampered" + {"dicom": "", "mhd": ".mhd", "numpy": ".npy"}[fmt])
+
+
 def _output_hu(tampered: np.ndarray, original_dtype) -> np.ndarray:
     """Integer scans stay integer on disk (CT HU are int16 on disk): round and clip."""
     if np.issubdtype(original_dtype, np.integer):
@@ -110,8 +117,7 @@ def main(argv=None) -> int:
     if dest.exists() and not dest.is_dir():
         raise OutputError(f"cannot write {dest}: exists and is not a folder")
     check_output_dir(dest)  # before any model is loaded or any tamper is done
-    stem = target.name if is_dicom else scan_stem(target)
-    out = dest / f"{stem}_tampered" if fmt == "dicom" else dest / f"{stem}_tampered.{'mhd' if fmt == 'mhd' else 'npy'}"
+    out = output_path(target, dest, fmt)
     refuse_overwrite(out, target)  # not over any file the input reads, not inside its folder
 
     # All coordinates are checked before any model is loaded or anything is written.

@@ -26,11 +26,12 @@ import pydicom  # noqa: E402
 import pytest  # noqa: E402
 
 import evaluate  # noqa: E402
+import GUI  # noqa: E402
 import protect  # noqa: E402
 import tamper  # noqa: E402
 import train  # noqa: E402
 from conftest import ROOT, make_phantom  # noqa: E402
-from helpers import SHAPE, assert_refused, call, phantom_scan, tree  # noqa: E402
+from helpers import SHAPE, Ctx, assert_refused, call, phantom_scan, tree  # noqa: E402
 from scanDataset import SCAN_SUFFIXES  # noqa: E402
 from entry_points import (FILE_ENTRIES, FOLDER_ENTRIES, _ctx, _edit_dicom, _edit_header,  # noqa: E402
                           _entry_param, _mhd, _series)
@@ -193,6 +194,17 @@ def _dicom_raw_value(tag: str, keyword: str, value: bytes):
     return build
 
 
+def _npy_values(name: str, values: np.ndarray):
+    def build(d):
+        p = d / f"{name}.npy"
+        np.save(p, values)
+        return p
+    return build
+
+
+_MASK = make_phantom(SHAPE) > -500  # a lung-style mask: true/false, not HU
+
+
 def symlink_loop(d):
     p = d / "loop.mhd"
     p.symlink_to(d / "loop2.mhd")
@@ -242,6 +254,16 @@ HOSTILE: dict[str, tuple[Callable, int]] = {
     "dicom_orientation_not_unit": (_dicom_edit("iop", ImageOrientationPatient=[2, 0, 0, 0, 0.5, 0]), 4),
     "dicom_huge_rows": (_dicom_edit("rows", Rows=60000, Columns=60000), 4),
     "symlink_loop": (symlink_loop, 3),
+    # geometry a CT cannot have (docs/safety.md#geometry-and-content), content that is not HU
+    "mhd_spacing_huge": (lambda d: _edit_header(_mhd(d, "huge.mhd"), "ElementSpacing", "1e300 0.7 2.5"), 4),
+    "mhd_spacing_tiny": (lambda d: _edit_header(_mhd(d, "tiny.mhd"), "ElementSpacing", "0.7 0.7 1e-9"), 4),
+    "mhd_origin_nan": (lambda d: _edit_header(_mhd(d, "origin.mhd"), "Offset", "nan 0 inf"), 4),
+    "mhd_direction_nan": (lambda d: _edit_header(_mhd(d, "dirnan.mhd"), "TransformMatrix", "nan 0 0 0 1 0 0 0 1"), 4),
+    "sidecar_spacing_huge": (_npy_sidecar({"spacing_zyx": [1e300, 0.7, 0.7]}), 4),
+    "dicom_spacing_huge": (_dicom_edit("psp_huge", PixelSpacing=[1e6, 1e6]), 4),
+    "npy_bool": (_npy_values("mask_bool", _MASK), 4),
+    "npy_mask_01": (_npy_values("mask_01", _MASK.astype(np.uint8)), 4),
+    "npy_normalised": (_npy_values("unit", (make_phantom(SHAPE) + 1024.0) / 4096.0), 4),
 }
 
 
@@ -409,7 +431,7 @@ def test_protect_bad_output_link_and_device(flag, ckpt, tmp_path, capfd):
 
 
 def test_tamper_models_symlink_loop(tmp_path, capfd):
-    scan = _mhd(tmp_path, "chest.mhd")
+    scan = _mhd(tmp_path, "chest.mhd", shape=(14, 48, 48))  # CT-GAN's 32 mm cube fits
     loop = tmp_path / "models"
     loop.symlink_to(loop)
     before = tree(tmp_path)
@@ -629,3 +651,222 @@ def test_enhanced_ct_broken_or_mixed(tmp_path):
     if dicomdir is not None:
         shutil.copy(dicomdir, series / "DICOMDIR")
         assert load_scan(series).hu.shape == SHAPE
+
+
+# ==============================================================================================
+# each operation's minimum size, one-slice volumes, resumed runs, quoted header values
+# ==============================================================================================
+def _scan_file(d: Path, shape, spacing=(2.5, 0.7, 0.7), hu=None, name="small.mhd") -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    vol = make_phantom(shape) if hu is None else hu
+    save_mhd(Scan(vol, spacing, (0.0, 0.0, 0.0)), d / name)
+    return d / name
+
+
+# (entry, shape, argv after the scan's own, what the line names); the refusals of
+# docs/safety.md#what-a-scan-may-be: the generator's slabs and slice size, CT-GAN's 32 mm cube.
+_TOO_SMALL = {
+    "protect-4x1x1": ("protect", (4, 1, 1), "generator"),
+    "protect-4x8x8": ("protect", (4, 8, 8), "generator"),
+    "protect-2-slices": ("protect", (2, 48, 48), "generator"),
+    "protect-targets-2-slices": ("protect-targets", (2, 48, 48), "CT-GAN's tamper"),
+    "tamper-2-slices": ("tamper", (2, 48, 48), "CT-GAN's tamper"),
+    "tamper-1x1-pixels": ("tamper", (20, 1, 1), "CT-GAN's tamper"),
+    "GUI-2-slices": ("GUI", (2, 48, 48), "CT-GAN's tamper"),
+    "train-2-slices": ("train", (2, 48, 48), "training"),
+}
+
+
+@pytest.mark.parametrize("case", list(_TOO_SMALL))
+def test_too_small_for_the_operation(case, ckpt, empty_models, tmp_path, capfd):
+    """4 x 1 x 1, 4 x 8 x 8 or 2 slices: the operation that cannot work on it refuses it in one
+    line that names the operation and its minimum; nothing is written."""
+    entry, shape, names = _TOO_SMALL[case]
+    scan = _scan_file(tmp_path / "in", shape)
+    out = tmp_path / "out"
+    if entry == "train":
+        _scan_file(tmp_path / "in", (24, 48, 48), name="big.mhd")
+        c = Ctx(tmp_path, empty_models=empty_models)
+        main, argv = train.main, FOLDER_ENTRIES["train"][1](scan.parent, out, c)
+    elif entry.startswith("protect"):
+        targets = tmp_path / "t.csv"
+        targets.write_text("z,y,x\n1,0,0\n")
+        main = protect.main
+        argv = [scan, "-o", out, "--no-progress", "--models", empty_models] + (
+            ["--targets", targets] if entry == "protect-targets" else ["-c", ckpt])
+    elif entry == "tamper":
+        main, argv = tamper.main, ["-t", scan, "-d", out, "-a", "inject", "-c", "1,0,0", "--models", empty_models]
+    else:
+        main, argv = GUI.main, ["--scan", scan, "--models", empty_models, "--out", out]
+    before = tree(tmp_path)
+    res = call(main, argv, capfd)
+    assert_refused(res, ScanFormatError.exit_code, ("too small",), tmp_path, before)
+    assert names in res.err and "small.mhd" in res.err, res.err
+
+
+def test_constant_volume_is_refused_by_the_generator(ckpt, tmp_path, capfd):
+    """One value everywhere: the generator keeps values in the scan's range, so '0% changed'
+    would be a lie; refused instead."""
+    scan = _scan_file(tmp_path / "in", (8, 48, 48), hu=np.full((8, 48, 48), -1000, np.int16))
+    before = tree(tmp_path)
+    res = call(protect.main, [scan, "-c", ckpt, "-o", tmp_path / "out", "--no-progress"], capfd)
+    assert_refused(res, ScanFormatError.exit_code, ("every voxel is -1000 HU",), tmp_path, before)
+
+
+@pytest.mark.parametrize("fmt", ["mhd", "npy", "dicom"])
+def test_one_slice_is_a_volume_for_the_readers(fmt, ckpt, tmp_path, capfd):
+    """A series of one slice reads as a (1, y, x) volume with its geometry in every format; the
+    signs baseline changes each of its voxels; the generator refuses it by its slab size."""
+    from procedures.protection.targeted import TargetSettings, background
+    from utils.scan_io import save_numpy
+
+    scan = phantom_scan(shape=(1, 48, 48))
+    p = tmp_path / "in" / ("one" if fmt == "dicom" else f"one.{fmt}")
+    p.parent.mkdir()
+    {"mhd": save_mhd, "npy": save_numpy, "dicom": save_dicom_series}[fmt](scan, p)
+    back = load_scan(p)
+    assert back.shape == (1, 48, 48)
+    np.testing.assert_array_equal(back.hu, scan.hu)
+    np.testing.assert_allclose(back.spacing, scan.spacing, rtol=1e-6)
+    np.testing.assert_allclose(back.origin, scan.origin, atol=1e-6)
+    signs = background(back.hu, TargetSettings(eps=3.0), p.name)
+    np.testing.assert_array_equal(np.abs(signs - back.hu), 3.0)
+    before = tree(tmp_path)
+    res = call(protect.main, [p, "-c", ckpt, "-o", tmp_path / "out", "--no-progress"], capfd)
+    assert_refused(res, ScanFormatError.exit_code, ("slabs of 4",), tmp_path, before)
+
+
+def test_one_slice_dicom_without_thickness_is_refused(tmp_path):
+    p, files = _series(tmp_path, "one", shape=(1, 8, 8))
+    _edit_dicom(files[0], SliceThickness=None)
+    with pytest.raises(ScanFormatError, match="one slice without SliceThickness"):
+        load_scan(p)
+
+
+def test_two_frame_enhanced_ct_reads_and_the_generator_says_why(ckpt, tmp_path, capfd):
+    from pydicom.data import get_testdata_file
+
+    src = get_testdata_file("eCT_Supplemental.dcm")
+    if src is None:
+        pytest.skip("eCT_Supplemental.dcm not installed (pip install pydicom-data)")
+    folder = tmp_path / "in" / "enhanced"
+    folder.mkdir(parents=True)
+    shutil.copy(src, folder / "eCT.dcm")
+    assert load_scan(folder).shape == (2, 512, 512)
+    before = tree(tmp_path)
+    res = call(protect.main, [folder, "-c", ckpt, "-o", tmp_path / "out", "--no-progress"], capfd)
+    assert_refused(res, ScanFormatError.exit_code, ("slabs of 4",), tmp_path, before)
+
+
+def test_resume_refuses_a_changed_network_flag(ckpt, tmp_path, capfd):
+    """--g_width 8 on a width-4 checkpoint: one line naming the flag and both values."""
+    before = tree(tmp_path)
+    res = call(train.main, ["--resume", ckpt, "--out_dir", tmp_path / "run", "--g_width", "8",
+                            "--progress", "false"], capfd)
+    assert_refused(res, 6, ("--g_width 8 differs from the checkpoint's 4",), tmp_path, before)
+
+
+# Every attribute a DICOM reader parses and could quote, set to a patient-like string.
+_PLANTED = "SECRETNAME"
+_QUOTED = ["PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient", "RescaleSlope",
+           "RescaleIntercept", "NumberOfFrames", "Modality", "SliceThickness", "SpacingBetweenSlices",
+           "SeriesDescription"]
+
+
+def _planted_series(d: Path, keyword: str) -> Path:
+    """A series whose `keyword` holds the planted text (raw bytes: pydicom would refuse it).
+    SliceThickness and SpacingBetweenSlices are read for a series of one slice only; a series
+    description is quoted only when two series share the folder."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+    one = keyword in ("SliceThickness", "SpacingBetweenSlices")
+    p, files = _series(d, "series", shape=(1, 8, 8) if one else SHAPE)
+    if keyword == "SeriesDescription":
+        _series(d, "other", seed=1, desc=_PLANTED)
+        for f in (d / "other").iterdir():
+            shutil.move(f, p / f"b_{f.name}")
+        return p
+    t = tag_for_keyword(keyword)
+    raw = ((_PLANTED + "\\1") if keyword == "PixelSpacing" else _PLANTED).encode()  # even lengths
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds[t] = RawDataElement(pydicom.tag.Tag(t), dictionary_VR(t), len(raw), raw, 0, False, True)
+        if keyword == "SliceThickness" and "SpacingBetweenSlices" in ds:
+            del ds.SpacingBetweenSlices
+        ds.save_as(f, enforce_file_format=True)
+    return p
+
+
+@pytest.mark.parametrize("keyword", _QUOTED)
+@pytest.mark.parametrize("entry", ["protect", "tamper", "GUI"])
+def test_errors_never_quote_dicom_header_values(entry, keyword, request, tmp_path, capfd):
+    """Whatever the attribute, an error names it and the file, never its text."""
+    c = _ctx(request, tmp_path, entry)
+    d = tmp_path / "in"
+    d.mkdir()
+    series = _planted_series(d, keyword)
+    main, argv = FILE_ENTRIES[entry]
+    res = call(main, argv(series, tmp_path / "out", c), capfd)
+    assert res.exc is None, res.exc
+    assert _PLANTED not in res.out + res.err + "".join(res.warned), res.err
+    assert res.rc != 0 and res.err.startswith("error: "), res.err
+
+
+@pytest.mark.parametrize("part", [None, "", "CHEST", "HEAD", "LUNG", "KNEE", "NOT_A_PART"])
+@pytest.mark.parametrize("side", [None, "", "L"])
+def test_written_dicom_laterality_is_dciodvfy_clean(part, side, tmp_path):
+    """Whatever the source says (or not) about the body part and its side, dciodvfy reports
+    nothing about Laterality; a side the source states is kept, unless the part is unpaired."""
+    from pydicom.dataset import Dataset
+
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy (dicom3tools) not installed")
+    src = Dataset()
+    src.PatientName, src.PatientID = "TEST^SIDE", "S1"
+    for kw, v in (("BodyPartExamined", part), ("Laterality", side)):
+        if v is not None:
+            setattr(src, kw, v)
+    out = save_dicom_series(phantom_scan(shape=(2, 8, 8), dicom_headers=[src]), tmp_path / "out")
+    first = sorted(out.iterdir())[0]
+    res = subprocess.run(["dciodvfy", "-new", str(first)], capture_output=True, text=True, timeout=120)
+    said = [ln for ln in (res.stdout + res.stderr).splitlines() if "aterality" in ln]
+    assert said == [], said
+    written = pydicom.dcmread(first)
+    assert written.get("Laterality") == ("L" if side == "L" and part not in ("CHEST", "HEAD") else None)
+
+
+def test_one_coordinate_check_for_tamper_and_targets():
+    """tamper/GUI (check_coord) and --targets (targets_for_scan) accept and truncate the same
+    voxels and refuse the same ones."""
+    from procedures.protection.targeted import targets_for_scan
+    from utils.errors import CoordinateError
+    from utils.scan import check_coord
+
+    scan = phantom_scan()
+    for zyx in [(0, 0, 0), (11.9999999, 39.5, 0.2), (5.5, 20.0, 39.99)]:
+        rows = [{"filename": None, "zyx": np.array(zyx, float), "world": False}]
+        assert targets_for_scan(rows, scan, "a.mhd") == [tuple(int(v) for v in check_coord(zyx, scan.shape))]
+    for zyx in [(12, 0, 0), (-0.01, 3, 3), (0, 40, 0)]:
+        rows = [{"filename": None, "zyx": np.array(zyx, float), "world": False}]
+        with pytest.raises(CoordinateError, match="outside the scan"):
+            check_coord(zyx, scan.shape)
+        with pytest.raises(CoordinateError, match="outside the scan"):
+            targets_for_scan(rows, scan, "a.mhd")
+        assert targets_for_scan(rows, scan, "a.mhd", strict=False) == []
+
+
+def test_one_list_of_scan_suffixes(tmp_path):
+    """Every scan suffix is read, listed in a data folder and stripped from output names alike:
+    'chest.v2.mhd' is tampered as 'chest.v2_tampered.mhd', not 'chest_tampered.mhd'."""
+    from scanDataset import list_scans
+    from utils.metaimage_io import SITK_SUFFIXES
+    from utils.scan_paths import scan_stem
+
+    assert set(SCAN_SUFFIXES) - {".npy"} <= set(SITK_SUFFIXES)
+    for suffix in SCAN_SUFFIXES:
+        assert scan_stem(f"chest.v2{suffix.upper()}") == "chest.v2"
+        (tmp_path / f"s{suffix}").write_bytes(b"x")
+    assert sorted(p.name for p in list_scans(tmp_path)) == sorted(f"s{s}" for s in SCAN_SUFFIXES)
+    assert tamper.output_path(Path("in/chest.v2.mhd"), Path("o"), "mhd") == Path("o/chest.v2_tampered.mhd")
+    assert tamper.output_path(Path("in/a.nii.gz"), Path("o"), "numpy") == Path("o/a_tampered.npy")

@@ -243,16 +243,28 @@ def _frames(chosen: list, folder: Path) -> list[_Frame]:
             raise ScanFormatError(f"{folder}: a series of {len(chosen)} files, some with several frames; "
                                   f"one Enhanced CT file or one file per slice is supported")
         return _enhanced_frames(p0, ds0, counts[0])
-    if len(chosen) < 2:
-        raise ScanFormatError(f"{folder}: the series has one slice (2-D image), a 3-D CT volume is needed")
     return _classic_frames(chosen)
 
 
-def _stack(frames: list[_Frame], folder: Path):
+def _lone_spacing(ds, path) -> float:
+    """The slice spacing of a series of one slice, which no second position gives:
+    SpacingBetweenSlices, else SliceThickness."""
+    for name in ("SpacingBetweenSlices", "SliceThickness"):
+        dz = _number(ds, name, path, None)
+        if dz is not None and dz > 0:
+            return float(dz)
+    raise ScanFormatError(f"{path}: a series of one slice without SliceThickness or SpacingBetweenSlices "
+                          f"(its slice spacing is unknown)")
+
+
+def _stack(frames: list[_Frame], folder: Path, ds0=None):
     """Frames sorted along the slice normal; (frames, slice vector, first position).
-    Missing, duplicate or unevenly spaced slices are errors."""
+    Missing, duplicate or unevenly spaced slices are errors. One slice is a volume of one slice
+    along the normal of its plane (`ds0`: its header, for the spacing)."""
     f0 = frames[0]
     normal = np.cross(f0.iop[:3], f0.iop[3:])
+    if len(frames) == 1:
+        return frames, normal * _lone_spacing(ds0, folder), f0.ipp
     for f in frames:
         where = f.path if f.index is None else f"{f.path} (frame {f.index + 1})"
         if not np.allclose(f.iop, f0.iop, atol=1e-4):
@@ -367,8 +379,9 @@ def load_dicom(path: Path, series_uid: str | None = None) -> Scan:
         except Exception as e:  # noqa: BLE001 - any parse failure of a file we only sniffed
             raise ScanFormatError(f"{path}: unreadable DICOM file ({str(e).splitlines()[0][:200]})") from None
         if _int(chosen[0][1], "NumberOfFrames", path, 1) < 2:
-            raise ScanFormatError(f"{path}: is a single DICOM file (2-D image); pass the folder holding the whole series")
-    frames, vec, ipp0 = _stack(_frames(chosen, path), path)
+            raise ScanFormatError(f"{path}: is a single DICOM file of one slice; pass the folder holding the "
+                                  f"whole series")
+    frames, vec, ipp0 = _stack(_frames(chosen, path), path, chosen[0][1])
     ds0 = chosen[0][1]
     rows, cols = int(ds0.Rows), int(ds0.Columns)
     check_memory(len(frames) * rows * cols, max(_int(ds0, "BitsAllocated", path, 16) // 8, 1) + 8, path)

@@ -89,7 +89,7 @@ def load_sitk(path: Path) -> Scan:
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise ScanFormatError(f"{path}: has {img.GetNumberOfComponentsPerPixel()} values per voxel; a CT scan has one")
     dim = img.GetDimension()
-    if dim == 2 or (dim == 3 and img.GetSize()[2] == 1):
+    if dim == 2:  # no slice axis, no slice spacing: a 3-D file of one slice is a volume
         raise ScanFormatError(f"{path}: is a 2-D image (size {img.GetSize()}), a 3-D CT volume is needed")
     if dim != 3:
         raise ScanFormatError(f"{path}: is a {dim}-D image, a 3-D CT volume is needed")

@@ -103,8 +103,8 @@ def _dims(path: Path, text: str, what: str) -> list[int]:
         raise ScanFormatError(f"{path}: bad {what} '{text}'") from None
     if not dims or any(d < 1 for d in dims):
         raise ScanFormatError(f"{path}: bad {what} '{text}' (sizes must be positive)")
-    if len(dims) == 2 or (len(dims) == 3 and dims[2] == 1):
-        raise ScanFormatError(f"{path}: is a 2-D image ({what} {text}), a 3-D CT volume is needed")
+    if len(dims) < 3:
+        raise ScanFormatError(f"{path}: is a {len(dims)}-D image ({what} {text}), a 3-D CT volume is needed")
     return dims
 
 
