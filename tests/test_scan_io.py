@@ -413,14 +413,18 @@ def test_dicom_error_compressed_without_decoder(tmp_path):
         load_scan(tmp_path / "s")
 
 
-def test_dicom_error_single_slice(tmp_path):
-    files = write_series(small_scan(shape=(3, 6, 6)), tmp_path / "s")
-    with pytest.raises(ScanFormatError, match="2-D"):
+def test_dicom_single_slice(tmp_path):
+    """One file of a series named directly is refused (the rest of the series is elsewhere);
+    a folder holding one slice is a volume of one slice (docs/safety.md#what-a-scan-may-be)."""
+    scan = small_scan(shape=(3, 6, 6))
+    files = write_series(scan, tmp_path / "s")
+    with pytest.raises(ScanFormatError, match="single DICOM file of one slice; pass the folder"):
         load_scan(files[0])
     for f in files[1:]:
         f.unlink()
-    with pytest.raises(ScanFormatError, match="2-D"):
-        load_scan(tmp_path / "s")
+    one = load_scan(tmp_path / "s")
+    assert one.shape == (1, 6, 6)
+    np.testing.assert_array_equal(one.hu[0], scan.hu[0])
 
 
 def test_dicom_error_nan_and_pixel_size(tmp_path):

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from utils.cubes import cut_cube
 from utils.equalizer import HistEqualizer
 from utils.errors import CoordinateError, InputFileError
+from utils.scan import check_coord
 from utils.resample import resample_exact, scale_published
 from utils.scan_io import load_scan
 
@@ -193,9 +194,10 @@ def build_training_set(csv_path, exact_resample: bool = True, progress: bool = T
         if scan is None:
             scan = cache[loc.path] = loader(loc.path)
         vox = scan.world2vox(loc.center) if loc.coord == "world" else loc.center
-        if not np.all((vox >= 0) & (vox < np.asarray(scan.shape))):
-            raise CoordinateError(f"{csv_path}: row {loc.row}: {loc.coord} ({', '.join(f'{v:g}' for v in loc.center)}) "
-                                  f"is outside {loc.path.name} (shape {scan.shape})")
+        try:
+            check_coord(vox, scan.shape)
+        except CoordinateError as e:
+            raise CoordinateError(f"{csv_path}: row {loc.row} ({loc.coord}, {loc.path.name}): {e}") from None
         parts.append(location_samples(scan.hu, scan.spacing, vox, exact_resample, integer_hu))
     samples = np.concatenate(parts)
     x, eq, norm = equalize_and_normalize(samples)
