@@ -39,7 +39,8 @@ def list_scans(folder, mhd_only: bool = False) -> list[Path]:
     except OSError as e:  # an unreadable sub-folder (mode 000) is one line, not a traceback
         raise InputFileError(f"{e.filename or folder}: cannot read ({e.strerror})") from None
     if not found:
-        raise InputFileError(f"{folder}: no scans ({', '.join(SCAN_SUFFIXES)} files or DICOM series folders)")
+        names = ", ".join(SCAN_SUFFIXES)
+        raise InputFileError(f"{folder}: no scans ({names} files or DICOM series folders)")
     return found
 
 

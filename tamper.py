@@ -105,7 +105,8 @@ def main(argv=None) -> int:
         return int(e.code or 0)
     coords = [parse_coord(c) for c in args.coord]
 
-    from procedures.attacker.pipeline import (AttackShapeError, check_cube_fits,  # lazy: fast --help
+    # lazy: SciPy and torch only after --help
+    from procedures.attacker.pipeline import (AttackShapeError, check_cube_fits,
                                               published_shape_error)
     from utils.scan import check_coord
 

@@ -308,8 +308,9 @@ def resolve_config(argv) -> tuple[object, dict | None, Path | None]:
     saved = config_mod.checkpoint_config(state, resume)
     for name, value in given.items():  # a changed network or training flag is not silently ignored
         if name not in config_mod.RESUMABLE_OVERRIDES and value != getattr(saved, name):
-            raise ModelFileError(f"{resume}: --{name} {value} differs from the checkpoint's {getattr(saved, name)}; "
-                                 f"a resumed run keeps what it trains (start a new run to change it)")
+            raise ModelFileError(f"{resume}: --{name} {value} differs from the checkpoint's "
+                                 f"{getattr(saved, name)}; a resumed run keeps what it trains "
+                                 f"(start a new run to change it)")
     for name in config_mod.RESUMABLE_OVERRIDES:
         if name in given or name in ("out_dir", "resume"):
             setattr(saved, name, getattr(cfg, name))

@@ -436,7 +436,8 @@ def test_gui_actions_that_fail_keep_the_viewer_running(empty_models, tmp_path, c
 
     (tmp_path / "a_file").write_text("x")
     # 35 x 34 x 34 mm: CT-GAN's 32 mm cube fits, so the click reaches the missing model
-    v = GUI.Viewer(phantom_scan(shape=(14, 48, 48)), ScanManipulator(empty_models), tmp_path / "a_file" / "saved")
+    v = GUI.Viewer(phantom_scan(shape=(14, 48, 48)), ScanManipulator(empty_models),
+                   tmp_path / "a_file" / "saved")
     v.build()
     before = tree(tmp_path)
     capfd.readouterr()

@@ -205,6 +205,10 @@ def _npy_values(name: str, values: np.ndarray):
 _MASK = make_phantom(SHAPE) > -500  # a lung-style mask: true/false, not HU
 
 
+def _mhd_edited(name: str, key: str, value: str):
+    return lambda d: _edit_header(_mhd(d, name), key, value)
+
+
 def symlink_loop(d):
     p = d / "loop.mhd"
     p.symlink_to(d / "loop2.mhd")
@@ -255,10 +259,10 @@ HOSTILE: dict[str, tuple[Callable, int]] = {
     "dicom_huge_rows": (_dicom_edit("rows", Rows=60000, Columns=60000), 4),
     "symlink_loop": (symlink_loop, 3),
     # geometry a CT cannot have (docs/safety.md#geometry-and-content), content that is not HU
-    "mhd_spacing_huge": (lambda d: _edit_header(_mhd(d, "huge.mhd"), "ElementSpacing", "1e300 0.7 2.5"), 4),
-    "mhd_spacing_tiny": (lambda d: _edit_header(_mhd(d, "tiny.mhd"), "ElementSpacing", "0.7 0.7 1e-9"), 4),
-    "mhd_origin_nan": (lambda d: _edit_header(_mhd(d, "origin.mhd"), "Offset", "nan 0 inf"), 4),
-    "mhd_direction_nan": (lambda d: _edit_header(_mhd(d, "dirnan.mhd"), "TransformMatrix", "nan 0 0 0 1 0 0 0 1"), 4),
+    "mhd_spacing_huge": (_mhd_edited("huge.mhd", "ElementSpacing", "1e300 0.7 2.5"), 4),
+    "mhd_spacing_tiny": (_mhd_edited("tiny.mhd", "ElementSpacing", "0.7 0.7 1e-9"), 4),
+    "mhd_origin_nan": (_mhd_edited("origin.mhd", "Offset", "nan 0 inf"), 4),
+    "mhd_direction_nan": (_mhd_edited("dirnan.mhd", "TransformMatrix", "nan 0 0 0 1 0 0 0 1"), 4),
     "sidecar_spacing_huge": (_npy_sidecar({"spacing_zyx": [1e300, 0.7, 0.7]}), 4),
     "dicom_spacing_huge": (_dicom_edit("psp_huge", PixelSpacing=[1e6, 1e6]), 4),
     "npy_bool": (_npy_values("mask_bool", _MASK), 4),
@@ -695,7 +699,8 @@ def test_too_small_for_the_operation(case, ckpt, empty_models, tmp_path, capfd):
         argv = [scan, "-o", out, "--no-progress", "--models", empty_models] + (
             ["--targets", targets] if entry == "protect-targets" else ["-c", ckpt])
     elif entry == "tamper":
-        main, argv = tamper.main, ["-t", scan, "-d", out, "-a", "inject", "-c", "1,0,0", "--models", empty_models]
+        main = tamper.main
+        argv = ["-t", scan, "-d", out, "-a", "inject", "-c", "1,0,0", "--models", empty_models]
     else:
         main, argv = GUI.main, ["--scan", scan, "--models", empty_models, "--out", out]
     before = tree(tmp_path)
@@ -769,8 +774,8 @@ def test_resume_refuses_a_changed_network_flag(ckpt, tmp_path, capfd):
 # Every attribute a DICOM reader parses and could quote, set to a patient-like string.
 _PLANTED = "SECRETNAME"
 _QUOTED = ["PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient", "RescaleSlope",
-           "RescaleIntercept", "NumberOfFrames", "Modality", "SliceThickness", "SpacingBetweenSlices",
-           "SeriesDescription"]
+           "RescaleIntercept", "NumberOfFrames", "Modality", "SliceThickness",
+           "SpacingBetweenSlices", "SeriesDescription"]
 
 
 def _planted_series(d: Path, keyword: str) -> Path:
@@ -829,11 +834,13 @@ def test_written_dicom_laterality_is_dciodvfy_clean(part, side, tmp_path):
             setattr(src, kw, v)
     out = save_dicom_series(phantom_scan(shape=(2, 8, 8), dicom_headers=[src]), tmp_path / "out")
     first = sorted(out.iterdir())[0]
-    res = subprocess.run(["dciodvfy", "-new", str(first)], capture_output=True, text=True, timeout=120)
+    res = subprocess.run(["dciodvfy", "-new", str(first)], capture_output=True, text=True,
+                         timeout=120)
     said = [ln for ln in (res.stdout + res.stderr).splitlines() if "aterality" in ln]
     assert said == [], said
     written = pydicom.dcmread(first)
-    assert written.get("Laterality") == ("L" if side == "L" and part not in ("CHEST", "HEAD") else None)
+    kept = side == "L" and part not in ("CHEST", "HEAD")
+    assert written.get("Laterality") == ("L" if kept else None)
 
 
 def test_one_coordinate_check_for_tamper_and_targets():
@@ -846,7 +853,8 @@ def test_one_coordinate_check_for_tamper_and_targets():
     scan = phantom_scan()
     for zyx in [(0, 0, 0), (11.9999999, 39.5, 0.2), (5.5, 20.0, 39.99)]:
         rows = [{"filename": None, "zyx": np.array(zyx, float), "world": False}]
-        assert targets_for_scan(rows, scan, "a.mhd") == [tuple(int(v) for v in check_coord(zyx, scan.shape))]
+        want = tuple(int(v) for v in check_coord(zyx, scan.shape))
+        assert targets_for_scan(rows, scan, "a.mhd") == [want]
     for zyx in [(12, 0, 0), (-0.01, 3, 3), (0, 40, 0)]:
         rows = [{"filename": None, "zyx": np.array(zyx, float), "world": False}]
         with pytest.raises(CoordinateError, match="outside the scan"):
@@ -868,5 +876,6 @@ def test_one_list_of_scan_suffixes(tmp_path):
         assert scan_stem(f"chest.v2{suffix.upper()}") == "chest.v2"
         (tmp_path / f"s{suffix}").write_bytes(b"x")
     assert sorted(p.name for p in list_scans(tmp_path)) == sorted(f"s{s}" for s in SCAN_SUFFIXES)
-    assert tamper.output_path(Path("in/chest.v2.mhd"), Path("o"), "mhd") == Path("o/chest.v2_tampered.mhd")
+    named = tamper.output_path(Path("in/chest.v2.mhd"), Path("o"), "mhd")
+    assert named == Path("o/chest.v2_tampered.mhd")
     assert tamper.output_path(Path("in/a.nii.gz"), Path("o"), "numpy") == Path("o/a_tampered.npy")

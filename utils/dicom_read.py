@@ -120,8 +120,8 @@ def _rescale(item, path) -> tuple[float, float]:
     slope = _number(item, "RescaleSlope", path, 1.0)
     icpt = _number(item, "RescaleIntercept", path, 0.0)
     if slope == 0 or abs(slope) > _MAX_SLOPE or abs(icpt) > _MAX_INTERCEPT:
-        raise ScanFormatError(f"{path}: RescaleSlope / RescaleIntercept cannot map stored values to CT "
-                              f"Hounsfield units (slope not 0, |slope| <= {_MAX_SLOPE:g}, "
+        raise ScanFormatError(f"{path}: RescaleSlope / RescaleIntercept cannot map stored values "
+                              f"to CT Hounsfield units (slope not 0, |slope| <= {_MAX_SLOPE:g}, "
                               f"|intercept| <= {_MAX_INTERCEPT:g})")
     return slope, icpt
 
@@ -229,7 +229,8 @@ def _frames(chosen: list, folder: Path) -> list[_Frame]:
     for p, ds in chosen:
         modality = str(getattr(ds, "Modality", "") or "")
         if modality != "CT":
-            raise ScanFormatError(f"{p}: Modality is {'not CT' if modality else 'missing'}; a CT series is needed")
+            what = "not CT" if modality else "missing"
+            raise ScanFormatError(f"{p}: Modality is {what}; a CT series is needed")
         for kw in ("Rows", "Columns"):
             if not isinstance(getattr(ds, kw, None), int) or getattr(ds, kw) < 1:
                 raise ScanFormatError(f"{p}: missing {kw}; not an image")
@@ -253,8 +254,8 @@ def _lone_spacing(ds, path) -> float:
         dz = _number(ds, name, path, None)
         if dz is not None and dz > 0:
             return float(dz)
-    raise ScanFormatError(f"{path}: a series of one slice without SliceThickness or SpacingBetweenSlices "
-                          f"(its slice spacing is unknown)")
+    raise ScanFormatError(f"{path}: a series of one slice without SliceThickness or "
+                          f"SpacingBetweenSlices (its slice spacing is unknown)")
 
 
 def _stack(frames: list[_Frame], folder: Path, ds0=None):
@@ -379,8 +380,8 @@ def load_dicom(path: Path, series_uid: str | None = None) -> Scan:
         except Exception as e:  # noqa: BLE001 - any parse failure of a file we only sniffed
             raise ScanFormatError(f"{path}: unreadable DICOM file ({str(e).splitlines()[0][:200]})") from None
         if _int(chosen[0][1], "NumberOfFrames", path, 1) < 2:
-            raise ScanFormatError(f"{path}: is a single DICOM file of one slice; pass the folder holding the "
-                                  f"whole series")
+            raise ScanFormatError(f"{path}: is a single DICOM file of one slice; pass the folder "
+                                  f"holding the whole series")
     frames, vec, ipp0 = _stack(_frames(chosen, path), path, chosen[0][1])
     ds0 = chosen[0][1]
     rows, cols = int(ds0.Rows), int(ds0.Columns)

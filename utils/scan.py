@@ -133,8 +133,10 @@ def check_geometry(spacing, origin, direction, path) -> None:
     if sp.shape != (3,) or not np.isfinite(sp).all() or (sp <= 0).any():
         raise ScanFormatError(f"{path}: spacing {sp.tolist()} mm; each value must be a positive number")
     if (sp < SPACING_MM[0]).any() or (sp > SPACING_MM[1]).any():
-        raise ScanFormatError(f"{path}: spacing {[float(f'{v:.6g}') for v in sp]} mm is not a CT voxel "
-                              f"size (each value must lie in {SPACING_MM[0]:g}..{SPACING_MM[1]:g} mm)")
+        shown = [float(f"{v:.6g}") for v in sp]
+        lo, hi = SPACING_MM
+        raise ScanFormatError(f"{path}: spacing {shown} mm is not a CT voxel size (each value must "
+                              f"lie in {lo:g}..{hi:g} mm)")
     if og.shape != (3,) or not np.isfinite(og).all():
         raise ScanFormatError(f"{path}: origin {og.tolist()} is not three finite numbers")
     if not np.isfinite(d).all():
@@ -205,8 +207,8 @@ def check_min_size(shape, minimum, path, operation: str, why: str) -> None:
     if any(small):
         have = " x ".join(str(int(s)) for s in shape)
         need = " x ".join(str(int(m)) for m in minimum)
-        raise ScanFormatError(f"{path}: {have} voxels (z x y x x) is too small for {operation}, which "
-                              f"needs at least {need} ({why})")
+        raise ScanFormatError(f"{path}: {have} voxels (z x y x x) is too small for {operation}, "
+                              f"which needs at least {need} ({why})")
 
 
 def check_coord(coord_vox, vol_shape) -> np.ndarray:
@@ -215,7 +217,8 @@ def check_coord(coord_vox, vol_shape) -> np.ndarray:
     CoordinateError. The one check for tamper, GUI and --targets locations."""
     c = np.asarray(coord_vox, dtype=np.float64).reshape(-1)
     if c.shape != (3,) or not np.all(np.isfinite(c)):
-        raise CoordinateError(f"coordinate must be 3 finite numbers z,y,x, got {np.asarray(coord_vox).tolist()}")
+        got = np.asarray(coord_vox).tolist()
+        raise CoordinateError(f"coordinate must be 3 finite numbers z,y,x, got {got}")
     shape = np.asarray(vol_shape[:3])
     if np.any(c < 0) or np.any(c >= shape):
         shown = ",".join(f"{v:g}" for v in c)

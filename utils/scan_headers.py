@@ -104,7 +104,8 @@ def _dims(path: Path, text: str, what: str) -> list[int]:
     if not dims or any(d < 1 for d in dims):
         raise ScanFormatError(f"{path}: bad {what} '{text}' (sizes must be positive)")
     if len(dims) < 3:
-        raise ScanFormatError(f"{path}: is a {len(dims)}-D image ({what} {text}), a 3-D CT volume is needed")
+        raise ScanFormatError(f"{path}: is a {len(dims)}-D image ({what} {text}), a 3-D CT volume "
+                              f"is needed")
     return dims
 
 
@@ -140,7 +141,8 @@ def _finite(path: Path, fields: dict[str, str], keys) -> None:
         except ValueError:
             ok = False
         if not ok:
-            raise ScanFormatError(f"{path}: bad {key} '{fields[key][:80]}'; geometry must be finite numbers")
+            raise ScanFormatError(f"{path}: bad {key} '{fields[key][:80]}'; geometry must be "
+                                  f"finite numbers")
 
 
 def _data_file(path: Path, name: str, kind: str) -> Path:

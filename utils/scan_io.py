@@ -22,7 +22,7 @@ from utils.errors import InputFileError, ScanFormatError
 from utils.metaimage_io import SITK_SUFFIXES, load_sitk, save_mhd
 from utils.numpy_io import load_numpy, save_numpy
 from utils.scan import Scan, hu_array, vox2world, world2vox
-from utils.scan_paths import input_files, refuse_overwrite
+from utils.scan_paths import SCAN_SUFFIXES, input_files, refuse_overwrite
 
 __all__ = ["Scan", "load_scan", "save_mhd", "save_dicom_series", "save_numpy", "load_numpy", "validate_dicom",
            "hu_array", "world2vox", "vox2world", "input_files", "refuse_overwrite"]
@@ -63,4 +63,5 @@ def load_scan(path: str | os.PathLike, *, series_uid: str | None = None) -> Scan
         return load_dicom(p, series_uid)
     if name.endswith((".raw", ".zraw")) and p.with_suffix(".mhd").exists():
         raise ScanFormatError(f"{p}: is the data half of a MetaImage; pass {p.with_suffix('.mhd').name}")
-    raise ScanFormatError(f"{p}: unknown scan format (expected .mhd, .mha, .nrrd, .nii.gz, .npy or a DICOM folder)")
+    names = ", ".join(SCAN_SUFFIXES)
+    raise ScanFormatError(f"{p}: unknown scan format (expected {names} or a DICOM folder)")

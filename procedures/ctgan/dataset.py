@@ -197,7 +197,8 @@ def build_training_set(csv_path, exact_resample: bool = True, progress: bool = T
         try:
             check_coord(vox, scan.shape)
         except CoordinateError as e:
-            raise CoordinateError(f"{csv_path}: row {loc.row} ({loc.coord}, {loc.path.name}): {e}") from None
+            where = f"{csv_path}: row {loc.row} ({loc.coord}, {loc.path.name})"
+            raise CoordinateError(f"{where}: {e}") from None
         parts.append(location_samples(scan.hu, scan.spacing, vox, exact_resample, integer_hu))
     samples = np.concatenate(parts)
     x, eq, norm = equalize_and_normalize(samples)

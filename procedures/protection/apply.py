@@ -47,11 +47,14 @@ def check_generator_fits(G: torch.nn.Module, slab: int, hu: np.ndarray, path="th
     range, so nothing could change). docs/safety.md#what-a-scan-may-be."""
     depth = int(getattr(G, "depth", 0) or 0)
     side = 2 ** depth
-    why = f"it protects slabs of {slab} slices" + (f" of at least {side} x {side} pixels" if depth else "")
+    why = f"it protects slabs of {slab} slices"
+    if depth:
+        why += f" of at least {side} x {side} pixels"
     check_min_size(hu.shape, (slab, side, side), path, "the generator", why)
     if hu.size and np.min(hu) == np.max(hu):
-        raise ScanFormatError(f"{path}: every voxel is {float(np.min(hu)):g} HU; the generator keeps "
-                              f"values within the scan's own range, so nothing could be protected")
+        raise ScanFormatError(f"{path}: every voxel is {float(np.min(hu)):g} HU; the generator "
+                              f"keeps values within the scan's own range, so nothing could be "
+                              f"protected")
 
 
 def slabs_meeting(depth: int, slab: int, z_lo: int, z_hi: int) -> list[int]:

@@ -125,8 +125,8 @@ def targets_for_scan(rows: list[dict], scan, name: str | None, *, strict: bool =
             out.append(tuple(int(v) for v in check_coord(c, scan.hu.shape)))
         except CoordinateError as e:
             if strict:
-                shown = ",".join(f"{v:g}" for v in r["zyx"])
-                raise CoordinateError(f"target ({shown}){' (world mm)' if r['world'] else ''}: {e}") from None
+                shown = ",".join(f"{v:g}" for v in r["zyx"]) + (" world mm" if r["world"] else "")
+                raise CoordinateError(f"target ({shown}): {e}") from None
     if strict and not out:
         raise InputFileError(f"no target for {name} in the targets CSV")
     return out
