@@ -879,3 +879,19 @@ def test_one_list_of_scan_suffixes(tmp_path):
     named = tamper.output_path(Path("in/chest.v2.mhd"), Path("o"), "mhd")
     assert named == Path("o/chest.v2_tampered.mhd")
     assert tamper.output_path(Path("in/a.nii.gz"), Path("o"), "numpy") == Path("o/a_tampered.npy")
+
+
+@pytest.mark.parametrize("origin,ok", [("(-20,5,-7.5)", True), ("(nan,0,inf)", False),
+                                       ("(1,abc,2)", False)])
+def test_nrrd_geometry_text_is_checked_before_simpleitk(origin, ok, tmp_path):
+    """SimpleITK would read 'nan' as 0: the header text is checked first, naming the field."""
+    p = tmp_path / "o.nrrd"
+    header = ("NRRD0004\ntype: short\ndimension: 3\nspace: left-posterior-superior\nsizes: 8 8 4\n"
+              "space directions: (0.7,0,0) (0,0.7,0) (0,0,2.5)\nencoding: raw\nendian: little\n"
+              f"space origin: {origin}\n\n")
+    p.write_bytes(header.encode() + np.full(8 * 8 * 4, -1000, "<i2").tobytes())
+    if ok:
+        np.testing.assert_allclose(load_scan(p).origin, [-7.5, 5, -20])
+    else:
+        with pytest.raises(ScanFormatError, match="bad space origin"):
+            load_scan(p)
