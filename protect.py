@@ -80,11 +80,8 @@ def check_output(scan_path: Path, target: Path) -> None:
     refuse_overwrite(target, scan_path)
 
 
-def main(argv=None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
+def check_args(args) -> None:
+    """The options' own ranges (exit 2), before any file is read."""
     if args.batch < 1:
         raise UsageError("--batch must be >= 1")
     if args.seed < 0:
@@ -93,13 +90,46 @@ def main(argv=None) -> int:
         raise UsageError("give a checkpoint (-c), --targets CSV, or both")
     if args.targets and (not args.eps > 0 or args.targeted_steps < 1):
         raise UsageError("--eps must be > 0 and --targeted-steps >= 1")
+
+
+def check_fits(scan, scan_path: Path, G, cfg, centres) -> None:
+    """Each operation's minimum size (utils.scan.check_min_size), before any work: the
+    generator's slabs, CT-GAN's cube around the targets (docs/safety.md#what-a-scan-may-be)."""
+    if G is not None:
+        from procedures.protection.apply import check_generator_fits
+        check_generator_fits(G, cfg.slab, scan.hu, scan_path)
+    if centres:
+        from procedures.attacker.pipeline import check_cube_fits
+        check_cube_fits(scan.shape, scan.spacing, scan_path)
+
+
+def write(result, target: Path, fmt: str) -> Path:
+    """The protected scan as MetaImage or a DICOM series (atomically, never over the input)."""
+    from utils.atomic import os_error_message
+    from utils.scan_io import save_dicom_series, save_mhd
+
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(os_error_message(target.parent, e)) from None
+    if fmt == "mhd":
+        return save_mhd(result, target)
+    return save_dicom_series(result, target, series_description="MITS-GAN protected")
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    check_args(args)
     from tqdm import tqdm
 
     from procedures.protection.apply import load_generator, protect_hu, protected_scan
     from utils.device import pick_device
     from utils.atomic import check_output_dir
     from utils.metrics import perturbation_stats
-    from utils.scan_io import load_scan, save_dicom_series, save_mhd
+    from utils.scan_io import load_scan
 
     scan_path = Path(args.scan)
     device = pick_device(args.device)
@@ -116,13 +146,7 @@ def main(argv=None) -> int:
     scan = load_scan(scan_path)
     depth = scan.hu.shape[0]
     centres = targets_for_scan(rows, scan, scan_path.name) if args.targets else []
-    # Each operation's minimum size (utils.scan.check_min_size), before any work.
-    if G is not None:
-        from procedures.protection.apply import check_generator_fits
-        check_generator_fits(G, cfg.slab, scan.hu, scan_path)
-    if centres:
-        from procedures.attacker.pipeline import check_cube_fits
-        check_cube_fits(scan.shape, scan.spacing, scan_path)
+    check_fits(scan, scan_path, G, cfg, centres)
     hu = scan.hu
     out = np.empty(hu.shape, dtype=hu.dtype if np.issubdtype(hu.dtype, np.integer) else np.float32)
     t0 = time.perf_counter()
@@ -139,16 +163,8 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - t0
     stats = perturbation_stats(out, hu)
 
-    result = dataclasses.replace(protected_scan(scan, out), source_path=str(scan_path))
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        from utils.atomic import os_error_message
-        raise OutputError(os_error_message(target.parent, e)) from None
-    if fmt == "mhd":
-        written = save_mhd(result, target)
-    else:
-        written = save_dicom_series(result, target, series_description="MITS-GAN protected")
+    written = write(dataclasses.replace(protected_scan(scan, out), source_path=str(scan_path)),
+                    target, fmt)
     how = [f"{cfg.generator} generator"] if G is not None else []
     how += [f"{len(centres)} target(s), eps {args.eps:g} HU"] if centres else []
     print(f"protected {scan_path} -> {written} ({depth} slices in {seconds:.1f} s on {device}, "
