@@ -171,7 +171,7 @@ class Viewer:
 
     def save(self) -> Path:
         """Write the shown volume (with its tampers) into out_dir, as the source's dtype."""
-        from procedures.protection.apply import protected_scan, scan_stem  # lazy: it pulls torch (fast --help)
+        from procedures.protection.apply import scan_with_hu, scan_stem  # lazy: it pulls torch (fast --help)
 
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -181,9 +181,9 @@ class Viewer:
         k = 1
         while any(self.out_dir.glob(f"{stem}_{k:03d}*")):
             k += 1
-        # protected_scan: source geometry/metadata, int16 when the source is; source_path set so
+        # scan_with_hu: source geometry/metadata, int16 when the source is; source_path set so
         # the writers refuse to overwrite the input.
-        out = dataclasses.replace(protected_scan(self.scan, self.current), source_path=self.scan.source_path)
+        out = dataclasses.replace(scan_with_hu(self.scan, self.current), source_path=self.scan.source_path)
         if self.fmt == "dicom":
             path = save_dicom_series(out, self.out_dir / f"{stem}_{k:03d}",
                                      series_description=f"CT-GAN tampered ({self.showing})")

@@ -95,7 +95,7 @@ def main(argv=None) -> int:
         raise UsageError("--eps must be > 0 and --targeted-steps >= 1")
     from tqdm import tqdm
 
-    from procedures.protection.apply import load_generator, protect_hu, protected_scan
+    from procedures.protection.apply import load_generator, protect_hu, scan_with_hu
     from utils.device import pick_device
     from utils.atomic import check_output_dir
     from utils.metrics import perturbation_stats
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - t0
     stats = perturbation_stats(out, hu)
 
-    result = dataclasses.replace(protected_scan(scan, out), source_path=str(scan_path))
+    result = dataclasses.replace(scan_with_hu(scan, out), source_path=str(scan_path))
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

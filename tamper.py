@@ -18,6 +18,7 @@ import numpy as np
 from utils.atomic import check_output_dir, os_error_message
 from utils.errors import CliParser, CoordinateError, OutputError, UsageError, run_cli
 from utils.scan_io import load_numpy, load_scan, refuse_overwrite, save_dicom_series, save_mhd, save_numpy
+from utils.stored import int_limits, stored_as
 
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _COORD = re.compile(rf"^\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*$")
@@ -88,10 +89,7 @@ def _load(path: str):
 
 def _output_hu(tampered: np.ndarray, original_dtype) -> np.ndarray:
     """Integer scans stay integer on disk (CT HU are int16 on disk): round and clip."""
-    if np.issubdtype(original_dtype, np.integer):
-        info = np.iinfo(original_dtype)
-        return np.clip(np.round(tampered), info.min, info.max).astype(original_dtype)
-    return tampered.astype(np.float32)
+    return stored_as(tampered, original_dtype if int_limits(original_dtype) else np.float32)
 
 
 def main(argv=None) -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from procedures.benchmarking.benchmark import phantom as make_phantom  # the one synthetic chest
+from utils.phantom import phantom as make_phantom  # the one synthetic chest
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"

@@ -9,8 +9,9 @@ import torch
 
 import config as config_mod
 import train
+from procedures.protection import step
 from conftest import build_tiny_ctgan_models, make_phantom
-from procedures.protection.disruption import Slab
+from procedures.attacker.interface import Slab
 from utils.errors import UsageError
 from utils.scan_io import Scan, save_mhd
 
@@ -81,16 +82,16 @@ def test_cube_slabs_in_one_batched_call_equal_one_call_each(item, tiny_ctgan_mod
     """The U-Net (GroupNorm: per sample) protects the cube's other slabs in one call; the result
     equals protecting each on its own with the same noise draws."""
     cfg = config_mod.make_config("default", models_dir=str(tiny_ctgan_models), g_width=4, d_width=4)
-    run = train.build_run(cfg, 48, torch.device("cpu"), torch.float32)
-    assert train._per_sample_norms(run.G_raw)
+    run = step.build_run(cfg, 48, torch.device("cpu"), torch.float32)
+    assert step._per_sample_norms(run.G_raw)
     run.G.train()
     sl = _slab(cfg, run.G, item)
     sl.rng = np.random.default_rng(11)
-    batched = train._slab_protector(run, sl)([0, 4, 12])
+    batched = step._slab_protector(run, sl)([0, 4, 12])
     rng = np.random.default_rng(11)
     for i, t in enumerate([0, 4, 12]):
         gen = torch.Generator().manual_seed(int(rng.integers(2 ** 63)))
-        x, delta = train._slab_inputs(run, item, [t], lambda: gen)
+        x, delta = step._slab_inputs(run, item, [t], lambda: gen)
         one = run.G(x, delta, scale=2 * cfg.eps_hu / (item.hu_max - item.hu_min))
         torch.testing.assert_close(batched[i:i + 1], one, rtol=1e-5, atol=1e-6)
 
@@ -117,7 +118,7 @@ def test_training_with_levers_logs_named_losses(item, tiny_ctgan_models, tmp_pat
     assert train.main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["disruption"]["computed"] == 2 and summary["disruption"]["errors"] == {}
-    assert set(summary["losses"]) == set(train.LOSS_NAMES)
+    assert set(summary["losses"]) == set(step.LOSS_NAMES)
     assert summary["losses"]["G_disrupt"] > 0
     saved = json.loads((out / "config.json").read_text())
     assert (saved["wb_locations"], saved["wb_shift"]) == (3, 1)

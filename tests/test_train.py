@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import train
+from procedures.protection import step
 from conftest import make_phantom
 from utils.checkpoint import load_checkpoint
 from utils.scan_io import Scan, load_scan, save_mhd
@@ -42,7 +43,7 @@ def test_three_steps_with_attacker(tiny_data, tiny_ctgan_models, tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["seconds_per_step_attack"] > 0 and summary["seconds_per_step_gd"] > 0
     # Named losses (pix2pix's loss_names), the black-box disruption among them.
-    assert set(summary["losses"]) == set(train.LOSS_NAMES) and summary["losses"]["G_disrupt"] > 0
+    assert set(summary["losses"]) == set(step.LOSS_NAMES) and summary["losses"]["G_disrupt"] > 0
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["preset"] == "demo" and saved["g_width"] == 4
 
@@ -114,7 +115,7 @@ def test_whitebox_bounded_quantised_training(tiny_data, tiny_ctgan_models, tmp_p
 
 
 def _wb_slab(item, s, x_p, k=0, seed=0, protect=None):
-    from procedures.protection.disruption import Slab
+    from procedures.attacker.interface import Slab
     x = item.volume[s:s + 4].unsqueeze(0)
     return Slab(0, item, k, s, np.random.default_rng(seed), x, torch.zeros_like(x), x_p, protect)
 

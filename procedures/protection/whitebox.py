@@ -32,6 +32,7 @@ import torch
 from procedures.attacker.port import DifferentiableTamper
 from procedures.protection.disruption import DisruptionStats, Locator, Slab
 from procedures.protection.apply import slabs_meeting
+from utils.hu_range import to_hu
 
 
 DISRUPTION_SCALE_HU = 100.0
@@ -105,7 +106,7 @@ class WhiteboxDisruption:
         return sum(terms[1:], terms[0]) / len(terms)
 
     def _to_hu(self, item, v: torch.Tensor) -> torch.Tensor:
-        hu = (v.float() + 1.0) / 2.0 * max(item.hu_max - item.hu_min, 1.0) + item.hu_min
+        hu = to_hu(v.float(), item.hu_min, item.hu_max)
         return straight_through_round(hu) if self.cfg.quantize else hu
 
     def _subvolume(self, sl: Slab, starts: list[int], lo: int, hi: int) -> tuple[torch.Tensor, int]:
