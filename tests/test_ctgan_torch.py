@@ -14,9 +14,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from procedures.attacker.h5_weights import from_keras_h5, load_keras_generator_weights
+from procedures.attacker.model_dir import load_differentiable
 from procedures.attacker.port import (BN_NAMES, CONV_NAMES, CTGANGeneratorTorch, DifferentiableTamper,
-                                    from_keras_h5, load_keras_generator_weights, tf_same_pads,
-                                    torch_interp)
+                                    tf_same_pads, torch_interp)
 from tests.conftest import make_phantom
 from utils.cubes import cut_cube
 from utils.equalizer import HistEqualizer
@@ -501,7 +502,7 @@ def test_tamper_matches_attack_pipeline(model_dir, scan, action, spacing):
     want = resample_exact(fix_overflow(y), shape)
 
     for mode in ("spline", "trilinear"):
-        t = DifferentiableTamper.from_model_dirs(model_dir / "INJ", model_dir / "REM", resample=mode)
+        t = load_differentiable(model_dir / "INJ", model_dir / "REM", resample=mode)
         (part, _), = t.footprints(torch.from_numpy(scan), spacing, CENTER, action)
         diff = np.abs(part.numpy() - want)
         print(f"pipeline vs torch ({mode}) {action} {spacing}: mean |diff| {diff.mean():.3g} HU, "

@@ -295,7 +295,7 @@ def bench_protect(args, data: dict, device, specs: list[str], peaks: dict) -> li
 def bench_tamper(args, data: dict, models: Path, device) -> list[dict]:
     from procedures.attacker.pipeline import ScanManipulator  # lazy: the attackers pull SciPy
     from procedures.attacker.torch_attacker import TorchScanManipulator
-    from procedures.attacker.port import DifferentiableTamper
+    from procedures.attacker.model_dir import load_attacker_pair
     hu = data["protect_hu"][:max(80, min(120, data["protect_hu"].shape[0]))].astype(np.float32)
     spacing = data["spacing"]
     d, h, w = hu.shape
@@ -312,9 +312,7 @@ def bench_tamper(args, data: dict, models: Path, device) -> list[dict]:
     # PyTorch port (the white-box attacker): footprints of one location, then + backward
     row = {"attacker": "torch DifferentiableTamper.footprints (spline resample, float32, no touch-ups)"}
     try:
-        dt = DifferentiableTamper.from_model_dirs(models / "INJ", models / "REM", device=device,
-                                                  resample="spline", clamp="straight_through",
-                                                  work_dtype=torch.float32)
+        dt = load_attacker_pair(models, device)
         vol = torch.from_numpy(hu).to(device)
         per, per_bwd = {}, {}
         with Memory(device) as mem:

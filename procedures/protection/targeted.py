@@ -208,12 +208,9 @@ def protect_targets(dt, hu: np.ndarray, spacing, targets, s: TargetSettings, *, 
 
 def load_attacker(models, actions=("inject", "remove"), device=None):
     """The differentiable CT-GAN (spline resampling, as the Keras pipeline) from a models folder."""
-    from procedures.attacker.port import DifferentiableTamper  # lazy: SciPy; reading targets needs none of it
+    from procedures.attacker.model_dir import load_attacker_pair  # lazy: SciPy; reading targets needs none of it
 
-    models = Path(models)
-    return DifferentiableTamper.from_model_dirs(
-        models / "INJ" if "inject" in actions else None, models / "REM" if "remove" in actions else None,
-        device=device, resample="spline", clamp="straight_through", work_dtype=torch.float32)
+    return load_attacker_pair(models, device, actions)
 
 
 def protect_scan_targets(scan, centres, out: np.ndarray, *, models, eps: float, steps: int,

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from procedures.attacker.port import DifferentiableTamper
+from procedures.attacker.model_dir import load_attacker_pair
 from procedures.protection.disruption import DisruptionStats, Locator, Slab
 from procedures.protection.apply import slabs_meeting
 from utils.hu_range import to_hu
@@ -52,9 +52,7 @@ def attacker_dirs(cfg) -> list[Path]:
 class WhiteboxDisruption:
     def __init__(self, cfg, device):
         self.cfg = cfg
-        self.attackers = [DifferentiableTamper.from_model_dirs(
-            d / "INJ", d / "REM", device=device, resample="spline", clamp="straight_through",
-            work_dtype=torch.float32) for d in attacker_dirs(cfg)]
+        self.attackers = [load_attacker_pair(d, device) for d in attacker_dirs(cfg)]
         self.dt = self.attackers[0]
         # Location sampling and counters as in the black-box mode.
         self.locator = Locator(cfg)
