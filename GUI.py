@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.atomic import check_output_dir, ensure_not_input, os_error_message
+from utils.cli import cli_main
 from utils.errors import CliParser, MitsError, OutputError, ScanFormatError, UsageError, run_cli
 from utils.scan_io import load_scan, save_dicom_series, save_mhd
 
@@ -212,11 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
+@cli_main(build_parser)
+def main(args) -> int:
     try:
         window = tuple(float(v) for v in args.window.split(","))
         assert len(window) == 2 and window[1] > window[0]

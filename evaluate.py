@@ -46,6 +46,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from utils.cli import cli_main
 from utils.errors import CliParser, OutputError, UsageError, run_cli
 from utils.metrics import LPIPS_WEIGHTS_HELP
 # lazy: procedures.* (torch, SciPy), tqdm and the scan I/O are imported inside the functions
@@ -305,11 +306,8 @@ def _attackers(args, actions) -> dict:
     return out
 
 
-def main(argv=None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
+@cli_main(build_parser)
+def main(args) -> int:
     names, actions, curve_eps = _check_args(args)
 
     from tqdm import tqdm

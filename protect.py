@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from utils.cli import cli_main
 from utils.errors import CliParser, OutputError, ScanFormatError, UsageError, run_cli
 # lazy: procedures.* (torch, SciPy), tqdm and the scan I/O are imported inside the functions
 # that use them, so --help and argument errors answer at once without loading torch.
@@ -80,11 +81,8 @@ def check_output(scan_path: Path, target: Path) -> None:
     refuse_overwrite(target, scan_path)
 
 
-def main(argv=None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
+@cli_main(build_parser)
+def main(args) -> int:
     if args.batch < 1:
         raise UsageError("--batch must be >= 1")
     if args.seed < 0:

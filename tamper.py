@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.atomic import check_output_dir, os_error_message
+from utils.cli import cli_main
 from utils.errors import CliParser, CoordinateError, OutputError, UsageError, run_cli
 from utils.scan_io import load_numpy, load_scan, refuse_overwrite, save_dicom_series, save_mhd, save_numpy
 from utils.stored import int_limits, stored_as
@@ -92,11 +93,8 @@ def _output_hu(tampered: np.ndarray, original_dtype) -> np.ndarray:
     return stored_as(tampered, original_dtype if int_limits(original_dtype) else np.float32)
 
 
-def main(argv=None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
+@cli_main(build_parser)
+def main(args) -> int:
     coords = [parse_coord(c) for c in args.coord]
 
     from procedures.attacker.pipeline import AttackShapeError, check_coord, published_shape_error  # lazy: fast --help

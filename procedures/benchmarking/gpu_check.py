@@ -22,8 +22,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
+from utils.cli import cli_main
 from utils.errors import CliParser, InputFileError, MitsError, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -134,11 +135,8 @@ def export_npy(data: Path, dest: Path) -> None:
             shutil.copy2(p, dest / p.name)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
+@cli_main(build_parser)
+def main(args) -> int:
     if args.export_npy:
         export_npy(Path(args.data), Path(args.export_npy))
         return 0

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from utils.cli import cli_main
 from utils.errors import CliParser, UsageError, run_cli
 from utils.images import save_grid
 from utils.locations_csv import read_locations_csv
@@ -34,13 +35,17 @@ def read_locations(csv_path: Path) -> dict[str, list[tuple[int, int, int]]]:
     return out
 
 
-def main(argv=None) -> int:
+def build_parser() -> CliParser:
     p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data/z2.5")
     p.add_argument("--models", default="models")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--backend", default=None, choices=("tensorflow", "torch"))
-    args = p.parse_args(argv)
+    return p
+
+
+@cli_main(build_parser)
+def main(args) -> int:
 
     from procedures.attacker.pipeline import ScanManipulator  # lazy: SciPy/Keras plumbing after --help
 

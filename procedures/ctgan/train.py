@@ -31,7 +31,6 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -39,6 +38,7 @@ from tqdm import tqdm
 from procedures.ctgan.dataset import MASK, N_AUG, TrainingSet, build_training_set, save_preprocessing
 from procedures.ctgan.models import CUBE, build_discriminator, build_generator, call_frozen_batch_stats
 from procedures.attacker.keras_env import get_keras
+from utils.cli import cli_main
 from utils.errors import CliParser, OutputError, UsageError, run_cli
 
 MODELS = ("inj", "rem")
@@ -369,11 +369,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        a = _parser().parse_args(argv)
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
+@cli_main(_parser)
+def main(a) -> int:
     cfg = make_config(a.preset, model=a.model, epochs=a.epochs, gf=a.gf, df=a.df, batch=a.batch,
                       max_steps_per_epoch=a.max_steps_per_epoch, seed=a.seed,
                       backend=resolve_backend(a.backend, prefer_torch=True),

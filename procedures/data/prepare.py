@@ -26,12 +26,12 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import scipy.ndimage
 
 from utils.atomic import atomic_path, atomic_write_text, os_error_message
+from utils.cli import cli_main
 from utils.errors import CliParser, DataFetchError, OutputError, run_cli
 from utils.lung import lung_masks
 from utils.scan_io import Scan, load_scan, save_mhd
@@ -307,21 +307,22 @@ def verify(data_dir: Path) -> list[str]:
     return problems
 
 
-
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> CliParser:
     ap = CliParser(prog="python -m procedures.data.prepare",
-                                 description="Fetch the two real chest CTs (pyradiomics-bhklab 3.1.4 sdist) "
-                                             "into data/native and data/z2.5 with nodule/healthy CSVs.")
+                   description="Fetch the two real chest CTs (pyradiomics-bhklab 3.1.4 sdist) "
+                               "into data/native and data/z2.5 with nodule/healthy CSVs.")
     ap.add_argument("--data-dir", default="data", type=Path, help="output folder (default: data)")
     ap.add_argument("--cache", default=".cache", type=Path, help="download cache (default: .cache)")
     ap.add_argument("--sdist", type=Path, default=None,
                     help=f"use this already-downloaded {SDIST} instead of pip (offline machines)")
-    ap.add_argument("--check", action="store_true", help="only verify the prepared data; never download or write")
+    ap.add_argument("--check", action="store_true",
+                    help="only verify the prepared data; never download or write")
     ap.add_argument("--force", action="store_true", help="rebuild even when the data verify")
-    try:
-        args = ap.parse_args(argv)
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
+    return ap
+
+
+@cli_main(build_parser)
+def main(args) -> int:
     data_dir: Path = args.data_dir
 
     problems = verify(data_dir)
