@@ -4,7 +4,7 @@
     python train.py --preset paper               # published architecture and settings
     python train.py --preset reference           # the published code's behaviour, quirks included
     python train.py --preset demo --resume auto  # continue from runs/demo/checkpoint.pt
-    torchrun --nproc_per_node 4 train.py --preset default --batch 8 --amp bf16   # 4 GPUs, DDP
+    torchrun --nproc_per_node 4 train.py --preset whitebox --batch 8 --amp bf16   # 4 GPUs, DDP
 
 One step = `batch` sub-batches ("slabs") of `slab` consecutive slices (published: batch 1),
 in procedures/protection/step.py `train_step` (docs/training.md#one-step):

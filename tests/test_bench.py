@@ -43,8 +43,8 @@ def test_tiny_benchmark_without_tensorflow(tiny_ctgan_models, tmp_path):
     rc = bench.main(["--size", "64", "--depth", "72", "--protect_slices", "8", "--device", "cpu",
                      "--models_dir", str(tiny_ctgan_models), "--steps", "1", "--warmup", "0",
                      "--sections", "train,protect", "--reference", "", "--out", str(out),
-                     "--train", "default:g_width=4:d_width=4:batch=2",
-                     "--protect", "default:g_width=4:batch=3:channels_last=true"])
+                     "--train", "whitebox:g_width=4:d_width=4:batch=2",
+                     "--protect", "whitebox:g_width=4:batch=3:channels_last=true"])
     assert rc == 0
     res = json.loads((out / "bench.json").read_text())
     (row,) = res["train"]

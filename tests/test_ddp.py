@@ -31,7 +31,7 @@ def _free_port() -> int:
 def torchrun(nproc: int, data: Path, models: Path, out: Path, *extra) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "train.py",
-           "--preset", "default", "--data_dir", str(data), "--models_dir", str(models), "--out_dir", str(out),
+           "--preset", "whitebox", "--data_dir", str(data), "--models_dir", str(models), "--out_dir", str(out),
            "--g_width", "4", "--d_width", "4", "--lr_g", "0.01", "--epochs", "1", "--device", "cpu",
            "--progress", "false", "--sample_every", "0", "--save_img_result", "false", "--dtype", "float64",
            *extra]

@@ -29,7 +29,7 @@ def item(tmp_path_factory):
 def _setup(models, **kw):
     from generator import UNetGenerator
     from procedures.protection.whitebox import WhiteboxDisruption
-    cfg = config_mod.make_config("default", models_dir=str(models), eps_hu=50.0, whitebox_cube=False, **kw)
+    cfg = config_mod.make_config("whitebox", models_dir=str(models), eps_hu=50.0, whitebox_cube=False, **kw)
     torch.manual_seed(0)
     G = UNetGenerator(slab=4, width=4, depth=2, out_init_std=0.1)
     return cfg, G, WhiteboxDisruption(cfg, torch.device("cpu"))
@@ -81,7 +81,7 @@ def test_ensemble_loss_is_the_mean_over_attackers(item, tiny_ctgan_models, tmp_p
 def test_cube_slabs_in_one_batched_call_equal_one_call_each(item, tiny_ctgan_models):
     """The U-Net (GroupNorm: per sample) protects the cube's other slabs in one call; the result
     equals protecting each on its own with the same noise draws."""
-    cfg = config_mod.make_config("default", models_dir=str(tiny_ctgan_models), g_width=4, d_width=4)
+    cfg = config_mod.make_config("whitebox", models_dir=str(tiny_ctgan_models), g_width=4, d_width=4)
     run = step.build_run(cfg, 48, torch.device("cpu"), torch.float32)
     assert step._per_sample_norms(run.G_raw)
     run.G.train()
@@ -106,12 +106,12 @@ def test_levers_need_whitebox(argv):
 def test_bad_lever_values():
     for kw in ({"wb_locations": 0}, {"wb_shift": -1}):
         with pytest.raises(UsageError):
-            config_mod.make_config("default", **kw)
+            config_mod.make_config("whitebox", **kw)
 
 
 def test_training_with_levers_logs_named_losses(item, tiny_ctgan_models, tmp_path):
     out = tmp_path / "run"
-    argv = ["--preset", "default", "--data_dir", str(Path(item.path).parent),
+    argv = ["--preset", "whitebox", "--data_dir", str(Path(item.path).parent),
             "--models_dir", str(tiny_ctgan_models), "--out_dir", str(out), "--g_width", "4",
             "--d_width", "4", "--progress", "false", "--sample_every", "0", "--max_steps", "2",
             "--wb_locations", "3", "--wb_shift", "1", "--ensemble_models", str(tiny_ctgan_models)]

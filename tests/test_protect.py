@@ -153,7 +153,7 @@ def _unet(width: int, seed: int = 0):
     import config as config_mod
     from generator import build_generator
 
-    cfg = config_mod.make_config("default", g_width=width)
+    cfg = config_mod.make_config("whitebox", g_width=width)
     torch.manual_seed(seed)
     G = build_generator(cfg).eval()
     torch.nn.init.normal_(G.out.weight, 0.0, 0.02)

@@ -12,7 +12,7 @@ from utils.scan_io import Scan, load_scan, save_dicom_series, save_mhd
 
 @pytest.mark.parametrize("fmt", ["mhd", "dicom"])
 def test_quantised_round_trip_keeps_perturbation_within_half_hu(fmt, tmp_path):
-    cfg = config_mod.make_config("default", g_width=4, eps_hu=8.0)
+    cfg = config_mod.make_config("whitebox", g_width=4, eps_hu=8.0)
     torch.manual_seed(0)
     G = UNetGenerator(slab=4, width=4, depth=2)
     torch.nn.init.normal_(G.out.weight, 0, 0.5)  # a real, bounded, non-zero perturbation

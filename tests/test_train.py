@@ -105,7 +105,7 @@ def test_attacker_errors_are_counted_not_silent(tiny_data, tmp_path, caplog):
 
 def test_whitebox_bounded_quantised_training(tiny_data, tiny_ctgan_models, tmp_path):
     """White-box mode (docs/training.md#white-box-loss): gradients through the PyTorch CT-GAN, eps bound in HU, int16 quantisation."""
-    state = run(tiny_data, tiny_ctgan_models, tmp_path, "--preset", "default", "--g_width", "4",
+    state = run(tiny_data, tiny_ctgan_models, tmp_path, "--preset", "whitebox", "--g_width", "4",
                 "--d_width", "4", "--max_steps", "3", "--eps_hu", "5", "--save_img_result", "true")
     assert state["disruption"]["computed"] == 3 and state["disruption"]["errors"] == {}
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -126,7 +126,7 @@ def test_whitebox_gradient_reaches_generator_weights(tiny_data, tiny_ctgan_model
     from procedures.protection.whitebox import WhiteboxDisruption
     from scanDataset import ScanDataset
 
-    cfg = config_mod.make_config("default", models_dir=str(tiny_ctgan_models), eps_hu=50.0)
+    cfg = config_mod.make_config("whitebox", models_dir=str(tiny_ctgan_models), eps_hu=50.0)
     item = ScanDataset(tiny_data)[0]
     torch.manual_seed(0)
     G = UNetGenerator(slab=4, width=4, depth=2)
@@ -154,7 +154,7 @@ def test_whitebox_cube_protects_every_slab_the_cube_touches(tiny_data, tiny_ctga
     from procedures.protection.whitebox import WhiteboxDisruption
     from scanDataset import ScanDataset
 
-    cfg = config_mod.make_config("default", models_dir=str(tiny_ctgan_models), eps_hu=50.0)
+    cfg = config_mod.make_config("whitebox", models_dir=str(tiny_ctgan_models), eps_hu=50.0)
     assert cfg.whitebox_cube
     item = ScanDataset(tiny_data)[0]
     torch.manual_seed(0)

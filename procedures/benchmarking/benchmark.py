@@ -40,13 +40,13 @@ def default_specs(device) -> tuple[str, str]:
     if device.type == "cuda":
         fast = "amp=bf16:channels_last=true"
         train = (f"paper,paper:attacker_impl=keras,paper:{fast},paper:{fast}:compile=true,paper:{fast}:batch=4,"
-                 f"demo:{fast},default,default:{fast}")
+                 f"demo:{fast},whitebox,whitebox:{fast}")
         protect = (f"paper:batch=8,paper:batch=8:{fast},paper:batch=8:{fast}:compile=true,"
-                   f"default:batch=16,default:batch=16:{fast},default:batch=16:{fast}:compile=true,"
+                   f"whitebox:batch=16,whitebox:batch=16:{fast},whitebox:batch=16:{fast}:compile=true,"
                    f"demo:batch=16:{fast}")
     else:
-        train = "paper,paper:attacker_impl=torch,demo,default"
-        protect = "demo:batch=4,demo:batch=4:channels_last=true,default:batch=4:channels_last=true:slices=40"
+        train = "paper,paper:attacker_impl=torch,demo,whitebox"
+        protect = "demo:batch=4,demo:batch=4:channels_last=true,whitebox:batch=4:channels_last=true:slices=40"
     return train, protect
 
 
