@@ -74,11 +74,11 @@ def output_path(scan_path: Path, out: Path, fmt: str) -> Path:
     return out / (name + ".mhd" if fmt == "mhd" else name)
 
 
-def check_output(scan_path: Path, target: Path) -> None:
+def check_output(scan_path: Path, out_path: Path) -> None:
     """Refuse any output file that is a file the input reads (its header's data file included)."""
     from utils.scan_io import refuse_overwrite
 
-    refuse_overwrite(target, scan_path)
+    refuse_overwrite(out_path, scan_path)
 
 
 @cli_main(build_parser)

@@ -99,27 +99,27 @@ def main(args) -> int:
 
     from procedures.attacker.pipeline import AttackShapeError, check_coord, published_shape_error  # lazy: fast --help
 
-    target = Path(args.target)
+    scan_path = Path(args.target)
     scan = _load(args.target)
-    is_dicom = target.is_dir()
+    is_dicom = scan_path.is_dir()
     fmt = args.outformat or ("dicom" if is_dicom else "mhd")
     dest = Path(args.destination)
     if dest.exists() and not dest.is_dir():
         raise OutputError(f"cannot write {dest}: exists and is not a folder")
     check_output_dir(dest)  # before any model is loaded or any tamper is done
-    stem = target.name if is_dicom else target.name.split(".")[0]
+    stem = scan_path.name if is_dicom else scan_path.name.split(".")[0]
     out = dest / f"{stem}_tampered" if fmt == "dicom" else dest / f"{stem}_tampered.{'mhd' if fmt == 'mhd' else 'npy'}"
-    refuse_overwrite(out, target)  # not over any file the input reads, not inside its folder
+    refuse_overwrite(out, scan_path)  # not over any file the input reads, not inside its folder
 
     # All coordinates are checked before any model is loaded or anything is written.
     vox = [c if args.system == "vox" else scan.world2vox(c) for c in coords]
     for v in vox:
         check_coord(v, scan.shape)
     if args.published_resample and published_shape_error(scan.spacing):
-        raise AttackShapeError(f"{target}: {published_shape_error(scan.spacing)}")
+        raise AttackShapeError(f"{scan_path}: {published_shape_error(scan.spacing)}")
 
     man = _manipulator(args)
-    man.load_target(scan)
+    man.set_scan(scan)
     t0 = time.perf_counter()
     man.model(args.action)
     print(f"loaded the {args.action} model from {man.model_dir} in {time.perf_counter() - t0:.2f} s")

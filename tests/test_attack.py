@@ -192,10 +192,10 @@ def test_world_coordinates(man, models):
     scan = Scan(hu=hu, spacing=(1.25, 1.0, 1.0), origin=(-100.0, 20.0, -40.0))
     vox = np.array([30, 48, 60])
     a = ScanManipulator(models)
-    a.load_target(scan)
+    a.set_scan(scan)
     sa = a.tamper(vox, "inject", isVox=True)
     by_vox = a.scan.hu
-    a.load_target(scan)
+    a.set_scan(scan)
     sb = a.tamper(scan.vox2world(vox + 0.25), "inject", isVox=False)
     assert sa == sb
     np.testing.assert_array_equal(a.scan.hu, by_vox)
@@ -259,7 +259,7 @@ def test_real_scan_inject_at_its_nodule(man, models, real_data_dir):
     row = nod[nod.filename == "lung1.mhd"].iloc[0]
     coord = (int(row.z), int(row.y), int(row.x))
     m = ScanManipulator(models)
-    m.load_target(scan)
+    m.set_scan(scan)
     before = m.scan.hu.copy()
     sl = m.tamper(coord, "inject")
     assert sl == m.footprint(scan.shape, scan.spacing, coord)

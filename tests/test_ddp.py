@@ -1,5 +1,5 @@
 """train.py under torchrun with DistributedDataParallel (gloo, CPU): 2 ranks x 2 slabs give the
-same weights as 1 rank x 4 slabs (docs/training.md#several-gpus). The default preset: U-Net (GroupNorm), PatchGAN,
+same weights as 1 rank x 4 slabs (docs/training.md#several-gpus). The whitebox preset: U-Net (GroupNorm), PatchGAN,
 gradients through the PyTorch CT-GAN port, one attacker per rank.
 
 float64: in float32 the runs agree to ~1e-5, not better, because Adam turns the rounding noise of

