@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import shutil
-import time
 
 import numpy as np
 import pytest
@@ -234,18 +233,6 @@ def test_model_that_runs_code_is_refused(models, tmp_path):
         shutil.copy(models / "INJ" / f, d / f)
     with pytest.raises(UnsafeFileError, match="G_model.h5"):
         CTGANModel(d)
-
-
-@pytest.mark.tf
-def test_time_per_tamper(man):
-    vol = big_phantom((60, 192, 192))
-    man.tamper_volume(vol, (2.5, 0.7, 0.7), (30, 96, 120), "inject")    # warm-up (tracing)
-    t0 = time.process_time()
-    for _ in range(3):
-        man.tamper_volume(vol, (2.5, 0.7, 0.7), (30, 96, 120), "inject")
-    per = (time.process_time() - t0) / 3
-    print(f"CPU time per tamper (gf=2): {per:.3f} s")
-    assert per < 2.0   # target < 1 s; loose for a loaded CI machine
 
 
 @pytest.mark.tf

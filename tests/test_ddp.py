@@ -56,6 +56,7 @@ def volumes(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_rank_with_the_same_global_batch(volumes, tiny_ctgan_models, tmp_path):
     # Each rank runs two slabs a step (two forwards of G and four of D before one backward).
     one = torchrun(1, volumes, tiny_ctgan_models, tmp_path / "one", "--batch", "4", "--max_steps", "3")

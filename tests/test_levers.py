@@ -89,10 +89,11 @@ def test_cube_slabs_in_one_batched_call_equal_one_call_each(item, tiny_ctgan_mod
     sl.rng = np.random.default_rng(11)
     batched = step._slab_protector(run, sl)([0, 4, 12])
     rng = np.random.default_rng(11)
-    for i, t in enumerate([0, 4, 12]):
+    for i, t in enumerate([0, 4, 12]):  # each slab by hand: its slices, its own noise draw
         gen = torch.Generator().manual_seed(int(rng.integers(2 ** 63)))
-        x, delta = step._slab_inputs(run, item, [t], lambda: gen)
-        one = run.G(x, delta, scale=2 * cfg.eps_hu / (item.hu_max - item.hu_min))
+        x = item.volume[t:t + cfg.slab].unsqueeze(0)
+        delta = torch.rand(x.shape, generator=gen, dtype=torch.float32)
+        one = run.G(x, delta, scale=eps_scale(cfg, item))
         torch.testing.assert_close(batched[i:i + 1], one, rtol=1e-5, atol=1e-6)
 
 
