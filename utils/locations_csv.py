@@ -36,9 +36,10 @@ def read_locations_csv(path, *, what: str = "locations", need_filename: bool = F
             fields = [c.strip().lower() for c in (reader.fieldnames or [])]
             missing = [c for c in need if c not in fields]
             if missing:
+                got = ",".join(fields) or "an empty file"
                 raise InputFileError(f"{path}: a {what} CSV needs a header with "
                                      f"{','.join(need)} columns: missing column(s) "
-                                     f"{', '.join(missing)} (got {','.join(fields) or 'an empty file'})")
+                                     f"{', '.join(missing)} (got {got})")
             rows = [r for n, raw in enumerate(reader, start=2)
                     if (r := _row(path, what, n, raw, skip_blank)) is not None]
             if need_filename and any(r.filename is None for r in rows):

@@ -28,7 +28,6 @@ import json
 import os
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -197,12 +196,10 @@ def save_generator(G, out_dir: Path) -> Path:
     """Write G_model.h5 atomically (Keras needs the .h5 suffix to pick the HDF5 format)."""
     dst = out_dir / "G_model.h5"
     tmp = out_dir / "G_model.tmp.h5"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Keras 3 calls HDF5 'legacy'; the attack needs it
-        try:
-            G.save(tmp)
-        except OSError as e:
-            raise OutputError(f"{tmp}: cannot write the generator ({e})") from None
+    try:  # .h5 on purpose: the published weights use it (keras_env drops Keras's notice)
+        G.save(tmp)
+    except OSError as e:
+        raise OutputError(f"{tmp}: cannot write the generator ({e})") from None
     os.replace(tmp, dst)
     return dst
 

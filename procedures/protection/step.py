@@ -111,7 +111,8 @@ def _slab_inputs(run: Run, item, starts: list[int], gen) -> tuple[torch.Tensor, 
     x, delta = torch.cat(xs), torch.cat(ds)
     x, delta = x.to(run.device, non_blocking=True), delta.to(run.device, non_blocking=True)
     if run.cfg.channels_last:
-        x, delta = x.contiguous(memory_format=torch.channels_last), delta.contiguous(memory_format=torch.channels_last)
+        cl = torch.channels_last
+        x, delta = x.contiguous(memory_format=cl), delta.contiguous(memory_format=cl)
     return x, delta
 
 
@@ -123,7 +124,8 @@ def _per_sample_norms(G: nn.Module) -> bool:
 def _slab_protector(run: Run, sl: Slab):
     """starts -> G's protected slabs (n, S, H, W) of sl's volume, with grad, each one's noise drawn
     from sl's rng (in start order): the white-box cube protects every slab it touches. One
-    batched G call where G has no BatchNorm (the U-Net: GroupNorm is per sample), else one a slab."""
+    batched G call where G has no BatchNorm (the U-Net: GroupNorm is per sample), else one a
+    slab."""
     batched = _per_sample_norms(run.G_raw)
     scale = eps_scale(run.cfg, sl.item)
 
@@ -133,7 +135,8 @@ def _slab_protector(run: Run, sl: Slab):
         with run.autocast():
             if batched:
                 return run.G(x, delta, scale=scale)
-            return torch.cat([run.G(x[i:i + 1], delta[i:i + 1], scale=scale) for i in range(len(starts))])
+            return torch.cat([run.G(x[i:i + 1], delta[i:i + 1], scale=scale)
+                              for i in range(len(starts))])
     return protect
 
 
@@ -153,7 +156,8 @@ def _d_step(run: Run, slabs: list[Slab], share: float) -> dict[str, float]:
         with run.autocast():
             sl.x_p = run.G(sl.x, sl.delta, scale=eps_scale(run.cfg, sl.item))
             d_real, d_fake = run.D(sl.x), run.D(sl.x_p.detach())
-            real, fake = run.bce(d_real, torch.ones_like(d_real)), run.bce(d_fake, torch.zeros_like(d_fake))
+            real = run.bce(d_real, torch.ones_like(d_real))
+            fake = run.bce(d_fake, torch.zeros_like(d_fake))
             loss_D = loss_D + share * (real + fake)
         parts["D_real"].append(real.item())
         parts["D_fake"].append(fake.item())
@@ -194,9 +198,11 @@ def _g_step(run: Run, slabs: list[Slab], disruption: list, share: float) -> dict
 
 def train_step(run: Run, entries, step: int, seed: int) -> tuple[dict, list[Slab]]:
     """One optimisation step on this rank's slabs `entries` = [Entry(stream, item, k, s)].
-    Returns (scalars for logging: the named losses, incl. time/gd_s and time/attack_s; the slabs)."""
+    Returns (scalars for logging: the named losses, incl. time/gd_s and time/attack_s; the
+    slabs)."""
     cfg, dev = run.cfg, run.device
-    share = run.world / cfg.batch  # every slab weighs 1/batch in the step's loss; DDP averages ranks
+    # every slab weighs 1/batch in the step's loss; DDP averages ranks
+    share = run.world / cfg.batch
     slabs = [_new_slab(run, Entry(*e), step, seed) for e in entries]
     run.G.train(); run.D.train()
     _sync(dev)
@@ -218,7 +224,8 @@ def train_step(run: Run, entries, step: int, seed: int) -> tuple[dict, list[Slab
     t_gd += time.perf_counter() - t2
 
     with torch.no_grad():
-        pert_hu = torch.cat([((sl.x_p - sl.x).abs() * (sl.item.hu_max - sl.item.hu_min) / 2.0).float().flatten()
+        pert_hu = torch.cat([((sl.x_p - sl.x).abs() * (sl.item.hu_max - sl.item.hu_min) / 2.0)
+                             .float().flatten()
                              for sl in slabs])
     scale = cfg.batch / run.world / len(slabs)  # the weighted sums as means over this rank's slabs
     scalars = {"loss/D": losses.pop("D") * scale, "loss/G": losses.pop("G") * scale}
