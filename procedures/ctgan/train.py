@@ -259,6 +259,21 @@ def _write_json(path: Path, obj) -> None:
 
 
 # --- training ---------------------------------------------------------------------------------
+def _run_epoch(models, x: np.ndarray, batches, desc: str, progress: bool) -> dict:
+    """One epoch of train_step over `batches` (index arrays into x) with a progress bar; the
+    epoch's mean losses and its seconds."""
+    t0 = time.perf_counter()
+    losses = []
+    bar = tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=True)
+    for idx in bar:
+        losses.append(train_step(*models, x[idx]))
+        bar.set_postfix(d=f"{losses[-1]['d_loss']:.4f}", g=f"{losses[-1]['g_loss']:.3f}",
+                        l1=f"{losses[-1]['g_l1']:.4f}")
+    bar.close()
+    rec = {k: float(np.mean([step[k] for step in losses])) for k in losses[0]}
+    return rec | {"seconds": time.perf_counter() - t0}
+
+
 def train(data: TrainingSet, out_dir, cfg: CTGANTrainConfig, progress: bool = True,
           extra_config: dict | None = None) -> TrainResult:
     """Train G and D on `data` (see procedures.ctgan.dataset) and write the model folder."""
@@ -300,18 +315,10 @@ def train(data: TrainingSet, out_dir, cfg: CTGANTrainConfig, progress: bool = Tr
         if (epoch, "start") in saves:
             save_generator(G, out_dir)
             result.saved_epochs = epoch
-        te = time.perf_counter()
         batches = epoch_batches(n, batch, steps, rng, cfg.published_batching, once)
-        losses = []
-        bar = tqdm(batches, desc=f"{cfg.model} epoch {epoch + 1}/{cfg.epochs}",
-                   unit="batch", disable=not progress, leave=True)
-        for idx in bar:
-            losses.append(train_step(G, D, combined, x[idx]))
-            bar.set_postfix(d=f"{losses[-1]['d_loss']:.4f}", g=f"{losses[-1]['g_loss']:.3f}",
-                            l1=f"{losses[-1]['g_l1']:.4f}")
-        bar.close()
-        rec = {k: float(np.mean([l[k] for l in losses])) for k in losses[0]}
-        rec.update(epoch=epoch + 1, seconds=time.perf_counter() - te)
+        rec = _run_epoch((G, D, combined), x, batches, f"{cfg.model} epoch {epoch + 1}/{cfg.epochs}",
+                         progress)
+        rec["epoch"] = epoch + 1
         result.history.append(rec)
         save_progress_image(G, show, out_dir / "progress" / f"epoch_{epoch + 1:03d}.png",
                             f"{cfg.model} epoch {epoch + 1}: D {rec['d_loss']:.4f}  G {rec['g_loss']:.3f}")
