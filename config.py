@@ -238,7 +238,7 @@ def _validate_numbers(cfg: Config) -> None:
             raise UsageError(f"--{name} must be > 0")
     if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
         raise UsageError("--beta1 and --beta2 must be in [0, 1)")
-    # ckpt_every 0 = only at the end (as before validation existed: saved configs keep loading)
+    # ckpt_every 0 = only at the end: a valid choice, and saved configs carry it
     for name in ("max_steps", "sample_every", "ckpt_every", "lambda_disrupt"):
         if getattr(cfg, name) < 0:
             raise UsageError(f"--{name} must be >= 0")

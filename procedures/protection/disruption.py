@@ -110,7 +110,7 @@ class DisruptionTarget:
                 self.attacker.model(action)
             except UnsafeFileError:
                 raise
-            except Exception:  # noqa: BLE001 - reported (and counted) at each step, as before
+            except Exception:  # noqa: BLE001 - a broken model is reported (and counted) per step
                 pass
         self.locator = Locator(cfg)
         self.stats = DisruptionStats()
