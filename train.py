@@ -198,7 +198,8 @@ def train_loop(run: Run, data: Streams, plans: dict[int, list[PlanStep]], start:
                 history["losses"].setdefault(name, []).append(scalars[f"loss/{name}"])
         if master:
             bar.set_postfix(D=f"{scalars['loss/D']:.3f}", G=f"{scalars['loss/G']:.3f}",
-                            rms=f"{scalars['perturbation/rms_hu']:.1f}HU", T=run.disruption.stats.computed)
+                            rms=f"{scalars['perturbation/rms_hu']:.1f}HU",
+                            T=run.disruption.stats.computed)
             if writer is not None and (step % cfg.log_every == 0 or step == n_steps - 1):
                 for name, val in scalars.items():
                     writer.add_scalar(name, val, step)

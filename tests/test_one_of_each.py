@@ -13,7 +13,8 @@ def test_location_rows_vox_world_and_blank(tmp_path):
     p = tmp_path / "l.csv"
     p.write_text("Filename, z ,y,x,coord\na.mhd,1,2,3,vox\nb.mhd,-1.5,2,3,world\nc.mhd,,,,\n")
     rows = read_locations_csv(p, need_filename=True, skip_blank=True)
-    assert [(r.filename, r.world, r.line) for r in rows] == [("a.mhd", False, 2), ("b.mhd", True, 3)]
+    assert [(r.filename, r.world, r.line) for r in rows] == [("a.mhd", False, 2),
+                                                             ("b.mhd", True, 3)]
     np.testing.assert_array_equal(rows[1].zyx, [-1.5, 2.0, 3.0])
     with pytest.raises(InputFileError, match="line 4"):  # a blank row is refused unless skipped
         read_locations_csv(p, need_filename=True)

@@ -241,7 +241,8 @@ class DifferentiableTamper(nn.Module):
     @classmethod
     def from_model_dirs(cls, inj_dir=None, rem_dir=None, device=None, **kw) -> "DifferentiableTamper":
         """From CT-GAN model folders: procedures.attacker.model_dir.load_differentiable."""
-        from procedures.attacker.model_dir import load_differentiable  # lazy: it imports this module
+        # lazy: model_dir imports this module
+        from procedures.attacker.model_dir import load_differentiable
 
         return load_differentiable(inj_dir, rem_dir, device=device, **kw)
 

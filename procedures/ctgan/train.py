@@ -316,8 +316,8 @@ def train(data: TrainingSet, out_dir, cfg: CTGANTrainConfig, progress: bool = Tr
             save_generator(G, out_dir)
             result.saved_epochs = epoch
         batches = epoch_batches(n, batch, steps, rng, cfg.published_batching, once)
-        rec = _run_epoch((G, D, combined), x, batches, f"{cfg.model} epoch {epoch + 1}/{cfg.epochs}",
-                         progress)
+        desc = f"{cfg.model} epoch {epoch + 1}/{cfg.epochs}"
+        rec = _run_epoch((G, D, combined), x, batches, desc, progress)
         rec["epoch"] = epoch + 1
         result.history.append(rec)
         save_progress_image(G, show, out_dir / "progress" / f"epoch_{epoch + 1:03d}.png",

@@ -208,7 +208,8 @@ def protect_targets(dt, hu: np.ndarray, spacing, targets, s: TargetSettings, *, 
 
 def load_attacker(models, actions=("inject", "remove"), device=None):
     """The differentiable CT-GAN (spline resampling, as the Keras pipeline) from a models folder."""
-    from procedures.attacker.model_dir import load_attacker_pair  # lazy: SciPy; reading targets needs none of it
+    # lazy: the attacker pulls SciPy; reading targets needs none of it
+    from procedures.attacker.model_dir import load_attacker_pair
 
     return load_attacker_pair(models, device, actions)
 
