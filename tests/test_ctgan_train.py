@@ -157,7 +157,7 @@ def test_csv_errors(tmp_path, scan_dir):
         ds.build_training_set(out, progress=False)
     coord = scan_dir / "coord.csv"
     coord.write_text("filename,z,y,x,coord\nph.mhd,20,32,40,mm\n")
-    with pytest.raises(CoordinateError, match="vox"):
+    with pytest.raises(InputFileError, match="vox"):  # a malformed file, like a bad number
         ds.read_locations(coord)
 
 
