@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.atomic import check_output_dir, ensure_not_input, os_error_message
+from utils.cli import cli_main
 from utils.errors import CliParser, MitsError, OutputError, ScanFormatError, UsageError, run_cli
 from utils.scan_io import load_scan, save_dicom_series, save_mhd
 
@@ -171,7 +172,7 @@ class Viewer:
 
     def save(self) -> Path:
         """Write the shown volume (with its tampers) into out_dir, as the source's dtype."""
-        from procedures.protection.apply import protected_scan  # lazy: it pulls torch (fast --help)
+        from procedures.protection.apply import scan_with_hu  # lazy: it pulls torch (fast --help)
         from utils.scan_paths import scan_stem
 
         try:
@@ -182,9 +183,9 @@ class Viewer:
         k = 1
         while any(self.out_dir.glob(f"{stem}_{k:03d}*")):
             k += 1
-        # protected_scan: source geometry/metadata, int16 when the source is; source_path set so
+        # scan_with_hu: source geometry/metadata, int16 when the source is; source_path set so
         # the writers refuse to overwrite the input.
-        out = dataclasses.replace(protected_scan(self.scan, self.current), source_path=self.scan.source_path)
+        out = dataclasses.replace(scan_with_hu(self.scan, self.current), source_path=self.scan.source_path)
         if self.fmt == "dicom":
             path = save_dicom_series(out, self.out_dir / f"{stem}_{k:03d}",
                                      series_description=f"CT-GAN tampered ({self.showing})")
@@ -213,11 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
+@cli_main(build_parser)
+def main(args) -> int:
     try:
         window = tuple(float(v) for v in args.window.split(","))
         assert len(window) == 2 and window[1] > window[0]

@@ -52,11 +52,11 @@ demo: ctgan ctgan-holdout
 	    --holdout-models models/holdout --out runs/demo/eval --no-progress
 	@cat runs/demo/eval/results.md
 
-# A long untargeted (white-box, `default` preset) run on one GPU: run length was the lever that
+# A long untargeted (white-box, `whitebox` preset) run on one GPU: run length was the lever that
 # helped in the CPU measurements (docs/training.md, "Untargeted protection: what each lever does").
 .PHONY: train-gpu
 train-gpu: ctgan
-	$(PY) train.py --preset default --device cuda --epochs 200 --out_dir runs/gpu-untargeted
+	$(PY) train.py --preset whitebox --device cuda --epochs 200 --out_dir runs/gpu-untargeted
 
 test: data dicom3tools
 	$(PY) -m pytest -q -m "not slow"
@@ -67,7 +67,7 @@ test-all: data dicom3tools
 clean:
 	rm -rf runs out .pytest_cache
 
-# On a CUDA machine (PyTorch, no TensorFlow needed): bench, a short default training, evaluate,
+# On a CUDA machine (PyTorch, no TensorFlow needed): bench, a short whitebox training, evaluate,
 # protect and tamper, each timed with a limit; stops at the first failure (docs/performance.md).
 # No install step: the venv's python when there is one, else the machine's (GPU_PY=... to choose).
 GPU_PY ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))

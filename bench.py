@@ -64,7 +64,8 @@ def main(argv=None) -> int:
     for name in ("warmup", "steps", "tamper_reps", "size", "depth", "protect_slices", "ctgan_gf"):
         if getattr(args, name) < (0 if name == "warmup" else 1):
             raise UsageError(f"--{name} must be positive")
-    from procedures.benchmarking.benchmark import markdown, run_sections  # lazy: torch after --help
+    from procedures.benchmarking.benchmark import run_sections  # lazy: torch after --help
+    from procedures.benchmarking.report import markdown
 
     command = "python bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
     res = run_sections(args, set(sections), command)

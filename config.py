@@ -13,9 +13,10 @@ Presets:
              step, near-end rule, silent zero on attacker errors, HU mapping by slab min-max,
              CT-GAN's border cut/paste, bias-free D); each is a field (docs/fidelity.md).
   demo       small networks on CPU in minutes, on the real scans resampled to 2.5 mm.
-  default    our recommended model (beyond the paper): U-Net on slabs with a perturbation
+  whitebox   our recommended model (beyond the paper): U-Net on slabs with a perturbation
              bound in HU, PatchGAN, gradients through a PyTorch port of CT-GAN (inject and remove
              each step), tamper inside the slab and the lungs, int16 quantisation in the loop.
+             (`--preset default` is its former name and still works.)
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -118,8 +120,8 @@ PRESETS: dict[str, dict] = {
         near_end_rule=True, tamper_z="published", tamper_yx="published", d_bias=False,
         d_sigmoid=True, attack_borders="published", missing_model="unchanged", span_guard=False,
         mhd_only=True),
-    "default": dict(
-        out_dir="runs/default", generator="unet", discriminator="patch", g_width=32, d_width=32,
+    "whitebox": dict(
+        out_dir="runs/whitebox", generator="unet", discriminator="patch", g_width=32, d_width=32,
         eps_hu=10.0, fidelity_weight=10.0, attack_mode="whitebox", whitebox_both=True,
         whitebox_cube=True, quantize=True, lambda_disrupt=1.0, tamper_z="slab", tamper_yx="lung",
         hu_mapping="volume", near_end_rule=False,
@@ -131,6 +133,9 @@ PRESETS: dict[str, dict] = {
         epochs=2, tamper_z="slab", tamper_yx="lung", hu_mapping="volume", near_end_rule=False,
         sample_every=20, ckpt_every=50, save_img_result=True),
 }
+
+# Former preset names: still accepted, with a one-line notice on stderr.
+PRESET_ALIASES = {"default": "whitebox"}
 
 CHOICES = {
     "generator": ("published", "unet"),
@@ -180,12 +185,15 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         if f.name in CHOICES:
             kw["choices"] = CHOICES[f.name]
         if f.name == "preset":
-            kw["choices"] = tuple(PRESETS)
+            kw["choices"] = tuple(PRESETS) + tuple(PRESET_ALIASES)
         p.add_argument(f"--{f.name}", **kw)
     return p
 
 
 def make_config(preset: str = "paper", **overrides) -> Config:
+    if preset in PRESET_ALIASES:
+        print(f"note: preset {preset!r} is now called {PRESET_ALIASES[preset]!r}", file=sys.stderr)
+        preset = PRESET_ALIASES[preset]
     if preset not in PRESETS:
         raise UsageError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     values = {**PRESETS[preset], **overrides, "preset": preset}
@@ -230,7 +238,7 @@ def _validate_numbers(cfg: Config) -> None:
             raise UsageError(f"--{name} must be > 0")
     if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
         raise UsageError("--beta1 and --beta2 must be in [0, 1)")
-    # ckpt_every 0 = only at the end (as before validation existed: saved configs keep loading)
+    # ckpt_every 0 = only at the end: a valid choice, and saved configs carry it
     for name in ("max_steps", "sample_every", "ckpt_every", "lambda_disrupt"):
         if getattr(cfg, name) < 0:
             raise UsageError(f"--{name} must be >= 0")

@@ -25,7 +25,7 @@ Protection methods (--methods, comma-separated):
             with --locations targets (held-out offsets of odd parity around each target);
             random +-eps signs elsewhere (the signs column's draw)
   targeted_bare  the same targeted perturbation with nothing elsewhere
-  mitsgan2  a second MITS-GAN checkpoint (--checkpoint2), e.g. the white-box `default` model
+  mitsgan2  a second MITS-GAN checkpoint (--checkpoint2), e.g. the white-box `whitebox` model
   mitsgan_float, mitsgan2_float
             the same generators' float32 output, not rounded to the scan's int16 storage
             (every other column is evaluated as stored): what storage does to the protection
@@ -46,6 +46,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from utils.cli import cli_main
 from utils.errors import CliParser, OutputError, UsageError, run_cli
 from utils.metrics import LPIPS_WEIGHTS_HELP
 # lazy: procedures.* (torch, SciPy), tqdm and the scan I/O are imported inside the functions
@@ -155,7 +156,7 @@ METHODS["tafim"] = _build_tafim
 
 def _build_mitsgan2(args, ctx):
     """A second MITS-GAN checkpoint as its own columns (e.g. the published black-box model
-    beside the bounded white-box `default` one)."""
+    beside the bounded `whitebox` one)."""
     from procedures.evaluation.methods import mitsgan_method
 
     if not args.checkpoint2:
@@ -305,11 +306,8 @@ def _attackers(args, actions) -> dict:
     return out
 
 
-def main(argv=None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
+@cli_main(build_parser)
+def main(args) -> int:
     names, actions, curve_eps = _check_args(args)
 
     from tqdm import tqdm

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from utils.cli import cli_main
 from utils.errors import CliParser, OutputError, UsageError, run_cli
 # lazy: procedures.* (torch, SciPy), tqdm and the scan I/O are imported inside the functions
 # that use them, so --help and argument errors answer at once without loading torch.
@@ -73,11 +74,11 @@ def output_path(scan_path: Path, out: Path, fmt: str) -> Path:
     return out / (name + ".mhd" if fmt == "mhd" else name)
 
 
-def check_output(scan_path: Path, target: Path) -> None:
+def check_output(scan_path: Path, out_path: Path) -> None:
     """Refuse any output file that is a file the input reads (its header's data file included)."""
     from utils.scan_io import refuse_overwrite
 
-    refuse_overwrite(target, scan_path)
+    refuse_overwrite(out_path, scan_path)
 
 
 def check_args(args) -> None:
@@ -117,15 +118,12 @@ def write(result, target: Path, fmt: str) -> Path:
     return save_dicom_series(result, target, series_description="MITS-GAN protected")
 
 
-def main(argv=None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
+@cli_main(build_parser)
+def main(args) -> int:
     check_args(args)
     from tqdm import tqdm
 
-    from procedures.protection.apply import load_generator, protect_hu, protected_scan
+    from procedures.protection.apply import load_generator, protect_hu, scan_with_hu
     from utils.device import pick_device
     from utils.atomic import check_output_dir
     from utils.metrics import perturbation_stats
@@ -163,7 +161,7 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - t0
     stats = perturbation_stats(out, hu)
 
-    written = write(dataclasses.replace(protected_scan(scan, out), source_path=str(scan_path)),
+    written = write(dataclasses.replace(scan_with_hu(scan, out), source_path=str(scan_path)),
                     target, fmt)
     how = [f"{cfg.generator} generator"] if G is not None else []
     how += [f"{len(centres)} target(s), eps {args.eps:g} HU"] if centres else []

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from utils.errors import InputFileError
+from utils.hu_range import to_hu, to_net
 from utils.scan_io import Scan, load_scan
 from utils.scan_paths import SCAN_SUFFIXES, is_scan_name
 
@@ -60,13 +61,7 @@ class VolumeItem:
 def normalise(hu: np.ndarray) -> tuple[np.ndarray, float, float]:
     """Per-volume min-max to [-1, 1] (float64 arithmetic, as published)."""
     lo, hi = float(hu.min()), float(hu.max())
-    span = hi - lo if hi > lo else 1.0
-    return (hu.astype(np.float64) - lo) / span * 2.0 - 1.0, lo, hi
-
-
-def to_hu(v, hu_min: float, hu_max: float):
-    span = hu_max - hu_min if hu_max > hu_min else 1.0
-    return (v + 1.0) / 2.0 * span + hu_min
+    return to_net(hu.astype(np.float64), lo, hi), lo, hi
 
 
 class ScanDataset(torch.utils.data.Dataset):

@@ -16,9 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from utils.atomic import check_output_dir, os_error_message
+from utils.cli import cli_main
 from utils.errors import CliParser, CoordinateError, OutputError, UsageError, run_cli
 from utils.scan_io import load_scan, refuse_overwrite, save_dicom_series, save_mhd, save_numpy
 from utils.scan_paths import scan_stem
+from utils.stored import int_limits, stored_as
 
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _COORD = re.compile(rf"^\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*$")
@@ -83,26 +85,20 @@ def parse_coord(text: str) -> np.ndarray:
     return np.array([float(g) for g in m.groups()])
 
 
-def output_path(target: Path, dest: Path, fmt: str) -> Path:
+def output_path(scan_path: Path, dest: Path, fmt: str) -> Path:
     """<dest>/<name>_tampered.mhd / .npy, or the DICOM folder <name>_tampered; <name> is the
     scan's name without its format suffix (a DICOM folder's name as it is)."""
-    stem = target.name if target.is_dir() else scan_stem(target)
+    stem = scan_path.name if scan_path.is_dir() else scan_stem(scan_path)
     return dest / (f"{stem}_tampered" + {"dicom": "", "mhd": ".mhd", "numpy": ".npy"}[fmt])
 
 
 def _output_hu(tampered: np.ndarray, original_dtype) -> np.ndarray:
     """Integer scans stay integer on disk (CT HU are int16 on disk): round and clip."""
-    if np.issubdtype(original_dtype, np.integer):
-        info = np.iinfo(original_dtype)
-        return np.clip(np.round(tampered), info.min, info.max).astype(original_dtype)
-    return tampered.astype(np.float32)
+    return stored_as(tampered, original_dtype if int_limits(original_dtype) else np.float32)
 
 
-def main(argv=None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
+@cli_main(build_parser)
+def main(args) -> int:
     coords = [parse_coord(c) for c in args.coord]
 
     # lazy: SciPy and torch only after --help
@@ -110,27 +106,27 @@ def main(argv=None) -> int:
                                               published_shape_error)
     from utils.scan import check_coord
 
-    target = Path(args.target)
+    scan_path = Path(args.target)
     scan = load_scan(args.target)
-    is_dicom = target.is_dir()
+    is_dicom = scan_path.is_dir()
     fmt = args.outformat or ("dicom" if is_dicom else "mhd")
     dest = Path(args.destination)
     if dest.exists() and not dest.is_dir():
         raise OutputError(f"cannot write {dest}: exists and is not a folder")
     check_output_dir(dest)  # before any model is loaded or any tamper is done
-    out = output_path(target, dest, fmt)
-    refuse_overwrite(out, target)  # not over any file the input reads, not inside its folder
+    out = output_path(scan_path, dest, fmt)
+    refuse_overwrite(out, scan_path)  # not over any file the input reads, not inside its folder
 
     # All coordinates are checked before any model is loaded or anything is written.
     vox = [c if args.system == "vox" else scan.world2vox(c) for c in coords]
     for v in vox:
         check_coord(v, scan.shape)
-    check_cube_fits(scan.shape, scan.spacing, target)
+    check_cube_fits(scan.shape, scan.spacing, scan_path)
     if args.published_resample and published_shape_error(scan.spacing):
-        raise AttackShapeError(f"{target}: {published_shape_error(scan.spacing)}")
+        raise AttackShapeError(f"{scan_path}: {published_shape_error(scan.spacing)}")
 
     man = _manipulator(args)
-    man.load_target(scan)
+    man.set_scan(scan)
     t0 = time.perf_counter()
     man.model(args.action)
     print(f"loaded the {args.action} model from {man.model_dir} in {time.perf_counter() - t0:.2f} s")

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from procedures.benchmarking.benchmark import phantom as make_phantom  # the one synthetic chest
+from utils.phantom import phantom as make_phantom  # the one synthetic chest
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
@@ -79,7 +79,8 @@ def empty_models(tmp_path_factory):
 def held_ctgan_models(tiny_ctgan_models):
     """The tiny CT-GAN folder, its injector kept loaded: evaluate's ScanManipulator then reuses
     it (CTGANModel.shared) instead of loading the Keras model again for every bad input."""
-    from procedures.attacker.pipeline import SUBDIR, CTGANModel
+    from procedures.attacker.model_dir import SUBDIR
+    from procedures.attacker.pipeline import CTGANModel
 
     held = CTGANModel.shared(tiny_ctgan_models / SUBDIR["inject"])
     yield tiny_ctgan_models

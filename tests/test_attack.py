@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import shutil
-import time
 
 import numpy as np
 import pytest
@@ -192,10 +191,10 @@ def test_world_coordinates(man, models):
     scan = Scan(hu=hu, spacing=(1.25, 1.0, 1.0), origin=(-100.0, 20.0, -40.0))
     vox = np.array([30, 48, 60])
     a = ScanManipulator(models)
-    a.load_target(scan)
+    a.set_scan(scan)
     sa = a.tamper(vox, "inject", isVox=True)
     by_vox = a.scan.hu
-    a.load_target(scan)
+    a.set_scan(scan)
     sb = a.tamper(scan.vox2world(vox + 0.25), "inject", isVox=False)
     assert sa == sb
     np.testing.assert_array_equal(a.scan.hu, by_vox)
@@ -237,18 +236,6 @@ def test_model_that_runs_code_is_refused(models, tmp_path):
 
 
 @pytest.mark.tf
-def test_time_per_tamper(man):
-    vol = big_phantom((60, 192, 192))
-    man.tamper_volume(vol, (2.5, 0.7, 0.7), (30, 96, 120), "inject")    # warm-up (tracing)
-    t0 = time.process_time()
-    for _ in range(3):
-        man.tamper_volume(vol, (2.5, 0.7, 0.7), (30, 96, 120), "inject")
-    per = (time.process_time() - t0) / 3
-    print(f"CPU time per tamper (gf=2): {per:.3f} s")
-    assert per < 2.0   # target < 1 s; loose for a loaded CI machine
-
-
-@pytest.mark.tf
 @pytest.mark.realdata
 def test_real_scan_inject_at_its_nodule(man, models, real_data_dir):
     import pandas as pd
@@ -259,7 +246,7 @@ def test_real_scan_inject_at_its_nodule(man, models, real_data_dir):
     row = nod[nod.filename == "lung1.mhd"].iloc[0]
     coord = (int(row.z), int(row.y), int(row.x))
     m = ScanManipulator(models)
-    m.load_target(scan)
+    m.set_scan(scan)
     before = m.scan.hu.copy()
     sl = m.tamper(coord, "inject")
     assert sl == m.footprint(scan.shape, scan.spacing, coord)

@@ -83,7 +83,7 @@ def test_config_chooses_the_attacker(tiny_ctgan_models):
     assert attacker_impl(cfg) == "keras"                  # auto on the CPU
     torch_cfg = config_mod.make_config("paper", models_dir=str(tiny_ctgan_models), device="cpu",
                                        attacker_impl="torch")
-    assert isinstance(DisruptionTarget(torch_cfg).manip, TorchScanManipulator)
+    assert isinstance(DisruptionTarget(torch_cfg).attacker, TorchScanManipulator)
     ref = config_mod.make_config("reference", models_dir=str(tiny_ctgan_models), device="cpu")
     assert attacker_impl(ref) == "keras"
     with pytest.raises(UsageError, match="published"):
@@ -145,7 +145,7 @@ def test_the_torch_attacker_needs_no_tensorflow_or_keras(tiny_ctgan_models):
 
     code = ("import sys, numpy as np\n"
             "from procedures.attacker.torch_attacker import TorchScanManipulator\n"
-            "from procedures.benchmarking.benchmark import phantom\n"
+            "from utils.phantom import phantom\n"
             f"m = TorchScanManipulator({str(tiny_ctgan_models)!r})\n"
             "v = phantom((40, 64, 64)).astype(np.float32)\n"
             "m.tamper_volume(v, (2.5, 0.7, 0.7), (20, 32, 46), 'inject')\n"

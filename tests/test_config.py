@@ -6,14 +6,30 @@ import config as config_mod
 from utils.errors import UsageError
 
 
-def test_presets_and_overrides():
-    ref = config_mod.parse_args(["--preset", "reference"])
-    assert (ref.dtype, ref.epochs, ref.slab, ref.lr_g, ref.lr_d) == ("float64", 5, 4, 2e-4, 2e-4)
-    assert (ref.beta1, ref.beta2, ref.lambda_disrupt) == (0.5, 0.999, 0.1)
-    assert ref.reread_scan and not ref.exact_resample and ref.attack_errors == "silent"
-    demo = config_mod.parse_args(["--preset", "demo", "--epochs", "3", "--save_img_result", "false"])
-    assert demo.epochs == 3 and demo.save_img_result is False and demo.generator == "unet"
-    assert config_mod.parse_args([]).preset == "paper"
+@pytest.mark.parametrize("preset", sorted(config_mod.PRESETS))
+def test_every_preset_is_valid_and_the_command_line_wins(preset):
+    cfg = config_mod.parse_args(["--preset", preset])
+    assert cfg.preset == preset
+    for name, value in config_mod.PRESETS[preset].items():
+        assert getattr(cfg, name) == value
+    over = config_mod.parse_args(["--preset", preset, "--epochs", "3", "--slab", "2",
+                                  "--save_img_result", "false"])
+    assert (over.epochs, over.slab, over.save_img_result) == (3, 2, False)
+
+
+def test_paper_is_the_default_and_shares_the_published_optimisation_with_reference():
+    paper, ref = config_mod.parse_args([]), config_mod.make_config("reference")
+    assert paper.preset == "paper"
+    for name in ("epochs", "slab", "batch", "lr_g", "lr_d", "beta1", "beta2", "lambda_disrupt",
+                 "generator", "discriminator", "g_width", "d_width", "attack_mode"):
+        assert getattr(paper, name) == getattr(ref, name), name
+
+
+def test_former_preset_name_still_works_with_one_notice(capsys):
+    old = config_mod.parse_args(["--preset", "default"])
+    err = capsys.readouterr().err
+    assert old == config_mod.make_config("whitebox")
+    assert err.count("\n") == 1 and "whitebox" in err
 
 
 @pytest.mark.parametrize("argv", [["--no_such_flag", "1"], ["--epochs", "x"], ["--preset", "nope"],

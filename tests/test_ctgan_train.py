@@ -157,7 +157,7 @@ def test_csv_errors(tmp_path, scan_dir):
         ds.build_training_set(out, progress=False)
     coord = scan_dir / "coord.csv"
     coord.write_text("filename,z,y,x,coord\nph.mhd,20,32,40,mm\n")
-    with pytest.raises(CoordinateError, match="vox"):
+    with pytest.raises(InputFileError, match="vox"):  # a malformed file, like a bad number
         ds.read_locations(coord)
 
 
@@ -317,12 +317,14 @@ def test_tiny_training_via_cli_writes_the_model_folder_and_is_reproducible(tmp_p
 
 
 @pytest.mark.tf
-def test_keras3_loads_a_keras2_h5_generator(tmp_path):
-    """A G_model.h5 written by Keras 2 (tf_keras, the published CT-GAN's format) loads in Keras 3
-    and computes the same cube."""
+def test_the_attacker_loads_a_published_keras2_generator(tmp_path, tiny_ctgan_models):
+    """A G_model.h5 written by Keras 2 (tf_keras, the published CT-GAN's format) in a model
+    folder: our attacker's loader (procedures.attacker.pipeline.CTGANModel) computes its cube."""
+    import shutil
+
+    from procedures.attacker.pipeline import CTGANModel
+
     tf_keras = pytest.importorskip("tf_keras")
-    from procedures.attacker.keras_env import get_keras
-    keras = get_keras(_backend())
     L = tf_keras.layers
     gf = 2
 
@@ -354,12 +356,12 @@ def test_keras3_loads_a_keras2_h5_generator(tmp_path):
         if isinstance(layer, L.BatchNormalization):
             g, b, m, v = layer.get_weights()
             layer.set_weights([g * 1.3, b + 0.1, m + rng.normal(0, 0.1, m.shape), v * 2.0])
-    path = tmp_path / "G_model.h5"
-    g2.save(path)
+    folder = tmp_path / "INJ"
+    shutil.copytree(tiny_ctgan_models / "INJ", folder)
+    g2.save(folder / "G_model.h5")
 
     cube = rng.uniform(-0.5, 0.5, size=(1, 32, 32, 32, 1)).astype(np.float32)
     ref = g2.predict(cube, verbose=0)
-    g3 = keras.models.load_model(path, compile=False)
-    got = np.asarray(g3.predict(cube, verbose=0))
+    got = CTGANModel(folder, backend=_backend()).generate(cube)
     assert got.shape == ref.shape == (1, 32, 32, 32, 1)
     np.testing.assert_allclose(got, ref, atol=1e-5)

@@ -1,5 +1,5 @@
 """train.py under torchrun with DistributedDataParallel (gloo, CPU): 2 ranks x 2 slabs give the
-same weights as 1 rank x 4 slabs (docs/training.md#several-gpus). The default preset: U-Net (GroupNorm), PatchGAN,
+same weights as 1 rank x 4 slabs (docs/training.md#several-gpus). The whitebox preset: U-Net (GroupNorm), PatchGAN,
 gradients through the PyTorch CT-GAN port, one attacker per rank.
 
 float64: in float32 the runs agree to ~1e-5, not better, because Adam turns the rounding noise of
@@ -31,7 +31,7 @@ def _free_port() -> int:
 def torchrun(nproc: int, data: Path, models: Path, out: Path, *extra) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "train.py",
-           "--preset", "default", "--data_dir", str(data), "--models_dir", str(models), "--out_dir", str(out),
+           "--preset", "whitebox", "--data_dir", str(data), "--models_dir", str(models), "--out_dir", str(out),
            "--g_width", "4", "--d_width", "4", "--lr_g", "0.01", "--epochs", "1", "--device", "cpu",
            "--progress", "false", "--sample_every", "0", "--save_img_result", "false", "--dtype", "float64",
            *extra]
@@ -56,6 +56,7 @@ def volumes(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_rank_with_the_same_global_batch(volumes, tiny_ctgan_models, tmp_path):
     # Each rank runs two slabs a step (two forwards of G and four of D before one backward).
     one = torchrun(1, volumes, tiny_ctgan_models, tmp_path / "one", "--batch", "4", "--max_steps", "3")

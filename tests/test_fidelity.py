@@ -26,9 +26,9 @@ def models(tiny_ctgan_models):
     yield tiny_ctgan_models
 
 
-def _target(cfg, manipulator=None):
+def _target(cfg, attacker=None):
     from procedures.protection.disruption import DisruptionTarget
-    return DisruptionTarget(cfg, manipulator=manipulator)
+    return DisruptionTarget(cfg, attacker=attacker)
 
 
 def _items(folder, mhd_only=True):
@@ -50,11 +50,11 @@ def test_published_behaviours_are_fields_that_any_preset_can_take(tmp_path):
     models = _empty_models(tmp_path / "m")
     cfg = make_config("paper", models_dir=str(models), attack_borders="published",
                       missing_model="unchanged", d_bias=False, d_sigmoid=True)
-    man = _target(cfg).manip
+    man = _target(cfg).attacker
     assert (man.borders, man.missing_model) == ("published", "unchanged")
     d = build_discriminator(cfg, 512)
     assert d.sigmoid_head and not any(m.bias is not None for m in d.modules() if isinstance(m, torch.nn.Conv2d))
-    ref = _target(make_config("reference", models_dir=str(models))).manip
+    ref = _target(make_config("reference", models_dir=str(models))).attacker
     assert (ref.borders, ref.missing_model, ref.exact_resample) == ("published", "unchanged", False)
 
 
@@ -103,7 +103,7 @@ def test_reference_attack_cannot_tamper_a_5mm_scan(models, real_data_dir):
     from procedures.attacker.pipeline import AttackShapeError
 
     scan = load_scan(real_data_dir / "lung1.mhd")        # 5 mm slices
-    man = _target(make_config("reference", models_dir=str(models))).manip
+    man = _target(make_config("reference", models_dir=str(models))).attacker
     vol = scan.hu.astype(np.float64)
     with pytest.raises(AttackShapeError, match=r"=30 != 32"):
         man.tamper_volume(vol, scan.spacing, (33, 359, 218), "inject")
@@ -178,8 +178,8 @@ def test_reference_preset_forms_T_on_17_of_21_eligible_sub_batches(models, real_
                 continue
             T = t.target(item, s, item.volume[s:s + 4].numpy(), j, rng)
             outcome[(item.path.split("/")[-1], s)] = T is not None
-            if t.manip.last_scan_shape and t.manip.last_scan_shape[0] != depth:
-                grown[(item.path.split("/")[-1], s)] = (depth, t.manip.last_scan_shape[0])
+            if t.attacker.last_scan_shape and t.attacker.last_scan_shape[0] != depth:
+                grown[(item.path.split("/")[-1], s)] = (depth, t.attacker.last_scan_shape[0])
     failed = sorted(k for k, ok in outcome.items() if not ok)
     assert len(outcome) == 21 and sum(outcome.values()) == 17
     assert failed == [("lung1.mhd", 52), ("lung1.mhd", 56), ("lung2.mhd", 80), ("lung2.mhd", 84)]

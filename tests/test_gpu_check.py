@@ -34,7 +34,7 @@ def test_plan_runs_every_step_on_the_device_with_keras_on_torch(npy_data, tmp_pa
         assert "cuda" in s.argv, s.name
     joined = {s.name: " ".join(s.argv) for s in steps}
     assert "--keras_backend torch" in joined["bench"] and "--keras_backend torch" in joined["train"]
-    assert "--preset default" in joined["train"] and "--max_steps 300" in joined["train"]
+    assert "--preset whitebox" in joined["train"] and "--max_steps 300" in joined["train"]
     assert "--impl torch" in joined["tamper"] and "s0.npy" in joined["protect"]
     assert "attacker_impl=keras" in joined["bench"] and "amp=bf16" in joined["bench"]
 

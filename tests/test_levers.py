@@ -9,8 +9,9 @@ import torch
 
 import config as config_mod
 import train
+from procedures.protection import step
 from conftest import build_tiny_ctgan_models, make_phantom
-from procedures.protection.disruption import Slab
+from procedures.attacker.interface import Slab
 from utils.errors import UsageError
 from utils.scan_io import Scan, save_mhd
 
@@ -28,7 +29,7 @@ def item(tmp_path_factory):
 def _setup(models, **kw):
     from generator import UNetGenerator
     from procedures.protection.whitebox import WhiteboxDisruption
-    cfg = config_mod.make_config("default", models_dir=str(models), eps_hu=50.0, whitebox_cube=False, **kw)
+    cfg = config_mod.make_config("whitebox", models_dir=str(models), eps_hu=50.0, whitebox_cube=False, **kw)
     torch.manual_seed(0)
     G = UNetGenerator(slab=4, width=4, depth=2, out_init_std=0.1)
     return cfg, G, WhiteboxDisruption(cfg, torch.device("cpu"))
@@ -80,18 +81,19 @@ def test_ensemble_loss_is_the_mean_over_attackers(item, tiny_ctgan_models, tmp_p
 def test_cube_slabs_in_one_batched_call_equal_one_call_each(item, tiny_ctgan_models):
     """The U-Net (GroupNorm: per sample) protects the cube's other slabs in one call; the result
     equals protecting each on its own with the same noise draws."""
-    cfg = config_mod.make_config("default", models_dir=str(tiny_ctgan_models), g_width=4, d_width=4)
-    run = train.build_run(cfg, 48, torch.device("cpu"), torch.float32)
-    assert train._per_sample_norms(run.G_raw)
+    cfg = config_mod.make_config("whitebox", models_dir=str(tiny_ctgan_models), g_width=4, d_width=4)
+    run = step.build_run(cfg, 48, torch.device("cpu"), torch.float32)
+    assert step._per_sample_norms(run.G_raw)
     run.G.train()
     sl = _slab(cfg, run.G, item)
     sl.rng = np.random.default_rng(11)
-    batched = train._slab_protector(run, sl)([0, 4, 12])
+    batched = step._slab_protector(run, sl)([0, 4, 12])
     rng = np.random.default_rng(11)
-    for i, t in enumerate([0, 4, 12]):
+    for i, t in enumerate([0, 4, 12]):  # each slab by hand: its slices, its own noise draw
         gen = torch.Generator().manual_seed(int(rng.integers(2 ** 63)))
-        x, delta = train._slab_inputs(run, item, [t], lambda: gen)
-        one = run.G(x, delta, scale=2 * cfg.eps_hu / (item.hu_max - item.hu_min))
+        x = item.volume[t:t + cfg.slab].unsqueeze(0)
+        delta = torch.rand(x.shape, generator=gen, dtype=torch.float32)
+        one = run.G(x, delta, scale=eps_scale(cfg, item))
         torch.testing.assert_close(batched[i:i + 1], one, rtol=1e-5, atol=1e-6)
 
 
@@ -105,19 +107,19 @@ def test_levers_need_whitebox(argv):
 def test_bad_lever_values():
     for kw in ({"wb_locations": 0}, {"wb_shift": -1}):
         with pytest.raises(UsageError):
-            config_mod.make_config("default", **kw)
+            config_mod.make_config("whitebox", **kw)
 
 
 def test_training_with_levers_logs_named_losses(item, tiny_ctgan_models, tmp_path):
     out = tmp_path / "run"
-    argv = ["--preset", "default", "--data_dir", str(Path(item.path).parent),
+    argv = ["--preset", "whitebox", "--data_dir", str(Path(item.path).parent),
             "--models_dir", str(tiny_ctgan_models), "--out_dir", str(out), "--g_width", "4",
             "--d_width", "4", "--progress", "false", "--sample_every", "0", "--max_steps", "2",
             "--wb_locations", "3", "--wb_shift", "1", "--ensemble_models", str(tiny_ctgan_models)]
     assert train.main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["disruption"]["computed"] == 2 and summary["disruption"]["errors"] == {}
-    assert set(summary["losses"]) == set(train.LOSS_NAMES)
+    assert set(summary["losses"]) == set(step.LOSS_NAMES)
     assert summary["losses"]["G_disrupt"] > 0
     saved = json.loads((out / "config.json").read_text())
     assert (saved["wb_locations"], saved["wb_shift"]) == (3, 1)

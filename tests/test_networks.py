@@ -37,7 +37,7 @@ def test_bounded_unet_starts_off_the_identity():
     on average), an unbounded one at the identity."""
     torch.manual_seed(0)
     x = torch.rand(1, 4, 64, 64) * 1.6 - 0.8
-    bounded = build_generator(config_mod.make_config("default", g_width=8))
+    bounded = build_generator(config_mod.make_config("whitebox", g_width=8))
     unbounded = build_generator(config_mod.make_config("demo"))
     assert torch.equal(unbounded(x), x)
     p = bounded.perturbation(x)

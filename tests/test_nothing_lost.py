@@ -242,7 +242,7 @@ def _kill_and_resume(tmp_path: Path, models: Path, steps: int, kills, *extra):
     for i in range(2):
         save_mhd(Scan(make_phantom((16, 40, 40), seed=i), SPACING, (-40.0 * i, 10.0, -20.0)), data / f"vol{i}.mhd")
     full_out, cut_out = tmp_path / "full", tmp_path / "cut"
-    rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+    rng = np.random.default_rng(20260)  # fixed: a failure reruns with the same kill delays
     ckpt = cut_out / "checkpoint.pt"
     log = tmp_path / "cut.log"
     cut_steps = []
@@ -265,6 +265,7 @@ def _kill_and_resume(tmp_path: Path, models: Path, steps: int, kills, *extra):
     return cut_steps
 
 
+@pytest.mark.slow
 def test_sigkill_mid_checkpoint_then_resume_gives_the_same_weights(tmp_path):
     """Killed while writing a checkpoint; no attacker (empty model folders), to stay fast."""
     models = tmp_path / "no_models"

@@ -153,7 +153,7 @@ def _unet(width: int, seed: int = 0):
     import config as config_mod
     from generator import build_generator
 
-    cfg = config_mod.make_config("default", g_width=width)
+    cfg = config_mod.make_config("whitebox", g_width=width)
     torch.manual_seed(seed)
     G = build_generator(cfg).eval()
     torch.nn.init.normal_(G.out.weight, 0.0, 0.02)
@@ -178,7 +178,7 @@ def test_peak_memory_does_not_grow_with_the_number_of_slices():
     """Each batch's activations are freed after the batch: protecting 12x more slices needs no
     more memory than the scan itself (the in-place writes into `out` used to chain every batch's
     autograd graph: 19 GB for a 95-slice scan at width 32)."""
-    from procedures.benchmarking.benchmark import Memory
+    from procedures.benchmarking.measure import Memory
 
     G, cfg = _unet(16)
     growth = {}

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import train
+from procedures.protection import step
 from conftest import make_phantom
 from utils.checkpoint import load_checkpoint
 from utils.scan_io import Scan, load_scan, save_mhd
@@ -42,7 +43,7 @@ def test_three_steps_with_attacker(tiny_data, tiny_ctgan_models, tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["seconds_per_step_attack"] > 0 and summary["seconds_per_step_gd"] > 0
     # Named losses (pix2pix's loss_names), the black-box disruption among them.
-    assert set(summary["losses"]) == set(train.LOSS_NAMES) and summary["losses"]["G_disrupt"] > 0
+    assert set(summary["losses"]) == set(step.LOSS_NAMES) and summary["losses"]["G_disrupt"] > 0
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["preset"] == "demo" and saved["g_width"] == 4
 
@@ -104,7 +105,7 @@ def test_attacker_errors_are_counted_not_silent(tiny_data, tmp_path, caplog):
 
 def test_whitebox_bounded_quantised_training(tiny_data, tiny_ctgan_models, tmp_path):
     """White-box mode (docs/training.md#white-box-loss): gradients through the PyTorch CT-GAN, eps bound in HU, int16 quantisation."""
-    state = run(tiny_data, tiny_ctgan_models, tmp_path, "--preset", "default", "--g_width", "4",
+    state = run(tiny_data, tiny_ctgan_models, tmp_path, "--preset", "whitebox", "--g_width", "4",
                 "--d_width", "4", "--max_steps", "3", "--eps_hu", "5", "--save_img_result", "true")
     assert state["disruption"]["computed"] == 3 and state["disruption"]["errors"] == {}
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -114,7 +115,7 @@ def test_whitebox_bounded_quantised_training(tiny_data, tiny_ctgan_models, tmp_p
 
 
 def _wb_slab(item, s, x_p, k=0, seed=0, protect=None):
-    from procedures.protection.disruption import Slab
+    from procedures.attacker.interface import Slab
     x = item.volume[s:s + 4].unsqueeze(0)
     return Slab(0, item, k, s, np.random.default_rng(seed), x, torch.zeros_like(x), x_p, protect)
 
@@ -125,7 +126,7 @@ def test_whitebox_gradient_reaches_generator_weights(tiny_data, tiny_ctgan_model
     from procedures.protection.whitebox import WhiteboxDisruption
     from scanDataset import ScanDataset
 
-    cfg = config_mod.make_config("default", models_dir=str(tiny_ctgan_models), eps_hu=50.0)
+    cfg = config_mod.make_config("whitebox", models_dir=str(tiny_ctgan_models), eps_hu=50.0)
     item = ScanDataset(tiny_data)[0]
     torch.manual_seed(0)
     G = UNetGenerator(slab=4, width=4, depth=2)
@@ -153,7 +154,7 @@ def test_whitebox_cube_protects_every_slab_the_cube_touches(tiny_data, tiny_ctga
     from procedures.protection.whitebox import WhiteboxDisruption
     from scanDataset import ScanDataset
 
-    cfg = config_mod.make_config("default", models_dir=str(tiny_ctgan_models), eps_hu=50.0)
+    cfg = config_mod.make_config("whitebox", models_dir=str(tiny_ctgan_models), eps_hu=50.0)
     assert cfg.whitebox_cube
     item = ScanDataset(tiny_data)[0]
     torch.manual_seed(0)

@@ -148,14 +148,14 @@ def test_torch_checkpoint_with_code_is_refused(tmp_path):
 
 
 def test_pickled_npy_is_refused(tmp_path):
-    from procedures.attacker.pipeline import CTGANModel
+    from procedures.attacker.model_dir import load_norm
 
     marker = tmp_path / "PWNED"
     with pytest.raises(ScanFormatError) as e:
         load_scan(evil_npy(tmp_path / "scan.npy", marker))
     assert "\n" not in str(e.value) and "scan.npy" in str(e.value)
     with pytest.raises(ModelFileError, match="normalization.npy"):
-        CTGANModel._load_norm(evil_npy(tmp_path / "normalization.npy", marker))
+        load_norm(evil_npy(tmp_path / "normalization.npy", marker))
     _no_marker(marker)
 
 
@@ -163,10 +163,10 @@ def test_pickled_npy_is_refused(tmp_path):
 @pytest.mark.parametrize("name,tfk", [("G_model.h5", False), ("G_model.keras", False), ("G_model.h5", True)],
                          ids=["keras3-h5", "keras3-zip", "tf_keras-h5"])
 def test_keras_lambda_refused_by_both_loaders(name, tfk, tiny_ctgan_models, tmp_path):
-    """attack_pipeline.CTGANModel (Keras, safe_mode) and ctgan_torch.from_keras_h5 (h5py or,
+    """pipeline.CTGANModel (Keras, safe_mode) and h5_weights.from_keras_h5 (h5py or,
     for .keras, Keras in safe_mode) refuse a generator with a Lambda layer."""
+    from procedures.attacker.h5_weights import from_keras_h5
     from procedures.attacker.pipeline import CTGANModel
-    from procedures.attacker.port import from_keras_h5
 
     marker = tmp_path / "PWNED"
     g = keras_lambda_model(tmp_path / name, marker, tf_keras=tfk)
@@ -184,12 +184,12 @@ def test_keras_lambda_refused_by_both_loaders(name, tfk, tiny_ctgan_models, tmp_
 
 @pytest.mark.tf
 def test_differentiable_tamper_refuses_a_pickle_equaliser(tiny_ctgan_models, tmp_path):
-    from procedures.attacker.port import DifferentiableTamper
+    from procedures.attacker.model_dir import load_attacker_pair
 
     marker = tmp_path / "PWNED"
     folder = model_folder(tmp_path / "models", tiny_ctgan_models, eq=evil_pickle(tmp_path / "e.pkl", marker))
     with pytest.raises(UnsafeFileError, match="equalization.pkl"):
-        DifferentiableTamper.from_model_dirs(folder / "INJ", folder / "REM")
+        load_attacker_pair(folder)
     _no_marker(marker)
 
 

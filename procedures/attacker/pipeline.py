@@ -39,6 +39,7 @@ import scipy.ndimage
 import scipy.stats
 
 from procedures.attacker.keras_env import get_keras
+from procedures.attacker.model_dir import SUBDIR, model_files
 from utils.cubes import cube_bounds, cut_cube, paste_cube
 from utils.equalizer import HistEqualizer
 from utils.errors import (CoordinateError, MitsError, ModelFileError, ScanFormatError, UnsafeFileError,
@@ -52,10 +53,8 @@ REF_SCALE = 1.3                           # reference (touch-up) cube side = int
 KERNEL_SIGMA = {"inject": 3.0, "remove": 0.1}
 ACTIONS = ("inject", "remove")
 NOISE_MODES = ("copy", "gaussian")
-G_NAMES = ("G_model.h5", "G_model_inj.h5", "G_model_rem.h5")   # code vs README names
 BORDERS = ("pad", "published")
 MISSING_MODEL = ("error", "unchanged")
-SUBDIR = {"inject": "INJ", "remove": "REM"}
 
 
 class AttackShapeError(MitsError):
@@ -153,14 +152,14 @@ class CTGANModel:
         self.folder = Path(folder)
         self.available = False
         self.model = None
-        g_path, norm_path, eq_path = self._find_files(missing_ok)
-        if g_path is None:
+        files = model_files(self.folder, missing_ok=missing_ok)
+        if files is None:
             return
-        self.g_path = g_path
-        self.norm = self._load_norm(norm_path)
-        self.eq = HistEqualizer.load(eq_path)
+        self.g_path = files.generator
+        self.norm = files.norm
+        self.eq = HistEqualizer.load(files.equalizer)
         self.keras = get_keras(backend)
-        self.model = self._load_keras(g_path)
+        self.model = self._load_keras(files.generator)
         self.available = True
 
     @classmethod
@@ -176,37 +175,6 @@ class CTGANModel:
             model = cls(folder, backend=backend, missing_ok=missing_ok)
             _SHARED[key] = model
         return model
-
-    def _find_files(self, missing_ok):
-        def missing(msg):
-            if missing_ok:
-                return (None, None, None)
-            raise ModelFileError(msg)
-
-        if not self.folder.is_dir():
-            return missing(f"{self.folder}: model folder not found")
-        g = next((self.folder / n for n in G_NAMES if (self.folder / n).is_file()), None)
-        if g is None:
-            return missing(f"{self.folder}: no generator file ({' / '.join(G_NAMES)})")
-        norm = self.folder / "normalization.npy"
-        if not norm.is_file():
-            return missing(f"{norm}: normalization file not found")
-        eq = next((self.folder / n for n in ("equalization.npz", "equalization.pkl")
-                   if (self.folder / n).is_file()), None)
-        if eq is None:
-            return missing(f"{self.folder}: no equaliser (equalization.npz or equalization.pkl)")
-        return g, norm, eq
-
-    @staticmethod
-    def _load_norm(path) -> np.ndarray:
-        try:
-            a = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as e:
-            raise ModelFileError(f"{path}: not a NumPy array file ({type(e).__name__})") from None
-        a = np.asarray(a, dtype=np.float64).ravel() if a.dtype.kind in "fiu" else None
-        if a is None or a.shape != (3,) or not np.all(np.isfinite(a)) or a[2] == a[1]:
-            raise ModelFileError(f"{path}: expected [mean, min, max] with max != min")
-        return a
 
     def _load_keras(self, path):
         try:
@@ -288,7 +256,7 @@ class ScanManipulator:
         return self.model("remove")
 
     # --- scan-level API (CT-GAN's load_target_scan / tamper) -------------------------------
-    def load_target(self, scan) -> None:
+    def set_scan(self, scan) -> None:
         """Take a Scan; keep our own float32 copy of its HU (the caller's Scan is not modified)."""
         self.scan = dataclasses.replace(scan, hu=np.array(scan.hu, dtype=np.float32, copy=True))
 
@@ -296,7 +264,7 @@ class ScanManipulator:
         """Tamper the loaded scan at `coord` (z, y, x voxel, or world mm if isVox is False).
         Returns the slices of the scan that changed."""
         if self.scan is None:
-            raise UsageError("cannot tamper: load a target scan first")
+            raise UsageError("cannot tamper: set a scan first (set_scan)")
         coord = np.asarray(coord, dtype=np.float64).reshape(-1)
         if coord.shape != (3,) or not np.all(np.isfinite(coord)):
             raise CoordinateError(f"coordinate must be 3 finite numbers z,y,x, got {coord.tolist()}")

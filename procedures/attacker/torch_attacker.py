@@ -27,36 +27,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from procedures.attacker.pipeline import (CUBE, G_NAMES, KERNEL_SIGMA, REF_SCALE, SUBDIR, AttackShapeError,
-                                        CTGANModel, ScanManipulator, _check_action, check_coord,
+from procedures.attacker.model_dir import SUBDIR, load_differentiable
+from procedures.attacker.pipeline import (CUBE, KERNEL_SIGMA, REF_SCALE, AttackShapeError,
+                                        ScanManipulator, _check_action, check_coord,
                                         check_cube_fits, kern01,
                                         noise_block_center, published_shape_error)
-from procedures.attacker.port import DifferentiableTamper, from_keras_h5
+from procedures.attacker.port import DifferentiableTamper
 from utils.cubes import cube_bounds
 from utils.device import pick_device
-from utils.errors import ModelFileError, ScanFormatError, UsageError
+from utils.errors import ScanFormatError, UsageError
 from utils.resample import scaled_shape
 
 
 def load_tamper_core(folder, action: str, device) -> DifferentiableTamper:
-    """One CT-GAN model folder (generator .h5, normalization.npy, equaliser) as a
-    DifferentiableTamper for `action` on `device`, with the NumPy pipeline's arithmetic."""
+    """One CT-GAN model folder as a DifferentiableTamper for `action` on `device`, with the
+    NumPy pipeline's arithmetic (spline resampling, plain clip, float64 work)."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise ModelFileError(f"{folder}: model folder not found")
-    g = next((folder / n for n in G_NAMES if (folder / n).is_file()), None)
-    if g is None:
-        raise ModelFileError(f"{folder}: no generator file ({' / '.join(G_NAMES)})")
-    norm_path = folder / "normalization.npy"
-    if not norm_path.is_file():
-        raise ModelFileError(f"{norm_path}: normalization file not found")
-    eq = next((folder / n for n in ("equalization.npz", "equalization.pkl") if (folder / n).is_file()), None)
-    if eq is None:
-        raise ModelFileError(f"{folder}: no equaliser (equalization.npz or equalization.pkl)")
-    gen, norm = from_keras_h5(g), CTGANModel._load_norm(norm_path)
-    parts = (gen, None, eq, None, norm, None) if action == "inject" else (None, gen, None, eq, None, norm)
-    core = DifferentiableTamper(*parts, resample="spline", clamp="plain", work_dtype=torch.float64)
-    return core.to(device)
+    dirs = (folder, None) if action == "inject" else (None, folder)
+    return load_differentiable(*dirs, device=device, resample="spline", clamp="plain",
+                               work_dtype=torch.float64)
 
 
 class TorchScanManipulator(ScanManipulator):

@@ -8,8 +8,8 @@ Each step is a separate process with a time limit, timed; the first failure stop
 with its output's tail and a non-zero exit. Every step runs Keras on its torch backend
 (KERAS_BACKEND=torch) and the black-box attacker in torch, so a machine with PyTorch and no
 TensorFlow runs it all. Scans may be .npy + .json (utils.scan_io.save_numpy; no SimpleITK).
-Steps: bench.py (train: paper, paper with the Keras attacker, default, default with bf16 +
-channels_last, and the reference; protect; tamper), a short `train.py --preset default` on the
+Steps: bench.py (train: paper, paper with the Keras attacker, whitebox, whitebox with bf16 +
+channels_last, and the reference; protect; tamper), a short `train.py --preset whitebox` on the
 scans, evaluate.py and protect.py with that checkpoint, tamper.py with the torch attacker.
 The figures go to docs/performance.md (bench.md in --out holds the tables).
 """
@@ -22,8 +22,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
+from utils.cli import cli_main
 from utils.errors import CliParser, InputFileError, MitsError, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,13 +68,13 @@ def plan(args, scan_shape) -> list[Step]:
     fast = "amp=bf16:channels_last=true" if dev.startswith("cuda") else "channels_last=true"
     tiny = ":g_width=4:d_width=4" if q else ""
     bench = [py, "bench.py", "--device", dev, "--keras_backend", "torch", "--out", str(out / "bench"),
-             "--train", f"paper{tiny},paper{tiny}:attacker_impl=keras,default{tiny},default{tiny}:{fast}",
+             "--train", f"paper{tiny},paper{tiny}:attacker_impl=keras,whitebox{tiny},whitebox{tiny}:{fast}",
              "--reference", f"reference{tiny}",
-             "--protect", f"default:batch=16{tiny},default:batch=16:{fast}{tiny},paper:batch=8{tiny}"]
+             "--protect", f"whitebox:batch=16{tiny},whitebox:batch=16:{fast}{tiny},paper:batch=8{tiny}"]
     bench += (["--size", "64", "--depth", "72", "--protect_slices", "8", "--steps", "1", "--warmup", "0",
                "--tamper_reps", "1", "--models_dir", models] if q else ["--models_dir", models])
     ckpt = out / "train" / "checkpoint.pt"
-    train = [py, "train.py", "--preset", "default", "--data_dir", data, "--models_dir", models,
+    train = [py, "train.py", "--preset", "whitebox", "--data_dir", data, "--models_dir", models,
              "--device", dev, "--out_dir", str(out / "train"), "--keras_backend", "torch",
              "--max_steps", str(2 if q else args.train_steps), "--progress", "false", "--sample_every", "0"]
     train += ["--g_width", "4", "--d_width", "4"] if q else []
@@ -134,11 +135,8 @@ def export_npy(data: Path, dest: Path) -> None:
             shutil.copy2(p, dest / p.name)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
+@cli_main(build_parser)
+def main(args) -> int:
     if args.export_npy:
         export_npy(Path(args.data), Path(args.export_npy))
         return 0

@@ -26,6 +26,7 @@ from utils.cubes import cut_cube
 from utils.equalizer import HistEqualizer
 from utils.errors import CoordinateError, InputFileError
 from utils.scan import check_coord
+from utils.locations_csv import read_locations_csv
 from utils.resample import resample_exact, scale_published
 from utils.scan_io import load_scan
 
@@ -53,38 +54,12 @@ class Location(NamedTuple):
 
 # --- locations ------------------------------------------------------------------------------
 def read_locations(csv_path) -> list[Location]:
-    """Parse the locations CSV; `filename` is relative to the CSV's folder."""
-    import pandas as pd  # lazy: pandas only to read the CSV
-
+    """The locations CSV's rows; `filename` is relative to the CSV's folder. Rows without a
+    coordinate are skipped, as the published builder does."""
     csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise InputFileError(f"{csv_path}: locations CSV not found")
-    try:
-        df = pd.read_csv(csv_path, skipinitialspace=True)
-    except Exception as e:  # pandas raises many types (EmptyDataError, ParserError, ...)
-        raise InputFileError(f"{csv_path}: unreadable CSV ({type(e).__name__}: {e})") from None
-    df.columns = [str(c).strip() for c in df.columns]
-    missing = [c for c in ("filename", "z", "y", "x") if c not in df.columns]
-    if missing:
-        raise InputFileError(f"{csv_path}: missing column(s) {', '.join(missing)} "
-                             "(need filename,z,y,x[,coord])")
-    locs = []
-    for i, r in enumerate(df.itertuples(index=False), start=1):
-        if any(pd.isnull(getattr(r, c)) for c in ("z", "y", "x")):
-            continue  # the published builder skips rows without a coordinate
-        coord = str(getattr(r, "coord", "vox") if "coord" in df.columns else "vox").strip().lower()
-        if coord in ("", "nan"):
-            coord = "vox"
-        if coord not in ("vox", "world"):
-            raise CoordinateError(f"{csv_path}: row {i}: coord must be 'vox' or 'world', got {coord!r}")
-        try:
-            center = np.array([float(r.z), float(r.y), float(r.x)])
-        except (TypeError, ValueError):
-            raise CoordinateError(f"{csv_path}: row {i}: z,y,x must be numbers") from None
-        locs.append(Location(csv_path.parent / str(r.filename).strip(), center, coord, i))
-    if not locs:
-        raise InputFileError(f"{csv_path}: no locations")
-    return locs
+    rows = read_locations_csv(csv_path, need_filename=True, skip_blank=True)
+    return [Location(csv_path.parent / r.filename, r.zyx, "world" if r.world else "vox", r.line - 1)
+            for r in rows]
 
 
 # --- one location -> 67 cubes ---------------------------------------------------------------

@@ -16,34 +16,36 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.errors import CliParser, InputFileError, UsageError, run_cli
+from utils.cli import cli_main
+from utils.errors import CliParser, UsageError, run_cli
 from utils.images import save_grid
+from utils.locations_csv import read_locations_csv
 from utils.scan_io import Scan, load_scan, save_mhd
+from utils.stored import stored_as
 
 
 
 def read_locations(csv_path: Path) -> dict[str, list[tuple[int, int, int]]]:
     """filename -> voxel (z, y, x) list, from a CSV written by procedures.data.prepare."""
-    import pandas as pd  # lazy: pandas only to read the CSV
-
-    if not csv_path.is_file():
-        raise InputFileError(f"{csv_path}: location file not found (run `make data`)")
-    df = pd.read_csv(csv_path)
-    if "coord" in df and (df["coord"] != "vox").any():
-        raise UsageError(f"{csv_path}: the demo reads voxel coordinates only")
     out: dict[str, list[tuple[int, int, int]]] = {}
-    for row in df.itertuples():
-        out.setdefault(row.filename, []).append((int(row.z), int(row.y), int(row.x)))
+    for row in read_locations_csv(csv_path, need_filename=True):
+        if row.world:
+            raise UsageError(f"{csv_path}: line {row.line}: the demo reads voxel coordinates only")
+        out.setdefault(row.filename, []).append(tuple(int(v) for v in row.zyx))
     return out
 
 
-def main(argv=None) -> int:
+def build_parser() -> CliParser:
     p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data/z2.5")
     p.add_argument("--models", default="models")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--backend", default=None, choices=("tensorflow", "torch"))
-    args = p.parse_args(argv)
+    return p
+
+
+@cli_main(build_parser)
+def main(args) -> int:
 
     from procedures.attacker.pipeline import ScanManipulator  # lazy: SciPy/Keras plumbing after --help
 
@@ -69,7 +71,7 @@ def main(argv=None) -> int:
             cols["after"].append(vol[z][win].copy())
             cols["difference"].append(cols["after"][-1] - cols["before"][-1])
             print(f"{name}: {action} at voxel {coord} in {dt * 1000:.0f} ms")
-        tampered = Scan(np.clip(np.rint(vol), -32768, 32767).astype(np.int16), scan.spacing,
+        tampered = Scan(stored_as(vol, np.int16), scan.spacing,
                         scan.origin, scan.direction)
         save_mhd(tampered, out / f"{Path(name).stem}_tampered.mhd")
     fig = out / "ctgan_before_after.png"

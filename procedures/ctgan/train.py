@@ -28,10 +28,8 @@ import json
 import os
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -39,6 +37,7 @@ from tqdm import tqdm
 from procedures.ctgan.dataset import MASK, N_AUG, TrainingSet, build_training_set, save_preprocessing
 from procedures.ctgan.models import CUBE, build_discriminator, build_generator, call_frozen_batch_stats
 from procedures.attacker.keras_env import get_keras
+from utils.cli import cli_main
 from utils.errors import CliParser, OutputError, UsageError, run_cli
 
 MODELS = ("inj", "rem")
@@ -197,12 +196,10 @@ def save_generator(G, out_dir: Path) -> Path:
     """Write G_model.h5 atomically (Keras needs the .h5 suffix to pick the HDF5 format)."""
     dst = out_dir / "G_model.h5"
     tmp = out_dir / "G_model.tmp.h5"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Keras 3 calls HDF5 'legacy'; the attack needs it
-        try:
-            G.save(tmp)
-        except OSError as e:
-            raise OutputError(f"{tmp}: cannot write the generator ({e})") from None
+    try:  # .h5 on purpose: the published weights use it (keras_env drops Keras's notice)
+        G.save(tmp)
+    except OSError as e:
+        raise OutputError(f"{tmp}: cannot write the generator ({e})") from None
     os.replace(tmp, dst)
     return dst
 
@@ -262,6 +259,21 @@ def _write_json(path: Path, obj) -> None:
 
 
 # --- training ---------------------------------------------------------------------------------
+def _run_epoch(models, x: np.ndarray, batches, desc: str, progress: bool) -> dict:
+    """One epoch of train_step over `batches` (index arrays into x) with a progress bar; the
+    epoch's mean losses and its seconds."""
+    t0 = time.perf_counter()
+    losses = []
+    bar = tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=True)
+    for idx in bar:
+        losses.append(train_step(*models, x[idx]))
+        bar.set_postfix(d=f"{losses[-1]['d_loss']:.4f}", g=f"{losses[-1]['g_loss']:.3f}",
+                        l1=f"{losses[-1]['g_l1']:.4f}")
+    bar.close()
+    rec = {k: float(np.mean([step[k] for step in losses])) for k in losses[0]}
+    return rec | {"seconds": time.perf_counter() - t0}
+
+
 def train(data: TrainingSet, out_dir, cfg: CTGANTrainConfig, progress: bool = True,
           extra_config: dict | None = None) -> TrainResult:
     """Train G and D on `data` (see procedures.ctgan.dataset) and write the model folder."""
@@ -303,18 +315,10 @@ def train(data: TrainingSet, out_dir, cfg: CTGANTrainConfig, progress: bool = Tr
         if (epoch, "start") in saves:
             save_generator(G, out_dir)
             result.saved_epochs = epoch
-        te = time.perf_counter()
         batches = epoch_batches(n, batch, steps, rng, cfg.published_batching, once)
-        losses = []
-        bar = tqdm(batches, desc=f"{cfg.model} epoch {epoch + 1}/{cfg.epochs}",
-                   unit="batch", disable=not progress, leave=True)
-        for idx in bar:
-            losses.append(train_step(G, D, combined, x[idx]))
-            bar.set_postfix(d=f"{losses[-1]['d_loss']:.4f}", g=f"{losses[-1]['g_loss']:.3f}",
-                            l1=f"{losses[-1]['g_l1']:.4f}")
-        bar.close()
-        rec = {k: float(np.mean([l[k] for l in losses])) for k in losses[0]}
-        rec.update(epoch=epoch + 1, seconds=time.perf_counter() - te)
+        desc = f"{cfg.model} epoch {epoch + 1}/{cfg.epochs}"
+        rec = _run_epoch((G, D, combined), x, batches, desc, progress)
+        rec["epoch"] = epoch + 1
         result.history.append(rec)
         save_progress_image(G, show, out_dir / "progress" / f"epoch_{epoch + 1:03d}.png",
                             f"{cfg.model} epoch {epoch + 1}: D {rec['d_loss']:.4f}  G {rec['g_loss']:.3f}")
@@ -369,11 +373,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        a = _parser().parse_args(argv)
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
+@cli_main(_parser)
+def main(a) -> int:
     cfg = make_config(a.preset, model=a.model, epochs=a.epochs, gf=a.gf, df=a.df, batch=a.batch,
                       max_steps_per_epoch=a.max_steps_per_epoch, seed=a.seed,
                       backend=resolve_backend(a.backend, prefer_torch=True),

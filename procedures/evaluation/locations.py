@@ -3,7 +3,6 @@ in-lung voxels, the folder's location CSVs, or held-out offsets around known fin
 32 mm cube a tamper at a location changes (docs/results.md)."""
 from __future__ import annotations
 
-import csv
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from procedures.protection.targeted import offset_grid, targets_for_scan
 from scanDataset import VolumeItem
 from utils.cubes import cube_bounds
 from utils.errors import InputFileError, MitsError, UsageError
+from utils.locations_csv import read_locations_csv
 from utils.lung import lung_mask
 from utils.resample import scaled_shape
 
@@ -40,19 +40,13 @@ def _csv_locations(item: VolumeItem, path: Path) -> list[tuple[int, int, int]]:
     """Rows of a project CSV (filename, z, y, x[, coord vox|world]) for this scan, as voxels."""
     name = Path(item.path).name
     out = []
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            if Path(row.get("filename", "")).name != name:
-                continue
-            try:
-                c = np.array([float(row["z"]), float(row["y"]), float(row["x"])])
-            except (KeyError, ValueError):
-                raise InputFileError(f"{path}: bad row {row}") from None
-            if (row.get("coord") or "vox").strip().lower() == "world":
-                c = item.scan.world2vox(c)
-            v = tuple(int(np.floor(t)) for t in c)
-            if all(0 <= t < s for t, s in zip(v, item.scan.hu.shape)):
-                out.append(v)
+    for row in read_locations_csv(path, need_filename=True):
+        if Path(row.filename).name != name:
+            continue
+        c = item.scan.world2vox(row.zyx) if row.world else row.zyx
+        v = tuple(int(np.floor(t)) for t in c)
+        if all(0 <= t < s for t, s in zip(v, item.scan.hu.shape)):
+            out.append(v)
     return out
 
 

@@ -16,6 +16,7 @@ from procedures.protection.apply import protect_hu
 from procedures.protection.targeted import TargetSettings, background, protect_targets, targets_for_scan
 from scanDataset import VolumeItem
 from utils import metrics as M
+from utils.stored import stored_as
 
 
 @dataclass
@@ -51,11 +52,7 @@ def _last_item_cache(fn):
 def as_stored(hu: np.ndarray, like: np.ndarray) -> np.ndarray:
     """What a hospital would store: rounded and clipped to the source's integer type (int16 CT),
     returned as float32 for the attack."""
-    hu = np.asarray(hu)
-    if np.issubdtype(like.dtype, np.integer):
-        info = np.iinfo(like.dtype)
-        hu = np.clip(np.rint(hu), info.min, info.max)
-    return hu.astype(np.float32, copy=False)
+    return stored_as(hu, like.dtype).astype(np.float32, copy=False)
 
 
 def mitsgan_method(G, cfg, device, dtype, *, seed: int = 0, batch: int = 4, progress=None,

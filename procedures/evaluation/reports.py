@@ -138,7 +138,8 @@ def _jsonable(o):
     return o
 
 
-def markdown_report(res: EvalResult, summary: dict, extra_sections: Sequence[str] = ()) -> str:
+def _header(res: EvalResult) -> list[str]:
+    """The run's settings and how each metric is scaled."""
     s = res.settings
     lo, hi = s["window"]
     rng_ = hi - lo
@@ -170,6 +171,14 @@ def markdown_report(res: EvalResult, summary: dict, extra_sections: Sequence[str
         "- Published columns: the paper's numbers; its scale, data range, LPIPS backbone, "
         "scans and locations are not stated. Its single PSNR row is shown on our image-range row.",
         ""]
+    return lines
+
+
+def _image_tables(res: EvalResult, summary: dict) -> list[str]:
+    """Real vs each column on the whole slice and on the tampered square, beside the paper's."""
+    lo, hi = res.settings["window"]
+    rng_ = hi - lo
+    lines = []
     metric_rows = [("rmse", "RMSE (HU)"),
                    ("psnr", f"PSNR dB [window {lo:g}..{hi:g} HU, range {rng_:g}]"),
                    ("psnr_image_range", "PSNR dB [image range]"),
@@ -188,6 +197,12 @@ def markdown_report(res: EvalResult, summary: dict, extra_sections: Sequence[str
             pub = PUBLISHED[region].get(published_row.get(key, ""), (None,) * 4)
             lines.append(f"| {name} | " + " | ".join(ours + [_fmt(v) for v in pub]) + " |")
         lines.append("")
+    return lines
+
+
+def _attack_tables(summary: dict) -> list[str]:
+    """The perturbation each method adds, and how much it disrupts each attacker."""
+    lines = []
     lines += ["## Perturbation size (protected - real, whole scan, as stored)", "",
               "| method | RMS (HU), mean over scans | max (HU) | per scan RMS / max |", "|---|---|---|---|"]
     for label, p in summary["perturbation"].items():
@@ -207,6 +222,11 @@ def markdown_report(res: EvalResult, summary: dict, extra_sections: Sequence[str
                          f"| {_fmt(d['perturbation_rms_cube_hu'], 1)} | {_fmt(d['amplification'], 2)} "
                          f"| {_fmt(d.get('amplification_inject'), 2)} | {_fmt(d.get('amplification_remove'), 2)} "
                          f"| {_fmt(d['attack_rmse_hu'], 1)} | {d['n']} |")
+    return lines
+
+
+def markdown_report(res: EvalResult, summary: dict, extra_sections: Sequence[str] = ()) -> str:
+    lines = _header(res) + _image_tables(res, summary) + _attack_tables(summary)
     if res.figures:
         lines += ["", "## Figures", ""] + [f"- {Path(f).name}" for f in res.figures]
     if res.failures:

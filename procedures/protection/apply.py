@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -25,9 +26,11 @@ from scanDataset import VolumeItem
 from utils.checkpoint import load_checkpoint
 from utils.device import torch_dtype
 from utils.errors import ModelFileError, ScanFormatError, UsageError
+from utils.hu_range import span, to_hu, to_net
 from utils.scan import check_min_size
 from utils.scan_io import Scan, save_dicom_series, save_mhd
 from utils.scan_paths import scan_stem
+from utils.stored import int_limits, stored_as
 
 
 def slab_starts(depth: int, slab: int) -> list[int]:
@@ -66,7 +69,7 @@ def slabs_meeting(depth: int, slab: int, z_lo: int, z_hi: int) -> list[int]:
 def _eps_scale(cfg, hu_min: float, hu_max: float) -> float | None:
     if cfg.eps_hu <= 0:
         return None
-    return 2.0 * cfg.eps_hu / max(hu_max - hu_min, 1.0)
+    return 2.0 * cfg.eps_hu / span(hu_min, hu_max)
 
 
 def eps_scale(cfg, item: VolumeItem) -> float | None:
@@ -153,17 +156,22 @@ def value_range(hu: np.ndarray, hu_min=None, hu_max=None) -> tuple[float, float]
     return lo, hi
 
 
-def output_range(hu: np.ndarray, hu_min, hu_max, out):
+class OutputRange(NamedTuple):
+    lo: float                        # the normalisation range in HU
+    hi: float
+    out: np.ndarray                  # receives the protected HU
+    limits: tuple[int, int] | None   # out's integer range (None: a float output)
+
+
+def output_range(hu: np.ndarray, hu_min, hu_max, out) -> OutputRange:
     """Shared set-up of slab-wise protection: the normalisation range (the volume's own unless
     given), the output array (float32 by default) and its integer limits (None for floats)."""
     lo, hi = value_range(hu, hu_min, hu_max)
-    span = hi - lo if hi > lo else 1.0
     if out is None:
         out = np.empty(hu.shape, dtype=np.float32)
     if out.shape != hu.shape:
         raise ValueError(f"output of shape {out.shape} for a volume of shape {hu.shape}")
-    info = np.iinfo(out.dtype) if np.issubdtype(out.dtype, np.integer) else None
-    return lo, hi, span, out, info
+    return OutputRange(lo, hi, out, int_limits(out.dtype))
 
 
 @torch.inference_mode()
@@ -182,7 +190,7 @@ def run_slabs(net, hu: np.ndarray, slab: int, device, *, hu_min: float | None = 
     chain every batch's graph: memory grew with the number of slices, and a tensor that requires
     grad cannot go back to NumPy from a GPU). `progress` is a tqdm-like callable or None."""
     device = torch.device(device)
-    lo, hi, span, out, info = output_range(hu, hu_min, hu_max, out)
+    lo, hi, out, limits = output_range(hu, hu_min, hu_max, out)
     starts = slab_starts(hu.shape[0], slab)
     batch = max(1, int(batch))
     # The scan goes to the device once, in its own dtype (int16: 2 bytes a voxel over the bus);
@@ -198,10 +206,10 @@ def run_slabs(net, hu: np.ndarray, slab: int, device, *, hu_min: float | None = 
     for i in it:
         chunk = starts[i:i + batch]
         x = torch.stack([vol[s:s + slab] for s in chunk])
-        x = ((x.to(torch.float64) - lo) / span * 2.0 - 1.0).to(dtype)
-        xp = (net(x, chunk).to(torch.float64) + 1.0) / 2.0 * span + lo  # scanDataset.to_hu
-        if info is not None:
-            xp = xp.round().clamp(info.min, info.max)
+        x = to_net(x.to(torch.float64), lo, hi).to(dtype)
+        xp = to_hu(net(x, chunk).to(torch.float64), lo, hi)
+        if limits is not None:  # as utils.stored.stored_as, on the device
+            xp = xp.round().clamp(*limits)
         for j, s in enumerate(chunk):  # in order: the end-aligned last slab wins its overlap
             res[s:s + slab] = xp[j]
     if not on_cpu:
@@ -279,15 +287,14 @@ def load_generator(path, device="cpu"):
     return G, cfg, dtype
 
 
-def protected_scan(src: VolumeItem | Scan, protected_hu: np.ndarray) -> Scan:
-    """A Scan with the source geometry/metadata and the given HU (int16 when the source is).
+def scan_with_hu(src: VolumeItem | Scan, hu: np.ndarray) -> Scan:
+    """A Scan with the source's geometry and metadata holding `hu` (protected or tampered HU),
+    stored as the source's integer type when it has one.
 
     `src` is a VolumeItem or a Scan. The result's source_path is None."""
     src = src.scan if isinstance(src, VolumeItem) else src
-    hu = protected_hu
     if np.issubdtype(src.hu.dtype, np.integer) and hu.dtype != src.hu.dtype:
-        info = np.iinfo(src.hu.dtype)
-        hu = np.clip(np.rint(hu), info.min, info.max).astype(src.hu.dtype)
+        hu = stored_as(hu, src.hu.dtype)
     return Scan(hu=hu, spacing=src.spacing.copy(), origin=src.origin.copy(),
                 direction=src.direction.copy(), source_path=None,
                 dicom_headers=src.dicom_headers)
@@ -297,7 +304,7 @@ def export_protected(item: VolumeItem, protected_hu: np.ndarray, out_dir) -> lis
     """Write <out_dir>/<name>.mhd (+ a DICOM series folder when the source was DICOM)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    scan = protected_scan(item, protected_hu)
+    scan = scan_with_hu(item, protected_hu)
     name = scan_stem(item.path)
     written = [out_dir / f"{name}_protected.mhd"]
     save_mhd(scan, written[0])

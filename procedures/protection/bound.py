@@ -25,6 +25,7 @@ import torch
 
 from procedures.protection.targeted import TargetSettings, load_attacker, optimise_target
 from utils.atomic import atomic_write_text
+from utils.cli import cli_main
 from utils.errors import CliParser, UsageError, run_cli
 from utils.scan_io import load_scan
 
@@ -72,11 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
+@cli_main(build_parser)
+def main(args) -> int:
     if args.eps <= 0 or args.steps < 1 or args.n_locations < 1:
         raise UsageError("--eps must be > 0, --steps and -n >= 1")
     actions = [a.strip() for a in args.actions.split(",") if a.strip()]

@@ -17,12 +17,13 @@ import collections
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
 
-from scanDataset import VolumeItem, to_hu
+from procedures.attacker.interface import Attacker, Slab
+from scanDataset import VolumeItem
+from utils.hu_range import to_hu, to_net
 from utils.errors import UnsafeFileError
 from utils.lung import lung_mask
 from utils.scan_io import load_scan
@@ -54,25 +55,6 @@ class DisruptionStats:
         return (f"disruption term computed for {self.computed}/{self.sub_batches} sub-batches "
                 f"({self.not_eligible} outside the near-end rule, {err} attacker errors"
                 + (f" [{detail}]" if detail else "") + ")")
-
-
-@dataclass
-class Slab:
-    """One sub-batch of a training step, as the attackers see it (train.train_step builds it).
-
-    Both attackers take a Slab and return the disruption loss (or None): `loss(slab)`."""
-    stream: int
-    item: VolumeItem
-    k: int                        # sub-batch index in its volume (even: inject, odd: remove)
-    s: int                        # first slice
-    rng: np.random.Generator      # this slab's draws (location, noise of other slabs)
-    x: torch.Tensor               # (1, S, H, W) real slices in [-1, 1]
-    delta: torch.Tensor           # noise input of G
-    x_p: torch.Tensor | None = None                 # G's protected slab, with grad
-    # starts -> G's protected slabs (n, S, H, W) at those first slices, with grad and noise drawn
-    # from rng: the white-box cube protects every slab it touches, as protect.py does
-    protect: Callable[[list[int]], torch.Tensor] | None = None
-    tampered: np.ndarray | None = None              # black-box T (for the sample grid)
 
 
 class Locator:
@@ -115,20 +97,20 @@ class Locator:
 class DisruptionTarget:
     """Computes T for one sub-batch, or None (ineligible / attacker failure)."""
 
-    def __init__(self, cfg, manipulator=None):
+    def __init__(self, cfg, attacker: Attacker | None = None):
         self.cfg = cfg
-        if manipulator is None:  # Keras, or its torch equal on the device (cfg.attacker_impl)
+        if attacker is None:  # Keras, or its torch equal on the device (cfg.attacker_impl)
             from procedures.attacker.torch_attacker import blackbox_attacker  # lazy: the attackers pull scipy.stats
-            manipulator = blackbox_attacker(cfg)
-        self.manip = manipulator
+            attacker = blackbox_attacker(cfg)
+        self.attacker = attacker
         # Load the attacker now: a model file that asks to run code stops the run before
         # anything is written (docs/safety.md#untrusted-files-never-run-code). A missing/broken model stays a counted per-step error.
         for action in ("inject", "remove"):
             try:
-                self.manip.model(action)
+                self.attacker.model(action)
             except UnsafeFileError:
                 raise
-            except Exception:  # noqa: BLE001 - reported (and counted) at each step, as before
+            except Exception:  # noqa: BLE001 - a broken model is reported (and counted) per step
                 pass
         self.locator = Locator(cfg)
         self.stats = DisruptionStats()
@@ -178,7 +160,7 @@ class DisruptionTarget:
             if cfg.quantize:  # what an int16 archive would store
                 p_hu = np.round(p_hu)
             work[slab] = p_hu
-            changed = self.manip.tamper_volume(work, item.scan.spacing, coord, action, rng)
+            changed = self.attacker.tamper_volume(work, item.scan.spacing, coord, action, rng)
             t_hu = work[slab].astype(np.float64)
         except UnsafeFileError:  # a model file that asks to run code stops the run
             raise
@@ -202,7 +184,7 @@ class DisruptionTarget:
         self.stats.computed += 1
         if cfg.hu_mapping == "published":
             return _minmax(t_hu, -1.0, 1.0, cfg.span_guard)  # one joint min-max of the tampered slices
-        return (t_hu - item.hu_min) / max(item.hu_max - item.hu_min, 1.0) * 2.0 - 1.0
+        return to_net(t_hu, item.hu_min, item.hu_max)
 
 
 def _minmax(a: np.ndarray, lo: float, hi: float, guard: bool = True) -> np.ndarray:

@@ -24,7 +24,6 @@ of the scan being protected.
 """
 from __future__ import annotations
 
-import csv
 import time
 import zlib
 from dataclasses import dataclass
@@ -36,6 +35,8 @@ import torch
 from utils.cubes import cube_bounds
 from utils.errors import CoordinateError, InputFileError, UsageError
 from utils.scan import check_coord
+from utils.locations_csv import read_locations_csv
+from utils.stored import stored_as
 
 
 @dataclass
@@ -84,32 +85,8 @@ def background(hu: np.ndarray, s: TargetSettings, name: str) -> np.ndarray:
 def read_target_rows(path) -> list[dict]:
     """The rows of a targets CSV as dicts {filename, zyx (floats), world (bool)}.
     Empty, header-only, or malformed files raise InputFileError (one line)."""
-    path = Path(path)
-    try:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            fields = [c.strip().lower() for c in (reader.fieldnames or [])]
-            if not {"z", "y", "x"} <= set(fields):
-                raise InputFileError(f"{path}: a targets CSV needs a header with z,y,x columns "
-                                     f"(got {','.join(fields) or 'an empty file'})")
-            rows = []
-            for n, raw in enumerate(reader, start=2):
-                row = {(k or "").strip().lower(): (v or "").strip() for k, v in raw.items()
-                       if not isinstance(v, list)}
-                try:
-                    zyx = np.array([float(row["z"]), float(row["y"]), float(row["x"])])
-                except ValueError:
-                    raise InputFileError(f"{path}: line {n}: z,y,x must be numbers, got "
-                                         f"{row.get('z')!r},{row.get('y')!r},{row.get('x')!r}") from None
-                system = (row.get("coord") or "vox").lower()
-                if system not in ("vox", "world") or not np.all(np.isfinite(zyx)):
-                    raise InputFileError(f"{path}: line {n}: coord must be vox or world and z,y,x finite")
-                rows.append({"filename": row.get("filename") or None, "zyx": zyx, "world": system == "world"})
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise InputFileError(f"{path}: cannot read targets ({type(e).__name__}: {e})") from None
-    if not rows:
-        raise InputFileError(f"{path}: no targets (the CSV has no rows)")
-    return rows
+    return [{"filename": r.filename, "zyx": r.zyx, "world": r.world}
+            for r in read_locations_csv(path, what="targets")]
 
 
 def targets_for_scan(rows: list[dict], scan, name: str | None, *, strict: bool = True) -> list[tuple]:
@@ -230,12 +207,10 @@ def protect_targets(dt, hu: np.ndarray, spacing, targets, s: TargetSettings, *, 
 
 def load_attacker(models, actions=("inject", "remove"), device=None):
     """The differentiable CT-GAN (spline resampling, as the Keras pipeline) from a models folder."""
-    from procedures.attacker.port import DifferentiableTamper  # lazy: SciPy; reading targets needs none of it
+    # lazy: the attacker pulls SciPy; reading targets needs none of it
+    from procedures.attacker.model_dir import load_attacker_pair
 
-    models = Path(models)
-    return DifferentiableTamper.from_model_dirs(
-        models / "INJ" if "inject" in actions else None, models / "REM" if "remove" in actions else None,
-        device=device, resample="spline", clamp="straight_through", work_dtype=torch.float32)
+    return load_attacker_pair(models, device, actions)
 
 
 def protect_scan_targets(scan, centres, out: np.ndarray, *, models, eps: float, steps: int,
@@ -252,16 +227,11 @@ def protect_scan_targets(scan, centres, out: np.ndarray, *, models, eps: float, 
     dt = load_attacker(models)
     if background_name is not None:
         hu = scan.hu.astype(np.float32)  # integer signs (a fractional eps rounds toward 0): <= eps stored
-        out[...] = _stored(hu + np.fix(background(scan.hu, s, background_name) - hu), out.dtype)
+        out[...] = stored_as(hu + np.fix(background(scan.hu, s, background_name) - hu), out.dtype)
     info = []
     for i, box, d in optimise_targets(dt, scan.hu, scan.spacing, centres, s, progress):
-        out[box] = _stored(scan.hu[box].astype(np.float32) + d, out.dtype)
+        out[box] = stored_as(scan.hu[box].astype(np.float32) + d, out.dtype)
         info.append(i)
     return info
 
 
-def _stored(v: np.ndarray, dtype) -> np.ndarray:
-    """float HU as `dtype` (integers rounded and clipped to its range)."""
-    if np.issubdtype(dtype, np.integer):
-        v = np.clip(np.rint(v), np.iinfo(dtype).min, np.iinfo(dtype).max)
-    return v.astype(dtype)

@@ -29,9 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from procedures.attacker.port import DifferentiableTamper
+from procedures.attacker.model_dir import load_attacker_pair
 from procedures.protection.disruption import DisruptionStats, Locator, Slab
 from procedures.protection.apply import slabs_meeting
+from utils.hu_range import to_hu
 
 
 DISRUPTION_SCALE_HU = 100.0
@@ -51,9 +52,7 @@ def attacker_dirs(cfg) -> list[Path]:
 class WhiteboxDisruption:
     def __init__(self, cfg, device):
         self.cfg = cfg
-        self.attackers = [DifferentiableTamper.from_model_dirs(
-            d / "INJ", d / "REM", device=device, resample="spline", clamp="straight_through",
-            work_dtype=torch.float32) for d in attacker_dirs(cfg)]
+        self.attackers = [load_attacker_pair(d, device) for d in attacker_dirs(cfg)]
         self.dt = self.attackers[0]
         # Location sampling and counters as in the black-box mode.
         self.locator = Locator(cfg)
@@ -105,7 +104,7 @@ class WhiteboxDisruption:
         return sum(terms[1:], terms[0]) / len(terms)
 
     def _to_hu(self, item, v: torch.Tensor) -> torch.Tensor:
-        hu = (v.float() + 1.0) / 2.0 * max(item.hu_max - item.hu_min, 1.0) + item.hu_min
+        hu = to_hu(v.float(), item.hu_min, item.hu_max)
         return straight_through_round(hu) if self.cfg.quantize else hu
 
     def _subvolume(self, sl: Slab, starts: list[int], lo: int, hi: int) -> tuple[torch.Tensor, int]:
