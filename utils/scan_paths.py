@@ -147,3 +147,12 @@ def refuse_overwrite(target: str | os.PathLike, source: str | os.PathLike | None
         for f in inputs:
             if _inside(os.path.realpath(f), real_t):
                 raise OutputError(f"cannot write {t}: the input {f} is inside it (refusing to overwrite)")
+
+
+def scan_stem(path) -> str:
+    """A scan's name without its format suffix (a DICOM folder's name as it is)."""
+    name = Path(path).name
+    for suffix in (".nii.gz", ".mhd", ".mha", ".nrrd", ".nii", ".npy"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name

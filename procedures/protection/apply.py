@@ -26,6 +26,7 @@ from utils.checkpoint import load_checkpoint
 from utils.device import torch_dtype
 from utils.errors import ModelFileError, UsageError
 from utils.scan_io import Scan, save_dicom_series, save_mhd
+from utils.scan_paths import scan_stem  # noqa: F401 - the name protect.py and tests use
 
 
 def slab_starts(depth: int, slab: int) -> list[int]:
@@ -271,15 +272,6 @@ def protected_scan(src: VolumeItem | Scan, protected_hu: np.ndarray) -> Scan:
     return Scan(hu=hu, spacing=src.spacing.copy(), origin=src.origin.copy(),
                 direction=src.direction.copy(), source_path=None,
                 dicom_headers=src.dicom_headers)
-
-
-def scan_stem(path) -> str:
-    """A scan's name without its format suffix (a DICOM folder's name as it is)."""
-    name = Path(path).name
-    for suffix in (".nii.gz", ".mhd", ".mha", ".nrrd", ".nii", ".npy"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def export_protected(item: VolumeItem, protected_hu: np.ndarray, out_dir) -> list[Path]:
