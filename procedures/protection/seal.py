@@ -40,6 +40,7 @@ HEADER_BYTES = _HEADER.size          # 36
 BLOCK_SIZES = range(8, 65)           # 8 x 8 holds the 64 tag voxels; larger blocks localise less
 DEFAULT_BLOCK = 8
 _PERSON = b"MITS-GAN seal"           # BLAKE2b personalisation: these MACs are for nothing else
+_CHUNK_ROW_STEP = 7
 _POS = np.dtype([("z", "<u4"), ("row", "<u2"), ("col", "<u2")])
 
 
@@ -74,8 +75,14 @@ class Grid:
 
     @property
     def fits(self) -> bool:
-        """Every block has its tag voxels and a slice carries the whole header."""
-        return self.nby >= 1 and self.nbx >= 1 and self.nby * self.nbx >= HEADER_BYTES
+        """Every block has its tag voxels and a slice carries every header byte."""
+        return self.nby >= 1 and self.nbx >= 1 and len(np.unique(self.chunk_index())) == HEADER_BYTES
+
+    def chunk_index(self) -> np.ndarray:
+        """Which header byte each block carries: (7 row + column) mod 36, which does not depend
+        on the slice's width, so that a scan cut on its right or bottom still shows its header."""
+        br, bc = np.divmod(np.arange(self.nby * self.nbx), self.nbx)
+        return (_CHUNK_ROW_STEP * br + bc) % HEADER_BYTES
 
     def rows(self, br: int) -> tuple[int, int]:
         return br * self.block, (self.ny if br == self.nby - 1 else (br + 1) * self.block)
@@ -113,12 +120,29 @@ def check_grid(shape, block: int, what: str = "scan") -> Grid:
     return g
 
 
+def _new_mac(key: bytes):
+    """Keyed BLAKE2b, 56-bit output (RFC 7693 parameter block: key, digest length, personal)."""
+    return hashlib.blake2b(key=key, digest_size=TAG_BITS // 8, person=_PERSON)
+
+
+def _scan_binding(header: SealHeader) -> bytes:
+    """What binds every block to its scan: the whole header (nonce, shape, block size)."""
+    return header.pack()
+
+
+def _mac_position(pos: np.ndarray) -> np.ndarray:
+    """The (z, block row, block column) records every block's MAC covers."""
+    return pos
+
+
 class _Macs:
-    """Per-block MACs of one scan: keyed BLAKE2b over (header, position, block voxels)."""
+    """Per-block MACs of one scan: keyed BLAKE2b over (header, position, block voxels).
+    _new_mac, _scan_binding and _mac_position are separate so that tests can weaken each one
+    and show which forgery it stops (tests/test_seal.py)."""
 
     def __init__(self, key: bytes, header: SealHeader, grid: Grid):
-        self.base = hashlib.blake2b(key=key, digest_size=TAG_BITS // 8, person=_PERSON)
-        self.base.update(header.pack())
+        self.base = _new_mac(key)
+        self.base.update(_scan_binding(header))
         self.grid = grid
         self.tag_idx = grid.tag_index()
         self.edges = grid.edge_blocks()
@@ -134,7 +158,7 @@ class _Macs:
         pos = np.zeros(1, _POS)
         pos["z"], pos["row"], pos["col"] = z, br, bc
         h = self.base.copy()
-        h.update(pos.tobytes())
+        h.update(_mac_position(pos).tobytes())
         h.update(np.ascontiguousarray(cleared[y0:y1, x0:x1], dtype="<i2").tobytes())
         return h.digest()
 
@@ -143,7 +167,7 @@ class _Macs:
         g, b = self.grid, self.grid.block
         recs = np.empty(g.nby * g.nbx, self.rec)
         self.pos["z"] = z
-        recs["pos"] = self.pos
+        recs["pos"] = _mac_position(self.pos)
         tiles = cleared[:g.nby * b, :g.nbx * b].reshape(g.nby, b, g.nbx, b).swapaxes(1, 2)
         recs["px"] = tiles.reshape(-1, b * b)
         n, size, d = len(recs), self.rec.itemsize, TAG_BITS // 8
@@ -163,8 +187,7 @@ class _Macs:
 def _chunk_bits(header: SealHeader, grid: Grid) -> np.ndarray:
     """(blocks, 8) header bits every block of a slice carries."""
     raw = np.frombuffer(header.pack(), np.uint8)
-    idx = np.arange(grid.nby * grid.nbx) % HEADER_BYTES
-    return np.unpackbits(raw[idx][:, None], axis=1)
+    return np.unpackbits(raw[grid.chunk_index()][:, None], axis=1)
 
 
 def _even_within(p: np.ndarray, x: np.ndarray | None, eps: int | None) -> np.ndarray:
@@ -290,7 +313,7 @@ def read_header(hu: np.ndarray, block: int) -> SealHeader | None:
     flat = hu.reshape(hu.shape[0], -1)
     votes = np.zeros((HEADER_BYTES, CHUNK_BITS), np.int64)
     counts = np.zeros(HEADER_BYTES, np.int64)
-    j = np.arange(len(idx)) % HEADER_BYTES
+    j = grid.chunk_index()
     for z0 in range(0, hu.shape[0], 32):
         bits = _lsb(flat[z0:z0 + 32][:, idx]).sum(axis=0)    # (blocks, 8)
         np.add.at(votes, j, bits)
@@ -305,7 +328,8 @@ def find_header(hu: np.ndarray, block: int | None) -> SealHeader:
     if not np.issubdtype(hu.dtype, np.integer):
         raise NoSealError("no seal: the scan is not integer HU (a sealed scan is)")
     if block is not None:
-        check_grid((1, max(hu.shape[1], block), max(hu.shape[2], block)), block)
+        if block not in BLOCK_SIZES:
+            raise UsageError(f"block size {block}: must be {BLOCK_SIZES.start} to {BLOCK_SIZES.stop - 1}")
         h = read_header(hu, block)
         if h is not None:
             return h
@@ -354,10 +378,10 @@ def verify_volume(hu: np.ndarray, key: bytes, *, block: int | None = None,
     ok = (tags == bits[:, :, :TAG_BITS]).all(axis=2)
     ok &= (bits[:, :, TAG_BITS:] == _chunk_bits(header, grid)[None]).all(axis=2)
     failed = ~ok.reshape(hu.shape[0], grid.nby, grid.nbx)
-    if failed.all():
+    moved = _identify_slices(hu, _Macs(key, header, grid), failed, header) if failed.any() else {}
+    if failed.all() and not moved:
         raise WrongKeyError("the scan is sealed, but with another key (no block verifies with this "
                             "one), or every block was changed")
-    moved = _identify_slices(hu, _Macs(key, header, grid), failed, header) if failed.any() else {}
     return Verification(header, tuple(int(s) for s in hu.shape), grid, failed, moved)
 
 
