@@ -267,3 +267,16 @@ def test_parallel_tags_equal_serial(sealed):
     g = Grid(8, *SHAPE[1:])
     assert np.array_equal(S.all_tags(sealed, KEY, h, g, workers=1),
                           S.all_tags(sealed, KEY, h, g, workers=2))
+
+
+def test_report_names_moved_slices_in_runs(sealed):
+    from procedures.protection.seal_report import summary_lines, tamper_regions
+    from utils.scan import Scan
+
+    t = np.concatenate([sealed[2:], sealed[:1]])          # cut the top two, one moved to the end
+    v = verify_volume(t, KEY)
+    lines = summary_lines(v, tamper_regions(v, Scan(t, (2.5, 0.7, 0.7), (0, 0, 0))))
+    assert lines[0].startswith("tampered: 1 region(s)")
+    assert "the seal was made on a 8 x 64 x 72 scan; this one is 7 x 64 x 72" in lines[1]
+    assert "slices 0-5 hold sealed slices 2-7 (moved)" in lines
+    assert "slice 6 holds sealed slice 0 (moved)" in lines

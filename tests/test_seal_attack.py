@@ -64,3 +64,4 @@ def test_evaluation_row_matches_the_truth(scan_file, tmp_path, tiny_ctgan_models
     row = tamper_row(ScanManipulator(tiny_ctgan_models), scan, sealed, loc, key, 8, tmp_path)
     assert row["detected"] and row["exact"] and row["centre_flagged"]
     assert row["recall"] == row["precision"] == 1.0 and row["changed_blocks"] > 0
+    assert row["changed_outside_footprint"] == 0         # tamper.py and the writers touch nothing else

@@ -61,6 +61,8 @@ def tamper_row(manip, scan, sealed: np.ndarray, loc, key: bytes, block: int, tmp
     cube = np.zeros(sealed.shape, bool)
     cube[cube_region(scan.spacing, loc.vox, sealed.shape)] = True
     outside = (diff != 0) & ~cube
+    reach = np.zeros(sealed.shape, bool)  # everything the attacker may touch (its reference cube)
+    reach[manip.footprint(sealed.shape, scan.spacing, loc.vox)] = True
     by, bx = Grid(block, *sealed.shape[1:]).block_of_voxel(np.arange(sealed.shape[1]),
                                                            np.arange(sealed.shape[2]))
     flagged_vox = failed[:, by[:, None], bx[None, :]]
@@ -71,6 +73,7 @@ def tamper_row(manip, scan, sealed: np.ndarray, loc, key: bytes, block: int, tmp
             "centre_flagged": bool(failed[loc.z, by[loc.y], bx[loc.x]]),
             "changed_voxels": int((diff != 0).sum()), "changed_outside_cube": int(outside.sum()),
             "max_change_outside_cube_hu": int(np.abs(diff[outside]).max()) if outside.any() else 0,
+            "changed_outside_footprint": int(((diff != 0) & ~reach).sum()),
             "changed_extent_mm": _extent_mm(diff != 0, scan.spacing),
             "flagged_extent_mm": _extent_mm(flagged_vox, scan.spacing), "verify_seconds": seconds}
 
@@ -121,7 +124,8 @@ def seal_summary(res: dict) -> dict:
             "flagged_extent_mm_max": ext.max(0).round(1).tolist(),
             "changed_outside_cube": [min(r["changed_outside_cube"] for r in rs),
                                      max(r["changed_outside_cube"] for r in rs)],
-            "max_change_outside_cube_hu": max(r["max_change_outside_cube_hu"] for r in rs)}
+            "max_change_outside_cube_hu": max(r["max_change_outside_cube_hu"] for r in rs),
+            "changed_outside_footprint": max(r["changed_outside_footprint"] for r in rs)}
     return out
 
 
@@ -131,18 +135,20 @@ def seal_markdown(res: dict) -> str:
     b = res["block"]
     lines = [f"## Seal: detection and localisation ({b} x {b} blocks)", "",
              "Truth: the blocks in which a stored voxel changed. Extent: side of the box around "
-             f"the flagged voxels (z, y, x mm), beside CT-GAN's {res['cube_mm']:g} mm cube.", "",
+             f"the flagged voxels (z, y, x mm), beside CT-GAN's {res['cube_mm']:g} mm cube. Reach: "
+             "the attacker's reference cube (ScanManipulator.footprint); a voxel changed outside it "
+             "would be the writers' doing, not the tamper's.", "",
              "| attacker | tampers | flagged | map = truth | block recall (min) | block precision (min) "
              "| centre flagged | flagged extent mean (max), mm | changed voxels outside the cube "
-             "| max change there (HU) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| max change there (HU) | changed outside the attacker's reach |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for a, r in s.items():
         mean, mx = (" x ".join(f"{v:g}" for v in r[k]) for k in ("flagged_extent_mm_mean", "flagged_extent_mm_max"))
         lo, hi = r["changed_outside_cube"]
         lines.append(f"| {a} | {r['tampers']} | {r['detected']}/{r['tampers']} | {r['exact']}/{r['tampers']} "
                      f"| {100 * r['recall_min']:.1f}% | {100 * r['precision_min']:.1f}% "
                      f"| {r['centre_flagged']}/{r['tampers']} | {mean} ({mx}) | {lo:,}-{hi:,} "
-                     f"| {r['max_change_outside_cube_hu']} |")
+                     f"| {r['max_change_outside_cube_hu']} | {r['changed_outside_footprint']} |")
     lines += ["", "| untampered sealed scan | shape | false blocks | max seal change (HU) | seal time (s) |",
               "|---|---|---|---|---|"]
     lines += [f"| {c['scan']} | {' x '.join(map(str, c['shape']))} | {c['false_blocks']} | {c['max_change_hu']} "

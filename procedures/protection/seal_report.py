@@ -74,8 +74,25 @@ def summary_lines(v: Verification, regions: list[Region]) -> list[str]:
         lines.append("shape changed: the seal was made on a {} scan; this one is {}".format(
             " x ".join(map(str, v.header.shape)), " x ".join(map(str, v.shape))))
     lines += [r.line(i) for i, r in enumerate(regions, 1)]
-    lines += [f"slice {z} holds sealed slice {zz} (moved)" for z, zz in sorted(v.moved.items())]
+    lines += _moved_lines(v.moved)
     return lines
+
+
+def _moved_lines(moved: dict[int, int]) -> list[str]:
+    """'slices 0-5 hold sealed slices 2-7 (moved)': runs of slices moved by the same offset."""
+    runs: list[list[int]] = []
+    for z in sorted(moved):
+        if runs and z == runs[-1][1] + 1 and moved[z] - z == moved[runs[-1][0]] - runs[-1][0]:
+            runs[-1][1] = z
+        else:
+            runs.append([z, z])
+    out = []
+    for a, b in runs:
+        if a == b:
+            out.append(f"slice {a} holds sealed slice {moved[a]} (moved)")
+        else:
+            out.append(f"slices {a}-{b} hold sealed slices {moved[a]}-{moved[b]} (moved)")
+    return out
 
 
 def _most_affected(v: Verification, k: int = 3) -> list[int]:
