@@ -248,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="device for --checkpoint")
     p.add_argument("--backend", choices=["tensorflow", "torch"], default=None, help="Keras backend")
     p.add_argument("--window", default="-1000,400", help="display window in HU (default -1000,400)")
-    p.add_argument("--key", default="", help="seal key: show the seal's verdict and tamper map (docs/seal.md)")
+    p.add_argument("--key", default="",
+                   help="seal key: show the seal's verdict and tamper map (docs/seal.md)")
     return p
 
 

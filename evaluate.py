@@ -105,8 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["tensorflow", "torch"], default=None, help="Keras backend for CT-GAN")
     p.add_argument("--max-scans", type=int, default=0, help="evaluate only the first N scans (0 = all)")
     p.add_argument("--seal", action="store_true",
-                   help="evaluate the seal (detection, localisation, false alarms) instead of protection")
-    p.add_argument("--block-size", type=int, default=8, help="--seal: block side in voxels (default 8)")
+                   help="evaluate the seal (detection, localisation, false alarms) instead "
+                        "of protection")
+    p.add_argument("--block-size", type=int, default=8,
+                   help="--seal: block side in voxels (default 8)")
     p.add_argument("--no-figures", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -319,18 +321,19 @@ def _seal_main(args, actions) -> int:
     from tqdm import tqdm
 
     from procedures.evaluation.seal_eval import seal_evaluation, seal_markdown
-    from procedures.protection.seal import check_grid
+    from procedures.protection.seal import check_block
     from scanDataset import ScanDataset
     from utils.atomic import atomic_write_text, check_output_dir
 
-    check_grid((1, 1 << 16, 1 << 16), args.block_size)
+    check_block(args.block_size)
     out = Path(args.out)
     check_output_dir(out)
     data = ScanDataset(args.data, cache=False)
     attackers = _attackers(args, actions)
     n_scans = len(data) if not args.max_scans else min(args.max_scans, len(data))
-    res = seal_evaluation((data[i] for i in range(n_scans)), attackers, n_locations=args.n_locations,
-                          seed=args.seed, actions=actions, mode=args.locations, block=args.block_size,
+    res = seal_evaluation((data[i] for i in range(n_scans)), attackers,
+                          n_locations=args.n_locations, seed=args.seed, actions=actions,
+                          mode=args.locations, block=args.block_size,
                           progress=None if args.no_progress else tqdm)
     text = seal_markdown(res)
     out.mkdir(parents=True, exist_ok=True)

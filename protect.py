@@ -48,9 +48,11 @@ _SUFFIX = {"mhd": ".mhd", "nrrd": ".nrrd", "nifti": ".nii.gz", "numpy": ".npy"}
 
 def build_parser() -> argparse.ArgumentParser:
     p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("scan", help="scan to protect: .mhd/.mha/.nrrd/.nii(.gz)/.npy file or DICOM series folder")
+    p.add_argument("scan", help="scan to protect: .mhd/.mha/.nrrd/.nii(.gz)/.npy file or DICOM "
+                                "series folder")
     p.add_argument("-c", "--checkpoint", default="",
-                   help="MITS-GAN checkpoint (train.py's checkpoint.pt); optional with --targets or --seal")
+                   help="MITS-GAN checkpoint (train.py's checkpoint.pt); optional with --targets "
+                        "or --seal")
     p.add_argument("--targets", default="",
                    help="CSV of known findings (z,y,x[,coord vox|world][,filename]): optimise the "
                         "perturbation around each against CT-GAN removal and injection "
@@ -63,11 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "the targets (default signs; docs/results.md section 2)")
     p.add_argument("--seal", default="", metavar="KEYFILE",
                    help="seal the output with this key (verify.py --make-key; docs/seal.md)")
-    p.add_argument("--block-size", type=int, default=8, help="--seal: block side in voxels (default 8)")
+    p.add_argument("--block-size", type=int, default=8,
+                   help="--seal: block side in voxels (default 8)")
     p.add_argument("-o", "--out", default="protected",
-                   help="output file (.mhd, .nrrd, .nii, .nii.gz, .npy), or a folder (default: protected/)")
+                   help="output file (.mhd, .nrrd, .nii, .nii.gz, .npy), or a folder "
+                        "(default: protected/)")
     p.add_argument("--format", choices=["mhd", "nrrd", "nifti", "numpy", "dicom"], default=None,
-                   help="output format (default: from -o's suffix; dicom for a DICOM input, else mhd)")
+                   help="output format (default: from -o's suffix; dicom for a DICOM input, "
+                        "else mhd)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N")
     p.add_argument("--batch", type=int, default=4, help="slabs per generator call (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generator's noise input (default 0)")
@@ -136,9 +141,11 @@ def _perturb(args, scan, G, cfg, dtype, device, centres) -> np.ndarray:
         out[...] = hu
     if centres:
         from procedures.protection.targeted import protect_scan_targets
-        protect_scan_targets(scan, centres, out, models=args.models, eps=args.eps, steps=args.targeted_steps,
-                             seed=args.seed, progress=None if args.no_progress else tqdm,
-                             background_name=name if G is None and args.background == "signs" else None)
+        signs = G is None and args.background == "signs"
+        protect_scan_targets(scan, centres, out, models=args.models, eps=args.eps,
+                             steps=args.targeted_steps, seed=args.seed,
+                             progress=None if args.no_progress else tqdm,
+                             background_name=name if signs else None)
     return out
 
 
@@ -146,12 +153,15 @@ def _seal(args, hu: np.ndarray, out: np.ndarray, cfg, key: bytes) -> np.ndarray:
     """Seal `out`; the total change from `hu` stays within the perturbation's bound."""
     from procedures.protection.seal import seal_volume
 
-    bounds = ([cfg.eps_hu] if cfg is not None and cfg.eps_hu > 0 else []) + ([args.eps] if args.targets else [])
+    bounds = [cfg.eps_hu] if cfg is not None and cfg.eps_hu > 0 else []
+    bounds += [args.eps] if args.targets else []
     unbounded = cfg is not None and cfg.eps_hu <= 0
     eps = None if unbounded or not bounds else max(bounds)
     if eps is not None and eps < 1:
-        raise UsageError(f"--seal changes a voxel by 1 HU; the perturbation's bound {eps:g} HU is below that")
-    return seal_volume(out, key, block=args.block_size, reference=hu if eps is not None else None, eps=eps)
+        raise UsageError(f"--seal changes a voxel by 1 HU; the perturbation's bound {eps:g} HU "
+                         f"is below that")
+    return seal_volume(out, key, block=args.block_size,
+                       reference=hu if eps is not None else None, eps=eps)
 
 
 def _write(scan_path: Path, scan, out: np.ndarray, target: Path, fmt: str) -> Path:

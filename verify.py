@@ -24,7 +24,8 @@ from utils.errors import TAMPERED_EXIT, CliParser, UsageError, run_cli
 
 def build_parser() -> argparse.ArgumentParser:
     p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("scan", nargs="?", help="sealed scan: .mhd/.mha/.nrrd/.nii(.gz)/.npy or DICOM folder")
+    p.add_argument("scan", nargs="?",
+                   help="sealed scan: .mhd/.mha/.nrrd/.nii(.gz)/.npy or DICOM folder")
     p.add_argument("--key", default="", help="the seal key file (made by --make-key)")
     p.add_argument("--make-key", metavar="KEYFILE", default="",
                    help="write a new key (32 random bytes, mode 0600) to KEYFILE and stop; "
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
         return _make_key(args.make_key)
     if not args.scan or not args.key:
         raise UsageError("give a scan and --key KEYFILE (or --make-key KEYFILE)")
-    from procedures.protection.seal import check_grid, verify_volume
+    from procedures.protection.seal import check_block, verify_volume
     from procedures.protection.seal_report import summary_lines, tamper_regions, write_outputs
     from utils.atomic import check_output_dir
     from utils.keyfile import read_key
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
     from utils.scan_paths import scan_stem
 
     if args.block_size is not None:
-        check_grid((1, 1 << 16, 1 << 16), args.block_size)
+        check_block(args.block_size)
     key = read_key(args.key)  # cheap checks first: the key, the output folder, then the scan
     scan_path = Path(args.scan)
     outdir = Path(args.out) if args.out else None

@@ -128,7 +128,8 @@ def test_key_shows_the_seal_and_the_tamper_it_flags(tmp_path, tiny_ctgan_models)
 
     key = bytes(range(32))
     src = tmp_path / "chest.mhd"
-    sealed = seal_volume(make_phantom((30, 128, 128), seed=2), key)  # CT-GAN's touch-ups reach +-36 voxels
+    # 128 x 128: CT-GAN's touch-ups reach +-36 voxels, a smaller slice would change everywhere
+    sealed = seal_volume(make_phantom((30, 128, 128), seed=2), key)
     save_mhd(Scan(sealed, SPACING, (1.0, 2.0, 3.0)), src)
     v = GUI.Viewer(load_scan(src), ScanManipulator(tiny_ctgan_models), tmp_path / "saved", key=key)
     v.build()
@@ -149,5 +150,6 @@ def test_key_shows_the_seal_and_the_tamper_it_flags(tmp_path, tiny_ctgan_models)
 
 def _blocks_of(changed: np.ndarray) -> np.ndarray:
     """Voxel mask of the 8 x 8 blocks holding a changed voxel."""
-    b = changed.reshape(changed.shape[0], changed.shape[1] // 8, 8, changed.shape[2] // 8, 8).any(axis=(2, 4))
+    nz, ny, nx = changed.shape
+    b = changed.reshape(nz, ny // 8, 8, nx // 8, 8).any(axis=(2, 4))
     return np.repeat(np.repeat(b, 8, axis=1), 8, axis=2)

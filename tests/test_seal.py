@@ -58,7 +58,7 @@ def _forge_tags(hu: np.ndarray, key: bytes, header: SealHeader, blocks=None) -> 
     return out
 
 
-# --- bound and round trip ---------------------------------------------------------------------------
+# --- bound and round trip ------------------------------------------------------------------------
 def test_seal_changes_each_voxel_by_at_most_one_and_verifies(scan, sealed):
     assert sealed.dtype == np.int16
     assert np.abs(sealed.astype(np.int32) - scan).max() == 1
@@ -97,7 +97,7 @@ def test_ragged_slices_cover_the_remainder(scan):
     assert f.sum() == 1 and f[2, -1, -1]
 
 
-# --- forgeries: found and located, and missed by the weakened seal ------------------------------------
+# --- forgeries: found and located, and missed by the weakened seal -------------------------------
 def test_content_change_with_recomputed_tags(monkeypatch, sealed):
     header = verify_volume(sealed, KEY).header
     t = sealed.copy()
@@ -139,7 +139,8 @@ def test_flipped_lsb_is_found_in_its_block(sealed):
 def test_copy_from_another_position(monkeypatch, sealed):
     """Blocks (LSBs and all) copied over other blocks of the same scan: a cut-and-paste forgery.
     The first two keep their header byte (same place in another slice; a block of the
-    same slice where 7 x row + column is equal mod 36), so only the position in the MAC tells them apart."""
+    same slice where 7 x row + column is equal mod 36), so only the position in the MAC tells
+    them apart."""
     def forge(s):
         t = s.copy()
         t[2, 16:32, 40:56] = s[5, 16:32, 40:56]          # another slice, same place
@@ -208,7 +209,7 @@ def test_inserted_slice(monkeypatch, sealed):
 
 
 def test_cropping_is_reported_with_the_sealed_shape(sealed):
-    v = verify_volume(sealed[2:, :, :64], KEY)             # top slices and the last column of blocks
+    v = verify_volume(sealed[2:, :, :64], KEY)     # top slices and the last column of blocks
     assert v.cropped and not v.intact and v.header.shape == SHAPE
     assert v.moved == {z: z + 2 for z in range(6)}
 
@@ -232,7 +233,7 @@ def test_cropping_with_a_rewritten_header(monkeypatch, sealed):
     assert verify_volume(forge(s, KEY), KEY).intact
 
 
-# --- verdicts -----------------------------------------------------------------------------------------
+# --- verdicts ------------------------------------------------------------------------------------
 def test_wrong_key_no_seal_and_block_size(scan, sealed):
     with pytest.raises(WrongKeyError):
         verify_volume(sealed, OTHER_KEY)

@@ -29,7 +29,8 @@ def scan_file(tmp_path_factory) -> Path:
 
 
 @pytest.mark.tf
-def test_tamper_py_on_a_sealed_scan_is_mapped_exactly(scan_file, tmp_path, capfd, tiny_ctgan_models):
+def test_tamper_py_on_a_sealed_scan_is_mapped_exactly(scan_file, tmp_path, capfd,
+                                                      tiny_ctgan_models):
     key = tmp_path / "seal.key"
     assert call(verify.main, ["--make-key", key], capfd).rc == 0
     res = call(protect.main, [scan_file, "--seal", key, "-o", tmp_path / "sealed"], capfd)
@@ -64,4 +65,4 @@ def test_evaluation_row_matches_the_truth(scan_file, tmp_path, tiny_ctgan_models
     row = tamper_row(ScanManipulator(tiny_ctgan_models), scan, sealed, loc, key, 8, tmp_path)
     assert row["detected"] and row["exact"] and row["centre_flagged"]
     assert row["recall"] == row["precision"] == 1.0 and row["changed_blocks"] > 0
-    assert row["changed_outside_footprint"] == 0         # tamper.py and the writers touch nothing else
+    assert row["changed_outside_footprint"] == 0   # tamper.py and the writers touch nothing else

@@ -80,7 +80,8 @@ def _restore_dicom(folder: Path, intercept: int, slope: int = 1) -> None:
     """Re-store a series as unsigned pixels under another RescaleIntercept (and slope)."""
     for f in folder.iterdir():
         ds = pydicom.dcmread(f)
-        hu = ds.pixel_array.astype(np.int32) * int(float(ds.RescaleSlope)) + int(float(ds.RescaleIntercept))
+        hu = (ds.pixel_array.astype(np.int32) * int(float(ds.RescaleSlope))
+              + int(float(ds.RescaleIntercept)))
         stored = np.round((hu - intercept) / slope).astype(np.uint16)
         ds.PixelRepresentation = 0
         ds.RescaleIntercept, ds.RescaleSlope = str(intercept), str(slope)
@@ -186,7 +187,8 @@ def test_help_loads_no_torch():
     import sys
 
     code = ("import sys, verify\nverify.main(['--help'])\n"
-            "bad = [m for m in ('torch', 'tensorflow', 'scipy', 'matplotlib') if m in sys.modules]\n"
+            "bad = [m for m in ('torch', 'tensorflow', 'scipy', 'matplotlib')\n"
+            "       if m in sys.modules]\n"
             "sys.exit(1 if bad else 0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=Path(verify.__file__).parent)

@@ -24,7 +24,8 @@ from utils.numpy_io import load_numpy, save_numpy
 from utils.scan import Scan, hu_array, vox2world, world2vox
 from utils.scan_paths import input_files, refuse_overwrite
 
-__all__ = ["Scan", "load_scan", "save_mhd", "save_sitk", "save_dicom_series", "save_numpy", "load_numpy", "validate_dicom",
+__all__ = ["Scan", "load_scan", "save_mhd", "save_sitk",
+           "save_dicom_series", "save_numpy", "load_numpy", "validate_dicom",
            "hu_array", "world2vox", "vox2world", "input_files", "refuse_overwrite"]
 
 

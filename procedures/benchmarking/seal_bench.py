@@ -57,43 +57,50 @@ def run(slices: int = 300, size: int = 512, workers: int | None = None) -> list[
         path = Path(tmp) / "scan.npy"
         np.save(path, phantom((slices, size, size), seed=0))
         for op in ("seal", "verify"):
-            cmd = [sys.executable, "-m", "procedures.benchmarking.seal_bench", "--step", op, "--path", str(path)]
+            cmd = [sys.executable, "-m", "procedures.benchmarking.seal_bench", "--step", op,
+                   "--path", str(path)]
             if workers is not None:
                 cmd += ["--workers", str(workers)]
             res = subprocess.run(cmd, capture_output=True, text=True, cwd=_ROOT)
             if res.returncode != 0:
-                rows.append({"op": op, "error": (res.stderr.strip().splitlines() or ["failed"])[-1]})
+                last = (res.stderr.strip().splitlines() or ["failed"])[-1]
+                rows.append({"op": op, "error": last})
                 break
             rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
     try:
         load = os.getloadavg()[0]
     except OSError:
         load = None
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     for r in rows:
-        r.update(shape=[slices, size, size], blocks=slices * (size // 8) ** 2, load_avg_1min=None if load is None else round(load, 1),
-                 cpus=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+        r.update(shape=[slices, size, size], blocks=slices * (size // 8) ** 2,
+                 load_avg_1min=None if load is None else round(load, 1), cpus=cpus)
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
     lines = ["## Seal and verify (procedures.benchmarking.seal_bench)", "",
-             "| step | scan | blocks | wall s | main process CPU s | peak RSS MB | MAC workers' peak RSS MB | load (1 min) |",
+             "| step | scan | blocks | wall s | main process CPU s | peak RSS MB "
+             "| MAC workers' peak RSS MB | load (1 min) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['op']} | error: {r['error']} | | | | | | |")
             continue
-        lines.append(f"| {r['op']} | {' x '.join(map(str, r['shape']))} int16 | {r['blocks']:,} | {r['seconds']} "
+        shape = " x ".join(map(str, r["shape"]))
+        lines.append(f"| {r['op']} | {shape} int16 | {r['blocks']:,} | {r['seconds']} "
                      f"| {r['cpu_seconds_main']} | {r['rss_peak_mb']} | {r['worker_rss_peak_mb']} "
                      f"| {r['load_avg_1min']} on {r['cpus']} CPUs |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--slices", type=int, default=300)
     p.add_argument("--size", type=int, default=512)
-    p.add_argument("--workers", type=int, default=None, help="MAC processes (default: up to 4 CPUs)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="MAC processes (default: up to 4 CPUs)")
     p.add_argument("--step", choices=["seal", "verify"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--path", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -69,7 +69,8 @@ def tamper_row(manip, scan, sealed: np.ndarray, loc, key: bytes, block: int, tmp
     return {"z": loc.z, "y": loc.y, "x": loc.x, "action": loc.action,
             "detected": bool(failed.any()), "changed_blocks": int(truth.sum()),
             "flagged_blocks": int(failed.sum()), "recall": tp / max(int(truth.sum()), 1),
-            "precision": tp / max(int(failed.sum()), 1), "exact": bool(np.array_equal(failed, truth)),
+            "precision": tp / max(int(failed.sum()), 1),
+            "exact": bool(np.array_equal(failed, truth)),
             "centre_flagged": bool(failed[loc.z, by[loc.y], bx[loc.x]]),
             "changed_voxels": int((diff != 0).sum()), "changed_outside_cube": int(outside.sum()),
             "max_change_outside_cube_hu": int(np.abs(diff[outside]).max()) if outside.any() else 0,
@@ -88,13 +89,14 @@ def seal_evaluation(items: Iterable[VolumeItem], attackers: dict, *, n_locations
         for item in items:
             name = Path(item.path).name
             t0 = time.perf_counter()
-            sealed = _round_trip(item.scan, seal_volume(item.scan.hu, key, block=block), tmp, "sealed")
+            sealed = seal_volume(item.scan.hu, key, block=block)
+            sealed = _round_trip(item.scan, sealed, tmp, "sealed")
             seal_s = time.perf_counter() - t0
             v = verify_volume(sealed, key)
-            clean.append({"scan": name, "shape": list(sealed.shape), "false_blocks": int(v.failed.sum()),
-                          "intact": v.intact, "max_change_hu": int(np.abs(sealed.astype(np.int32)
-                                                                         - item.scan.hu).max()),
-                          "seal_seconds": seal_s})
+            change = int(np.abs(sealed.astype(np.int32) - item.scan.hu).max())
+            clean.append({"scan": name, "shape": list(sealed.shape),
+                          "false_blocks": int(v.failed.sum()), "intact": v.intact,
+                          "max_change_hu": change, "seal_seconds": seal_s})
             locs = sample_locations(item, n_locations, seed=seed, mode=mode, actions=actions)
             jobs = [(a, m, loc) for a, m in attackers.items() for loc in locs]
             it = jobs if progress is None else progress(jobs, desc=f"seal {name}", leave=False)
@@ -116,10 +118,12 @@ def seal_summary(res: dict) -> dict:
             continue
         ext = np.array([r["flagged_extent_mm"] for r in rs])
         out[attacker] = {
-            "tampers": len(rs), "errors": sum(1 for r in res["rows"] if r["attacker"] == attacker) - len(rs),
+            "tampers": len(rs),
+            "errors": sum(1 for r in res["rows"] if r["attacker"] == attacker) - len(rs),
             "detected": sum(r["detected"] for r in rs), "exact": sum(r["exact"] for r in rs),
             "centre_flagged": sum(r["centre_flagged"] for r in rs),
-            "recall_min": min(r["recall"] for r in rs), "precision_min": min(r["precision"] for r in rs),
+            "recall_min": min(r["recall"] for r in rs),
+            "precision_min": min(r["precision"] for r in rs),
             "flagged_extent_mm_mean": ext.mean(0).round(1).tolist(),
             "flagged_extent_mm_max": ext.max(0).round(1).tolist(),
             "changed_outside_cube": [min(r["changed_outside_cube"] for r in rs),
@@ -136,22 +140,28 @@ def seal_markdown(res: dict) -> str:
     lines = [f"## Seal: detection and localisation ({b} x {b} blocks)", "",
              "Truth: the blocks in which a stored voxel changed. Extent: side of the box around "
              f"the flagged voxels (z, y, x mm), beside CT-GAN's {res['cube_mm']:g} mm cube. Reach: "
-             "the attacker's reference cube (ScanManipulator.footprint); a voxel changed outside it "
+             "the attacker's reference cube (ScanManipulator.footprint); a voxel changed "
+             "outside it "
              "would be the writers' doing, not the tamper's.", "",
-             "| attacker | tampers | flagged | map = truth | block recall (min) | block precision (min) "
+             "| attacker | tampers | flagged | map = truth | block recall (min) "
+             "| block precision (min) "
              "| centre flagged | flagged extent mean (max), mm | changed voxels outside the cube "
              "| max change there (HU) | changed outside the attacker's reach |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for a, r in s.items():
-        mean, mx = (" x ".join(f"{v:g}" for v in r[k]) for k in ("flagged_extent_mm_mean", "flagged_extent_mm_max"))
+        mean, mx = (" x ".join(f"{v:g}" for v in r[k])
+                    for k in ("flagged_extent_mm_mean", "flagged_extent_mm_max"))
         lo, hi = r["changed_outside_cube"]
-        lines.append(f"| {a} | {r['tampers']} | {r['detected']}/{r['tampers']} | {r['exact']}/{r['tampers']} "
+        n = r["tampers"]
+        lines.append(f"| {a} | {n} | {r['detected']}/{n} | {r['exact']}/{n} "
                      f"| {100 * r['recall_min']:.1f}% | {100 * r['precision_min']:.1f}% "
                      f"| {r['centre_flagged']}/{r['tampers']} | {mean} ({mx}) | {lo:,}-{hi:,} "
                      f"| {r['max_change_outside_cube_hu']} | {r['changed_outside_footprint']} |")
-    lines += ["", "| untampered sealed scan | shape | false blocks | max seal change (HU) | seal time (s) |",
+    lines += ["", "| untampered sealed scan | shape | false blocks | max seal change (HU) "
+              "| seal time (s) |",
               "|---|---|---|---|---|"]
-    lines += [f"| {c['scan']} | {' x '.join(map(str, c['shape']))} | {c['false_blocks']} | {c['max_change_hu']} "
+    lines += [f"| {c['scan']} | {' x '.join(map(str, c['shape']))} | {c['false_blocks']} "
+              f"| {c['max_change_hu']} "
               f"| {c['seal_seconds']:.1f} |" for c in res["clean"]]
     errs = [r for r in res["rows"] if "error" in r]
     if errs:

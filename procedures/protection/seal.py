@@ -76,7 +76,9 @@ class Grid:
     @property
     def fits(self) -> bool:
         """Every block has its tag voxels and a slice carries every header byte."""
-        return self.nby >= 1 and self.nbx >= 1 and len(np.unique(self.chunk_index())) == HEADER_BYTES
+        if self.nby < 1 or self.nbx < 1:
+            return False
+        return len(np.unique(self.chunk_index())) == HEADER_BYTES
 
     def chunk_index(self) -> np.ndarray:
         """Which header byte each block carries: (7 row + column) mod 36, which does not depend
@@ -107,16 +109,23 @@ class Grid:
                       | ({last_r * self.nbx + last_c} if rows or cols else set()))
 
     def block_of_voxel(self, y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return (np.minimum(y // self.block, self.nby - 1), np.minimum(x // self.block, self.nbx - 1))
+        return (np.minimum(y // self.block, self.nby - 1),
+                np.minimum(x // self.block, self.nbx - 1))
+
+
+def check_block(block: int) -> None:
+    if block not in BLOCK_SIZES:
+        raise UsageError(f"block size {block}: must be {BLOCK_SIZES.start} to "
+                         f"{BLOCK_SIZES.stop - 1}")
 
 
 def check_grid(shape, block: int, what: str = "scan") -> Grid:
-    if block not in BLOCK_SIZES:
-        raise UsageError(f"block size {block}: must be {BLOCK_SIZES.start} to {BLOCK_SIZES.stop - 1}")
+    check_block(block)
     g = Grid(block, int(shape[1]), int(shape[2]))
     if not g.fits:
-        raise ScanFormatError(f"{what}: slices of {shape[1]} x {shape[2]} voxels are too small for the "
-                              f"seal: {HEADER_BYTES} blocks of {block} x {block} are needed per slice")
+        raise ScanFormatError(f"{what}: slices of {shape[1]} x {shape[2]} voxels are too small "
+                              f"for the seal with {block} x {block} blocks (each slice carries "
+                              f"the {HEADER_BYTES}-byte header, a byte a block)")
     return g
 
 
@@ -264,7 +273,8 @@ def seal_volume(hu: np.ndarray, key: bytes, *, block: int = DEFAULT_BLOCK,
     if reference is not None and eps is not None:
         e = int(np.floor(eps))
         if e < 1:
-            raise UsageError(f"--eps {eps:g}: the seal changes a voxel by 1 HU, so --eps must be >= 1")
+            raise UsageError(f"--eps {eps:g}: the seal changes a voxel by 1 HU, "
+                             f"so --eps must be >= 1")
         reference = np.asarray(reference).reshape(a.shape[0], -1)
     header = SealHeader(block, tuple(int(s) for s in a.shape), nonce or secrets.token_bytes(16))
     idx = grid.tag_index()
@@ -274,8 +284,8 @@ def seal_volume(hu: np.ndarray, key: bytes, *, block: int = DEFAULT_BLOCK,
         ref = None if e is None else reference[z0:z0 + 32][:, idx]
         flat[z0:z0 + 32, idx] = _even_within(flat[z0:z0 + 32][:, idx], ref, e)
     tags = all_tags(out, key, header, grid, workers)
-    bits = np.concatenate([tags, np.broadcast_to(_chunk_bits(header, grid), tags.shape[:2] + (CHUNK_BITS,))],
-                          axis=2)
+    chunk = np.broadcast_to(_chunk_bits(header, grid), tags.shape[:2] + (CHUNK_BITS,))
+    bits = np.concatenate([tags, chunk], axis=2)
     for z0 in range(0, a.shape[0], 32):
         flat[z0:z0 + 32, idx] |= bits[z0:z0 + 32]
     return out
@@ -328,8 +338,7 @@ def find_header(hu: np.ndarray, block: int | None) -> SealHeader:
     if not np.issubdtype(hu.dtype, np.integer):
         raise NoSealError("no seal: the scan is not integer HU (a sealed scan is)")
     if block is not None:
-        if block not in BLOCK_SIZES:
-            raise UsageError(f"block size {block}: must be {BLOCK_SIZES.start} to {BLOCK_SIZES.stop - 1}")
+        check_block(block)
         h = read_header(hu, block)
         if h is not None:
             return h
@@ -339,7 +348,8 @@ def find_header(hu: np.ndarray, block: int | None) -> SealHeader:
                 raise BlockSizeError(f"the seal uses blocks of {b} x {b}, not {block} x {block} "
                                      f"(leave out --block-size to use the seal's own)")
             return h
-    raise NoSealError("no seal: the pixels carry no seal header (not sealed, or re-encoded lossily)")
+    raise NoSealError("no seal: the pixels carry no seal header (not sealed, re-encoded lossily, "
+                      "or cropped on the left or top)")
 
 
 def _identify_slices(hu, macs: _Macs, failed: np.ndarray, header: SealHeader) -> dict[int, int]:

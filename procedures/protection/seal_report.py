@@ -31,7 +31,8 @@ class Region:
     def line(self, i: int) -> str:
         w = ", ".join(f"{a:.1f}..{b:.1f}" for a, b in zip(self.world_lo, self.world_hi))
         return (f"region {i}: slices {self.lo[0]}-{self.hi[0]}, {self.blocks} blocks; voxels "
-                f"z {self.lo[0]}-{self.hi[0]}, y {self.lo[1]}-{self.hi[1]}, x {self.lo[2]}-{self.hi[2]}; "
+                f"z {self.lo[0]}-{self.hi[0]}, y {self.lo[1]}-{self.hi[1]}, "
+                f"x {self.lo[2]}-{self.hi[2]}; "
                 f"world (z, y, x) mm {w}")
 
 
@@ -48,7 +49,8 @@ def tamper_regions(v: Verification, scan: Scan) -> list[Region]:
         zs, rs, cs = sl
         lo = (zs.start, v.grid.rows(rs.start)[0], v.grid.cols(cs.start)[0])
         hi = (zs.stop - 1, v.grid.rows(rs.stop - 1)[1] - 1, v.grid.cols(cs.stop - 1)[1] - 1)
-        corners = np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
+        corners = np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1])
+                            for c in (lo[2], hi[2])])
         w = vox2world(corners, scan.spacing, scan.origin, scan.direction)
         out.append(Region(int(sizes[i]), lo, hi, tuple(float(t) for t in w.min(axis=0)),
                           tuple(float(t) for t in w.max(axis=0))))
@@ -69,7 +71,8 @@ def summary_lines(v: Verification, regions: list[Region]) -> list[str]:
     b = v.grid.block
     if v.intact:
         return [f"intact: all {total:,} blocks of {b} x {b} voxels verify"]
-    lines = [f"tampered: {len(regions)} region(s), {n:,} of {total:,} blocks of {b} x {b} voxels fail"]
+    lines = [f"tampered: {len(regions)} region(s), {n:,} of {total:,} blocks of {b} x {b} "
+             f"voxels fail"]
     if v.cropped:
         lines.append("shape changed: the seal was made on a {} scan; this one is {}".format(
             " x ".join(map(str, v.header.shape)), " x ".join(map(str, v.shape))))
