@@ -314,6 +314,19 @@ def _attackers(args, actions) -> dict:
     return out
 
 
+def _run_info(args, ctx, names, device) -> dict:
+    """What the report's header says about the run."""
+    info = {"data": args.data, "checkpoint": args.checkpoint if "mitsgan" in names else "-",
+            "CT-GAN models": f"seen: {args.models}" + (f"; unseen (never trained on): {args.holdout_models}"
+                                                       if args.holdout_models else ""),
+            "device": str(device)}
+    if "mitsgan_config" in ctx:
+        c = ctx["mitsgan_config"]
+        info["MITS-GAN"] = (f"preset {c.preset}, generator {c.generator} (width {c.g_width}), slab {c.slab}, "
+                            f"eps {c.eps_hu:g} HU" + (" (unbounded)" if not c.eps_hu else ""))
+    return info
+
+
 def _seal_main(args, actions) -> int:
     """evaluate.py --seal: the seal against both attackers (procedures.evaluation.seal_eval)."""
     import json
@@ -380,14 +393,7 @@ def main(argv=None) -> int:
     settings = EvalSettings(n_locations=args.n_locations, locations=args.locations, actions=actions,
                             seed=args.seed, window=args.window, figure=not args.no_figures,
                             targets=ctx["targets"])
-    info = {"data": args.data, "checkpoint": args.checkpoint if "mitsgan" in names else "-",
-            "CT-GAN models": f"seen: {args.models}" + (f"; unseen (never trained on): {args.holdout_models}"
-                                                       if args.holdout_models else ""),
-            "device": str(device)}
-    if "mitsgan_config" in ctx:
-        c = ctx["mitsgan_config"]
-        info["MITS-GAN"] = (f"preset {c.preset}, generator {c.generator} (width {c.g_width}), slab {c.slab}, "
-                            f"eps {c.eps_hu:g} HU" + (" (unbounded)" if not c.eps_hu else ""))
+    info = _run_info(args, ctx, names, device)
 
     def scans():
         items = (data[i] for i in range(n_scans))

@@ -66,3 +66,27 @@ def test_evaluation_row_matches_the_truth(scan_file, tmp_path, tiny_ctgan_models
     assert row["detected"] and row["exact"] and row["centre_flagged"]
     assert row["recall"] == row["precision"] == 1.0 and row["changed_blocks"] > 0
     assert row["changed_outside_footprint"] == 0   # tamper.py and the writers touch nothing else
+
+
+@pytest.mark.tf
+def test_evaluate_seal_reports_both_attackers(tmp_path, capfd, tiny_ctgan_models):
+    """evaluate.py --seal on a phantom folder: every tamper flagged, the map exactly the truth,
+    no false alarm on the untampered sealed scan; seal.md and seal.json written."""
+    import json
+
+    import evaluate
+
+    data = tmp_path / "scans"
+    data.mkdir()
+    save_mhd(Scan(make_phantom((60, 128, 128), seed=5), SPACING, (0.0, 0.0, 0.0)), data / "a.mhd")
+    res = call(evaluate.main, ["--seal", "--data", data, "--models", tiny_ctgan_models,
+                               "--holdout-models", tiny_ctgan_models, "-n", "1", "--out",
+                               tmp_path / "out", "--no-progress"], capfd)
+    assert res.rc == 0, res.err
+    got = json.loads((tmp_path / "out" / "seal.json").read_text())
+    rows = got["rows"]
+    assert {r["attacker"] for r in rows} == {"seen", "unseen"} and len(rows) == 4
+    assert all(r["detected"] and r["exact"] and r["centre_flagged"] for r in rows)
+    assert got["clean"][0]["false_blocks"] == 0 and got["clean"][0]["max_change_hu"] == 1
+    table = (tmp_path / "out" / "seal.md").read_text()
+    assert "| seen | 2 | 2/2 | 2/2 | 100.0% | 100.0% | 2/2 |" in table
