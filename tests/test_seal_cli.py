@@ -193,3 +193,16 @@ def test_help_loads_no_torch():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=Path(verify.__file__).parent)
     assert res.returncode == 0, res.stderr
+
+
+def test_seal_after_the_generator(src, key, tmp_path, capfd, ckpt):
+    """-c then --seal: the sealed scan is the generator's output changed by at most 1 HU."""
+    plain = call(protect.main, [src, "-c", ckpt, "-o", tmp_path / "plain",
+                                 "--no-progress", "--device", "cpu"], capfd)
+    assert plain.rc == 0, plain.err
+    written = _seal(src, tmp_path / "sealed", key, capfd, "-c", ckpt, "--no-progress",
+                    "--device", "cpu")
+    a = load_scan(tmp_path / "plain" / "chest_protected.mhd").hu.astype(np.int32)
+    b = load_scan(written).hu
+    assert np.abs(b - a).max() == 1 and (a != load_scan(src).hu).any()
+    assert verify_volume(b, key.read_bytes()).intact
