@@ -344,12 +344,14 @@ def _seal_main(args, actions) -> int:
     data = ScanDataset(args.data, cache=False)
     attackers = _attackers(args, actions)
     n_scans = len(data) if not args.max_scans else min(args.max_scans, len(data))
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "seal_rows.jsonl"  # each row as measured; seal.json at the end
+    log.unlink(missing_ok=True)
     res = seal_evaluation((data[i] for i in range(n_scans)), attackers,
                           n_locations=args.n_locations, seed=args.seed, actions=actions,
                           mode=args.locations, block=args.block_size,
-                          progress=None if args.no_progress else tqdm)
+                          progress=None if args.no_progress else tqdm, log=log)
     text = seal_markdown(res)
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "seal.json", json.dumps(res, indent=1) + "\n")
     atomic_write_text(out / "seal.md", text)
     print(text)

@@ -50,7 +50,7 @@ def tamper_row(manip, scan, sealed: np.ndarray, loc, key: bytes, block: int, tmp
     tampered = _round_trip(scan, _stored(manip.scan.hu), tmp, "tampered")
     t0 = time.perf_counter()
     try:
-        v = verify_volume(tampered, key)
+        v = verify_volume(tampered, key, workers=1)  # one process: the attacker holds the CPUs
         failed = v.failed
     except WrongKeyError:  # every block changed: flagged everywhere
         failed = np.ones_like(changed_blocks(sealed, tampered, block))
@@ -80,8 +80,18 @@ def tamper_row(manip, scan, sealed: np.ndarray, loc, key: bytes, block: int, tmp
 
 
 def seal_evaluation(items: Iterable[VolumeItem], attackers: dict, *, n_locations: int, seed: int,
-                    actions, mode: str = "lung", block: int = 8, progress=None) -> dict:
-    """Rows per (scan, attacker, location, action) and the untampered scans' false alarms."""
+                    actions, mode: str = "lung", block: int = 8, progress=None,
+                    log: Path | None = None) -> dict:
+    """Rows per (scan, attacker, location, action) and the untampered scans' false alarms.
+    `log`: a JSON-lines file that gets every row as soon as it is measured (a long run that is
+    stopped keeps what it measured)."""
+    import json
+
+    def record(kind: str, row: dict) -> None:
+        if log is not None:
+            with open(log, "a") as f:
+                f.write(json.dumps({"kind": kind, **row}) + "\n")
+
     key = secrets.token_bytes(32)  # the evaluation's own key; never stored
     rows, clean = [], []
     with tempfile.TemporaryDirectory(prefix="seal_eval_") as tmpdir:
@@ -97,6 +107,7 @@ def seal_evaluation(items: Iterable[VolumeItem], attackers: dict, *, n_locations
             clean.append({"scan": name, "shape": list(sealed.shape),
                           "false_blocks": int(v.failed.sum()), "intact": v.intact,
                           "max_change_hu": change, "seal_seconds": seal_s})
+            record("clean", clean[-1])
             locs = sample_locations(item, n_locations, seed=seed, mode=mode, actions=actions)
             jobs = [(a, m, loc) for a, m in attackers.items() for loc in locs]
             it = jobs if progress is None else progress(jobs, desc=f"seal {name}", leave=False)
@@ -106,6 +117,7 @@ def seal_evaluation(items: Iterable[VolumeItem], attackers: dict, *, n_locations
                 except MitsError as e:
                     r = {"z": loc.z, "y": loc.y, "x": loc.x, "action": loc.action, "error": str(e)}
                 rows.append({"scan": name, "attacker": attacker, **r})
+                record("tamper", rows[-1])
     return {"block": block, "cube_mm": CUBE_MM, "clean": clean, "rows": rows}
 
 
