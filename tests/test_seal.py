@@ -52,7 +52,7 @@ def _forge_tags(hu: np.ndarray, key: bytes, header: SealHeader, blocks=None) -> 
     out = hu.copy()
     flat = out.reshape(hu.shape[0], -1)
     flat[:, idx] &= ~1
-    tags = S.all_tags(out, key, header, g, workers=1)
+    tags = np.unpackbits(S.all_tags(out, key, header, g, workers=1), axis=2)
     chunk = np.broadcast_to(S._chunk_bits(header, g), tags.shape[:2] + (8,))
     flat[:, idx] |= np.concatenate([tags, chunk], axis=2)
     return out

@@ -172,7 +172,7 @@ class _Macs:
         return h.digest()
 
     def slice_tags(self, cleared: np.ndarray, z: int) -> np.ndarray:
-        """(blocks, 56) tag bits of slice z (`cleared`: the slice with tag-voxel LSBs cleared)."""
+        """(blocks, 7) tag bytes of slice z (`cleared`: the slice with tag-voxel LSBs cleared)."""
         g, b = self.grid, self.grid.block
         recs = np.empty(g.nby * g.nbx, self.rec)
         self.pos["z"] = z
@@ -190,7 +190,7 @@ class _Macs:
         out = bytearray(b"".join(map(mac, range(0, n * size, size))))
         for i in self.edges:  # the remainder rows/columns belong to the last block: MAC all of it
             out[i * d:(i + 1) * d] = self.one(cleared, z, *divmod(i, g.nbx))
-        return np.unpackbits(np.frombuffer(bytes(out), np.uint8).reshape(n, d), axis=1)
+        return np.frombuffer(bytes(out), np.uint8).reshape(n, d)
 
 
 def _chunk_bits(header: SealHeader, grid: Grid) -> np.ndarray:
@@ -199,13 +199,41 @@ def _chunk_bits(header: SealHeader, grid: Grid) -> np.ndarray:
     return np.unpackbits(raw[grid.chunk_index()][:, None], axis=1)
 
 
+def _get_tags(chunk: np.ndarray, grid: Grid, idx: np.ndarray) -> np.ndarray:
+    """(slices, blocks, 64) tag voxels of a (slices, ny, nx) chunk. With 8 x 8 blocks they are
+    every voxel of the tiles: a reshape instead of a gather (several times faster)."""
+    k, b, nby, nbx = len(chunk), grid.block, grid.nby, grid.nbx
+    if b * b == TAG_VOXELS:
+        t = chunk[:, :nby * b, :nbx * b].reshape(k, nby, b, nbx, b).transpose(0, 1, 3, 2, 4)
+        return t.reshape(k, nby * nbx, TAG_VOXELS)
+    return chunk.reshape(k, -1)[:, idx]
+
+
+def _set_tags(chunk: np.ndarray, grid: Grid, idx: np.ndarray, values: np.ndarray) -> None:
+    """Write _get_tags's layout back into the (C-contiguous) chunk."""
+    k, b, nby, nbx = len(chunk), grid.block, grid.nby, grid.nbx
+    if b * b == TAG_VOXELS:
+        v = values.reshape(k, nby, nbx, b, b).transpose(0, 1, 3, 2, 4)
+        chunk[:, :nby * b, :nbx * b] = v.reshape(k, nby * b, nbx * b)
+    else:
+        chunk.reshape(k, -1)[:, idx] = values
+
+
+def _tiles(chunk: np.ndarray, grid: Grid) -> np.ndarray | None:
+    """With 8 x 8 blocks, the (slices, rows, columns) view of the tiles, whose every voxel is a
+    tag voxel, for in-place work; None for other block sizes."""
+    b = grid.block
+    return chunk[:, :grid.nby * b, :grid.nbx * b] if b * b == TAG_VOXELS else None
+
+
 def _even_within(p: np.ndarray, x: np.ndarray | None, eps: int | None) -> np.ndarray:
     """The even value h (LSB cleared) to seal, so that h and h + 1 are both within x +- eps."""
+    if x is None or eps is None:
+        return p & np.int16(~1)  # int16: stays within -32768..32766
     h = p.astype(np.int32) & ~1
-    if x is not None and eps is not None:
-        x = x.astype(np.int32)
-        h = np.where(h + 1 > x + eps, h - 2, h)
-        h = np.where(h < x - eps, h + 2, h)
+    x = x.astype(np.int32)
+    h = np.where(h + 1 > x + eps, h - 2, h)
+    h = np.where(h < x - eps, h + 2, h)
     return np.clip(h, -32768, 32766).astype(np.int16)
 
 
@@ -238,7 +266,7 @@ def default_workers(n_blocks: int) -> int:
 
 def all_tags(cleared: np.ndarray, key: bytes, header: SealHeader, grid: Grid,
              workers: int | None = None) -> np.ndarray:
-    """(z, blocks, 56) tag bits of every block of `cleared` (tag-voxel LSBs cleared)."""
+    """(z, blocks, 7) tag bytes of every block of `cleared` (tag-voxel LSBs cleared)."""
     nz = cleared.shape[0]
     if workers is None:
         workers = default_workers(nz * grid.nby * grid.nbx)
@@ -275,19 +303,28 @@ def seal_volume(hu: np.ndarray, key: bytes, *, block: int = DEFAULT_BLOCK,
         if e < 1:
             raise UsageError(f"--eps {eps:g}: the seal changes a voxel by 1 HU, "
                              f"so --eps must be >= 1")
-        reference = np.asarray(reference).reshape(a.shape[0], -1)
+        reference = np.asarray(reference)
     header = SealHeader(block, tuple(int(s) for s in a.shape), nonce or secrets.token_bytes(16))
     idx = grid.tag_index()
-    out = a.copy()
-    flat = out.reshape(a.shape[0], -1)
+    out = np.ascontiguousarray(a).copy()
     for z0 in range(0, a.shape[0], 32):  # bounded temporaries
-        ref = None if e is None else reference[z0:z0 + 32][:, idx]
-        flat[z0:z0 + 32, idx] = _even_within(flat[z0:z0 + 32][:, idx], ref, e)
+        c = out[z0:z0 + 32]
+        if e is None and (tiles := _tiles(c, grid)) is not None:
+            tiles &= np.int16(~1)
+            continue
+        ref = None if e is None else _get_tags(reference[z0:z0 + 32], grid, idx)
+        _set_tags(c, grid, idx, _even_within(_get_tags(c, grid, idx), ref, e))
     tags = all_tags(out, key, header, grid, workers)
-    chunk = np.broadcast_to(_chunk_bits(header, grid), tags.shape[:2] + (CHUNK_BITS,))
-    bits = np.concatenate([tags, chunk], axis=2)
+    chunk = _chunk_bits(header, grid)
     for z0 in range(0, a.shape[0], 32):
-        flat[z0:z0 + 32, idx] |= bits[z0:z0 + 32]
+        c = out[z0:z0 + 32]
+        t = np.unpackbits(tags[z0:z0 + 32], axis=2)
+        bits = np.concatenate([t, np.broadcast_to(chunk, t.shape[:2] + (CHUNK_BITS,))], axis=2)
+        if (tiles := _tiles(c, grid)) is not None:
+            k, nby, nbx = len(c), grid.nby, grid.nbx
+            tiles |= bits.reshape(k, nby, nbx, 8, 8).transpose(0, 1, 3, 2, 4).reshape(tiles.shape)
+        else:
+            _set_tags(c, grid, idx, _get_tags(c, grid, idx) | bits)
     return out
 
 
@@ -377,15 +414,19 @@ def verify_volume(hu: np.ndarray, key: bytes, *, block: int | None = None,
     header = find_header(hu, block)
     grid = Grid(header.block, hu.shape[1], hu.shape[2])
     idx = grid.tag_index()
-    cleared = hu.astype(np.int16, copy=True)
-    flat = cleared.reshape(hu.shape[0], -1)
+    cleared = np.ascontiguousarray(hu, dtype=np.int16).copy()
     bits = np.empty((hu.shape[0],) + idx.shape, np.uint8)
     for z0 in range(0, hu.shape[0], 32):
-        t = flat[z0:z0 + 32][:, idx]
+        c = cleared[z0:z0 + 32]
+        if (tiles := _tiles(c, grid)) is not None:
+            bits[z0:z0 + 32] = _get_tags((tiles & 1).astype(np.uint8), grid, idx)
+            tiles &= np.int16(~1)
+            continue
+        t = _get_tags(c, grid, idx)
         bits[z0:z0 + 32] = t & 1
-        flat[z0:z0 + 32, idx] = t & ~1
+        _set_tags(c, grid, idx, t & ~1)
     tags = all_tags(cleared, key, header, grid, workers)
-    ok = (tags == bits[:, :, :TAG_BITS]).all(axis=2)
+    ok = (tags == np.packbits(bits[:, :, :TAG_BITS], axis=2)).all(axis=2)
     ok &= (bits[:, :, TAG_BITS:] == _chunk_bits(header, grid)[None]).all(axis=2)
     failed = ~ok.reshape(hu.shape[0], grid.nby, grid.nbx)
     moved = _identify_slices(hu, _Macs(key, header, grid), failed, header) if failed.any() else {}
