@@ -160,6 +160,9 @@ def _seal(args, hu: np.ndarray, out: np.ndarray, cfg, key: bytes) -> np.ndarray:
     if eps is not None and eps < 1:
         raise UsageError(f"--seal changes a voxel by 1 HU; the perturbation's bound {eps:g} HU "
                          f"is below that")
+    if not np.issubdtype(out.dtype, np.integer):  # a float scan: the seal is on integer HU
+        out = np.clip(np.rint(out), -32768, 32767).astype(np.int16)
+        hu = np.rint(hu)
     return seal_volume(out, key, block=args.block_size,
                        reference=hu if eps is not None else None, eps=eps)
 

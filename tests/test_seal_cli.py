@@ -206,3 +206,15 @@ def test_seal_after_the_generator(src, key, tmp_path, capfd, ckpt):
     b = load_scan(written).hu
     assert np.abs(b - a).max() == 1 and (a != load_scan(src).hu).any()
     assert verify_volume(b, key.read_bytes()).intact
+
+
+def test_a_float_scan_is_rounded_then_sealed(tmp_path, key, capfd):
+    """Non-integer HU (a resampled scan): rounded to the nearest HU, then sealed (<= 1.5 HU)."""
+    p = tmp_path / "f.mhd"
+    s = phantom_scan(seed=4, shape=SHAPE)
+    s.hu = s.hu.astype(np.float32) + 0.3
+    save_mhd(s, p)
+    written = _seal(p, tmp_path / "out", key, capfd)
+    hu = load_scan(written).hu
+    assert hu.dtype == np.int16 and np.abs(hu - s.hu).max() <= 1.5
+    assert verify_volume(hu, key.read_bytes()).intact
