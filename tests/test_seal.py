@@ -281,3 +281,13 @@ def test_report_names_moved_slices_in_runs(sealed):
     assert "the seal was made on a 8 x 64 x 72 scan; this one is 7 x 64 x 72" in lines[1]
     assert "slices 0-5 hold sealed slices 2-7 (moved)" in lines
     assert "slice 6 holds sealed slice 0 (moved)" in lines
+
+
+@pytest.mark.parametrize("cut", [(0, 3, 5), (2, 16, 0), (1, 21, 13)])
+def test_a_cut_on_the_left_or_top_is_found_and_located(cut):
+    """The block grid shifted: the header is found at the shifted grid and the cut located."""
+    hu = seal_volume(make_phantom((6, 128, 120), seed=2), KEY)
+    z, y, x = cut
+    v = verify_volume(hu[z:, y:, x:], KEY)
+    assert not v.intact and v.cropped and v.header.shape == (6, 128, 120)
+    assert v.cut == cut and v.failed.all()

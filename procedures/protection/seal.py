@@ -337,6 +337,8 @@ class Verification:
     grid: Grid
     failed: np.ndarray
     moved: dict[int, int]          # slice -> the sealed slice it holds (when not itself)
+    cut: tuple[int, int, int] | None = None   # a scan cut on the left or top: where its voxel
+    #                                           (0, 0, 0) was in the sealed scan (seal_crop.py)
 
     @property
     def cropped(self) -> bool:
@@ -351,8 +353,8 @@ def _lsb(a: np.ndarray) -> np.ndarray:
     return (a & 1).astype(np.uint8)
 
 
-def read_header(hu: np.ndarray, block: int) -> SealHeader | None:
-    """The header the LSBs carry on a `block` grid (majority vote over every block), or None."""
+def header_bytes(hu: np.ndarray, block: int) -> np.ndarray | None:
+    """The 36 header bytes the LSBs carry on a `block` grid (majority vote over every block)."""
     grid = Grid(block, hu.shape[1], hu.shape[2])
     if not grid.fits:
         return None
@@ -365,8 +367,12 @@ def read_header(hu: np.ndarray, block: int) -> SealHeader | None:
         bits = _lsb(flat[z0:z0 + 32][:, idx]).sum(axis=0)    # (blocks, 8)
         np.add.at(votes, j, bits)
         np.add.at(counts, j, min(32, hu.shape[0] - z0))
-    raw = np.packbits((2 * votes > counts[:, None]).astype(np.uint8), axis=1).ravel()
-    h = SealHeader.unpack(raw.tobytes())
+    return np.packbits((2 * votes > counts[:, None]).astype(np.uint8), axis=1).ravel()
+
+
+def read_header(hu: np.ndarray, block: int) -> SealHeader | None:
+    raw = header_bytes(hu, block)
+    h = None if raw is None else SealHeader.unpack(raw.tobytes())
     return h if h is not None and h.block == block else None
 
 
@@ -385,8 +391,8 @@ def find_header(hu: np.ndarray, block: int | None) -> SealHeader:
                 raise BlockSizeError(f"the seal uses blocks of {b} x {b}, not {block} x {block} "
                                      f"(leave out --block-size to use the seal's own)")
             return h
-    raise NoSealError("no seal: the pixels carry no seal header (not sealed, re-encoded lossily, "
-                      "or cropped on the left or top)")
+    raise NoSealError("no seal: the pixels carry no seal header (not sealed, or re-encoded "
+                      "lossily)")
 
 
 def _identify_slices(hu, macs: _Macs, failed: np.ndarray, header: SealHeader) -> dict[int, int]:
@@ -411,7 +417,16 @@ def verify_volume(hu: np.ndarray, key: bytes, *, block: int | None = None,
     """Check every block of `hu` (the scan as read, integer HU). Raises NoSealError,
     BlockSizeError, or WrongKeyError when a header is there but no block verifies."""
     hu = np.asarray(hu)
-    header = find_header(hu, block)
+    try:
+        header = find_header(hu, block)
+    except NoSealError:
+        if not np.issubdtype(hu.dtype, np.integer):
+            raise
+        from procedures.protection.seal_crop import verify_cut  # rare: a scan cut on the left/top
+        v = verify_cut(hu, key, block or DEFAULT_BLOCK)
+        if v is None:
+            raise
+        return v
     grid = Grid(header.block, hu.shape[1], hu.shape[2])
     idx = grid.tag_index()
     cleared = np.ascontiguousarray(hu, dtype=np.int16).copy()

@@ -76,6 +76,10 @@ def summary_lines(v: Verification, regions: list[Region]) -> list[str]:
     if v.cropped:
         lines.append("shape changed: the seal was made on a {} scan; this one is {}".format(
             " x ".join(map(str, v.header.shape)), " x ".join(map(str, v.shape))))
+    if v.cut is not None:
+        z, y, x = v.cut
+        lines.append(f"cut on the left or top: this scan starts at voxel (z, y, x) = "
+                     f"({z}, {y}, {x}) of the sealed scan; every block is flagged")
     lines += [r.line(i) for i, r in enumerate(regions, 1)]
     lines += _moved_lines(v.moved)
     return lines
