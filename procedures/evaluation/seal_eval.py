@@ -109,7 +109,8 @@ def seal_evaluation(items: Iterable[VolumeItem], attackers: dict, *, n_locations
                           "max_change_hu": change, "seal_seconds": seal_s})
             record("clean", clean[-1])
             locs = sample_locations(item, n_locations, seed=seed, mode=mode, actions=actions)
-            jobs = [(a, m, loc) for a, m in attackers.items() for loc in locs]
+            # each location by every attacker in turn: a stopped run keeps both columns
+            jobs = [(a, m, loc) for loc in locs for a, m in attackers.items()]
             it = jobs if progress is None else progress(jobs, desc=f"seal {name}", leave=False)
             for attacker, manip, loc in it:
                 try:
