@@ -218,3 +218,18 @@ def test_a_float_scan_is_rounded_then_sealed(tmp_path, key, capfd):
     hu = load_scan(written).hu
     assert hu.dtype == np.int16 and np.abs(hu - s.hu).max() <= 1.5
     assert verify_volume(hu, key.read_bytes()).intact
+
+
+def test_bench_seal_section_measures_both_steps(tmp_path, capfd):
+    """bench.py --sections seal on a tiny phantom: both steps measured, written, no torch needed."""
+    import json
+
+    import bench
+
+    res = call(bench.main, ["--sections", "seal", "--protect_slices", "4", "--size", "64",
+                            "--out", tmp_path], capfd)
+    assert res.rc == 0, res.err
+    rows = json.loads((tmp_path / "seal_bench.json").read_text())
+    assert [r["op"] for r in rows] == ["seal", "verify"]
+    assert all(r["seconds"] >= 0 and r["rss_peak_mb"] > 0 for r in rows)
+    assert "| seal | 4 x 64 x 64 int16 | 256 |" in res.out
