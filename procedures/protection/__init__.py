@@ -1,1 +1,1 @@
-"""Protection: applying a generator, the disruption target, the white-box loss, targeted protection, bounds, the seal."""
+"""Protection: applying a generator, the disruption target, the white-box loss, targeted protection, bounds."""
