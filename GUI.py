@@ -8,6 +8,8 @@ a (or the button): toggle inject/remove.       t: toggle original / protected sc
 s: save the shown volume, tampered, into --out (never over the input).   q: quit.
 The protected scan is --protected (a scan of the same shape) or made on start from a MITS-GAN
 --checkpoint. Tampering works on float32 copies; the files on disk are never modified.
+--key KEYFILE: the shown scan's seal is verified (docs/seal.md) on start and after every tamper,
+as the scan would be stored: failing blocks in red, "intact" / "tampered (N regions)" in the title.
 """
 from __future__ import annotations
 
@@ -31,8 +33,10 @@ class Viewer:
     """Holds the volumes and the figure; every callback can be called directly (tests)."""
 
     def __init__(self, scan, manipulator, out_dir, protected_hu: np.ndarray | None = None,
-                 window=(-1000.0, 400.0), fmt: str = "mhd"):
+                 window=(-1000.0, 400.0), fmt: str = "mhd", key: bytes | None = None):
         self.scan = scan
+        self.key = key
+        self.seal: dict[str, tuple[str, np.ndarray | None]] = {}  # volume -> (verdict, voxel map)
         self.manip = manipulator
         self.out_dir = Path(out_dir)
         self.window = window
@@ -66,6 +70,8 @@ class Viewer:
         self.image = self.ax.imshow(self.current[self.z], cmap="gray", vmin=self.window[0],
                                     vmax=self.window[1], interpolation="nearest")
         self.marks = self.ax.plot([], [], "r+", ms=12, mew=1.5)[0]
+        self.overlay = self.ax.imshow(np.zeros(self.current.shape[1:] + (4,), np.float32),
+                                      interpolation="nearest")
         bax = self.fig.add_axes([0.05, 0.02, 0.25, 0.05])
         self.button = Button(bax, "")
         self.button.on_clicked(lambda _e: self.toggle_action())
@@ -85,16 +91,48 @@ class Viewer:
         if self.fig is None:
             return
         self.image.set_data(self.current[self.z])
+        verdict = self._seal_overlay()
         pts = [(x, y) for (z, y, x, _a) in self.history[self.showing] if z == self.z]
         self.marks.set_data([p[0] for p in pts], [p[1] for p in pts])
         n = len(self.history[self.showing])
         self.ax.set_title(f"{Path(self.scan.source_path or 'scan').name} — {self.showing}"
                           f"{' (' + str(n) + ' tampers)' if n else ''} — slice {self.z + 1}/"
-                          f"{self.current.shape[0]}", fontsize=10)
+                          f"{self.current.shape[0]}{verdict}", fontsize=10)
         self.button.label.set_text(f"click = {self.action.upper()} (a)")
         others = "t: original/protected, " if len(self.volumes) > 1 else ""
         self.text.set_text(f"{self.status}\nwheel/up/down: slice, {others}s: save, q: quit")
         self.fig.canvas.draw_idle()
+
+    def check_seal(self) -> tuple[str, np.ndarray | None]:
+        """The shown volume's seal as it would be stored (rounded to int16): the verdict and
+        the voxel tamper map (None without a seal)."""
+        from procedures.protection.seal import verify_volume  # lazy: only with --key
+        from procedures.protection.seal_report import tamper_regions, voxel_map
+        from utils.errors import BlockSizeError, NoSealError, WrongKeyError
+
+        hu = np.clip(np.round(self.current), -32768, 32767).astype(np.int16)
+        try:
+            v = verify_volume(hu, self.key)
+        except NoSealError:
+            return "no seal", None
+        except (WrongKeyError, BlockSizeError):
+            return "sealed with another key (or all changed)", None
+        n = len(tamper_regions(v, self.scan))
+        verdict = "intact" if v.intact else (f"tampered ({n} regions)" if n else "tampered (shape)")
+        return verdict, voxel_map(v)
+
+    def _seal_overlay(self) -> str:
+        """Update the red overlay of failing blocks; the title's seal verdict ('' without --key)."""
+        if self.key is None:
+            return ""
+        if self.showing not in self.seal:
+            self.seal[self.showing] = self.check_seal()
+        verdict, vmap = self.seal[self.showing]
+        rgba = np.zeros(self.current.shape[1:] + (4,), np.float32)
+        if vmap is not None:
+            rgba[vmap[self.z] > 0] = (1.0, 0.1, 0.1, 0.4)
+        self.overlay.set_data(rgba)
+        return f" — {verdict}"
 
     # --- callbacks ------------------------------------------------------------------------------
     def set_slice(self, z: int) -> None:
@@ -163,6 +201,7 @@ class Viewer:
         check_coord(coord, self.current.shape)
         t0 = time.perf_counter()
         changed = self.manip.tamper_volume(self.current, self.scan.spacing, coord, self.action, self.rng)
+        self.seal.pop(self.showing, None)  # verified again on the next redraw
         self.history[self.showing].append((*coord, self.action))
         self.status = (f"{self.action} at (z,y,x)=({self.z},{y},{x}) on the {self.showing} scan: "
                        f"{time.perf_counter() - t0:.2f} s")
@@ -211,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="device for --checkpoint")
     p.add_argument("--backend", choices=["tensorflow", "torch"], default=None, help="Keras backend")
     p.add_argument("--window", default="-1000,400", help="display window in HU (default -1000,400)")
+    p.add_argument("--key", default="",
+                   help="seal key: show the seal's verdict and tamper map (docs/seal.md)")
     return p
 
 
@@ -222,7 +263,9 @@ def main(args) -> int:
     except (ValueError, AssertionError):
         raise UsageError(f"--window must be LOW,HIGH in HU, got {args.window!r}") from None
     from procedures.attacker.pipeline import ScanManipulator, check_cube_fits  # lazy: SciPy/torch
+    from utils.keyfile import read_key
 
+    key = read_key(args.key) if args.key else None
     scan = load_scan(args.scan)
     ensure_not_input(args.out, [args.scan])
     check_output_dir(args.out)  # saving must be possible before the user tampers
@@ -249,7 +292,7 @@ def main(args) -> int:
     manip.model("remove")
     import matplotlib.pyplot as plt
 
-    viewer = Viewer(scan, manip, args.out, protected, window=window, fmt=args.format)
+    viewer = Viewer(scan, manip, args.out, protected, window=window, fmt=args.format, key=key)
     viewer.build()
     plt.show()
     return 0

@@ -17,6 +17,9 @@ Sections (procedures.benchmarking.benchmark measures them; docs/performance.md h
   tamper   CT-GAN latency per location: Keras (procedures.attacker.pipeline.ScanManipulator), its
            PyTorch equal (procedures.attacker.torch_attacker.TorchScanManipulator, tamper.py's default) and
            the differentiable port (forward and forward+backward).
+  seal     protect.py --seal and verify.py's work on a (--protect_slices, size, size) int16 scan,
+           each in a fresh process: wall time and peak RSS (procedures.benchmarking.seal_bench;
+           docs/seal.md#measured). Not in the default sections.
 
 A spec is `preset[:field=value...]` with config.py fields (train) or protect options
 batch (slabs per call), amp (off|bf16|fp16), channels_last, compile and generator fields
@@ -55,15 +58,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _seal_section(args) -> None:
+    """Seal and verify figures, printed and written to <out>/seal_bench.json and .md."""
+    import json
+    from pathlib import Path
+
+    from procedures.benchmarking.seal_bench import markdown, run
+    from utils.atomic import atomic_write_text
+
+    rows = run(args.protect_slices, args.size)
+    text = markdown(rows)
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "seal_bench.json", json.dumps(rows, indent=1) + "\n")
+    atomic_write_text(out / "seal_bench.md", text)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = sorted(set(sections) - {"train", "protect", "tamper"})
+    unknown = sorted(set(sections) - {"train", "protect", "tamper", "seal"})
     if unknown:
         raise UsageError(f"--sections: unknown {unknown}")
     for name in ("warmup", "steps", "tamper_reps", "size", "depth", "protect_slices", "ctgan_gf"):
         if getattr(args, name) < (0 if name == "warmup" else 1):
             raise UsageError(f"--{name} must be positive")
+    if "seal" in sections:
+        _seal_section(args)
+        sections.remove("seal")
+        if not sections:
+            return 0
     from procedures.benchmarking.benchmark import run_sections  # lazy: torch after --help
     from procedures.benchmarking.report import markdown
 

@@ -33,6 +33,10 @@ Protection methods (--methods, comma-separated):
             (trained with `python -m procedures.baselines.tafim`)
 Adding a method: one entry in METHODS below (a builder returning a ProtectionMethod).
 
+--seal evaluates the seal instead (docs/seal.md): each scan is sealed, tampered by both attackers at
+the same held-out locations as tamper.py does, verified, and the tamper map compared with the
+blocks that changed; written to seal.md and seal.json in --out.
+
 --curve 5,10,20,40 adds disruption vs eps for signs, targeted and every generator (curve.png).
 
 Outputs in --out: results.md (our table beside the published one, then the held-out table),
@@ -101,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=4, help="slabs per generator call")
     p.add_argument("--backend", choices=["tensorflow", "torch"], default=None, help="Keras backend for CT-GAN")
     p.add_argument("--max-scans", type=int, default=0, help="evaluate only the first N scans (0 = all)")
+    p.add_argument("--seal", action="store_true",
+                   help="evaluate the seal (detection, localisation, false alarms) instead "
+                        "of protection")
+    p.add_argument("--block-size", type=int, default=8,
+                   help="--seal: block side in voxels (default 8)")
     p.add_argument("--no-figures", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -306,9 +315,56 @@ def _attackers(args, actions) -> dict:
     return out
 
 
+def _run_info(args, ctx, names, device) -> dict:
+    """What the report's header says about the run."""
+    info = {"data": args.data, "checkpoint": args.checkpoint if "mitsgan" in names else "-",
+            "CT-GAN models": f"seen: {args.models}" + (f"; unseen (never trained on): {args.holdout_models}"
+                                                       if args.holdout_models else ""),
+            "device": str(device)}
+    if "mitsgan_config" in ctx:
+        c = ctx["mitsgan_config"]
+        info["MITS-GAN"] = (f"preset {c.preset}, generator {c.generator} (width {c.g_width}), slab {c.slab}, "
+                            f"eps {c.eps_hu:g} HU" + (" (unbounded)" if not c.eps_hu else ""))
+    return info
+
+
+def _seal_main(args, actions) -> int:
+    """evaluate.py --seal: the seal against both attackers (procedures.evaluation.seal_eval)."""
+    import json
+
+    from tqdm import tqdm
+
+    from procedures.evaluation.seal_eval import seal_evaluation, seal_markdown
+    from procedures.protection.seal import check_block
+    from scanDataset import ScanDataset
+    from utils.atomic import atomic_write_text, check_output_dir
+
+    check_block(args.block_size)
+    out = Path(args.out)
+    check_output_dir(out)
+    data = ScanDataset(args.data, cache=False)
+    attackers = _attackers(args, actions)
+    n_scans = len(data) if not args.max_scans else min(args.max_scans, len(data))
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "seal_rows.jsonl"  # each row as measured; seal.json at the end
+    log.unlink(missing_ok=True)
+    res = seal_evaluation((data[i] for i in range(n_scans)), attackers,
+                          n_locations=args.n_locations, seed=args.seed, actions=actions,
+                          mode=args.locations, block=args.block_size,
+                          progress=None if args.no_progress else tqdm, log=log)
+    text = seal_markdown(res)
+    atomic_write_text(out / "seal.json", json.dumps(res, indent=1) + "\n")
+    atomic_write_text(out / "seal.md", text)
+    print(text)
+    print(f"wrote {out / 'seal.md'} and {out / 'seal.json'}")
+    return 0
+
+
 @cli_main(build_parser)
 def main(args) -> int:
     names, actions, curve_eps = _check_args(args)
+    if args.seal:
+        return _seal_main(args, actions)
 
     from tqdm import tqdm
 
@@ -337,14 +393,7 @@ def main(args) -> int:
     settings = EvalSettings(n_locations=args.n_locations, locations=args.locations, actions=actions,
                             seed=args.seed, window=args.window, figure=not args.no_figures,
                             targets=ctx["targets"])
-    info = {"data": args.data, "checkpoint": args.checkpoint if "mitsgan" in names else "-",
-            "CT-GAN models": f"seen: {args.models}" + (f"; unseen (never trained on): {args.holdout_models}"
-                                                       if args.holdout_models else ""),
-            "device": str(device)}
-    if "mitsgan_config" in ctx:
-        c = ctx["mitsgan_config"]
-        info["MITS-GAN"] = (f"preset {c.preset}, generator {c.generator} (width {c.g_width}), slab {c.slab}, "
-                            f"eps {c.eps_hu:g} HU" + (" (unbounded)" if not c.eps_hu else ""))
+    info = _run_info(args, ctx, names, device)
 
     def scans():
         items = (data[i] for i in range(n_scans))

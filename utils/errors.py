@@ -80,3 +80,32 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
         print("error: interrupted", file=sys.stderr)
         return 130
     return int(rc or 0)
+
+
+# The seal verifier's findings (docs/seal.md#exit-codes). A tampered scan is a verdict, not an
+# error: verify.py prints its map and exits with TAMPERED_EXIT.
+TAMPERED_EXIT = 10
+
+
+class NoSealError(MitsError):
+    """The pixels carry no seal header (never sealed, or re-encoded)."""
+
+    exit_code = 11
+
+
+class WrongKeyError(MitsError):
+    """A seal header is there, but no block verifies with this key."""
+
+    exit_code = 12
+
+
+class BlockSizeError(MitsError):
+    """The seal was made with another block size than the one asked for."""
+
+    exit_code = 13
+
+
+class KeyFileError(MitsError):
+    """A seal key file that is not 32 bytes, or that other users can read."""
+
+    exit_code = 14

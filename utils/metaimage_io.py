@@ -118,6 +118,33 @@ def _to_sitk_image(scan: Scan, arr: np.ndarray):
     return img
 
 
+def save_sitk(scan: Scan, path: str | os.PathLike) -> Path:
+    """Write `scan` as NRRD (.nrrd) or NIfTI (.nii, .nii.gz) by its suffix, atomically (written
+    under its final name in a temporary folder beside `path`, then renamed into place)."""
+    path = Path(path)
+    if not path.name.lower().endswith((".nrrd", ".nii", ".nii.gz")):
+        raise OutputError(f"{path}: a NRRD or NIfTI output must end in .nrrd, .nii or .nii.gz")
+    check_writable(scan, path)
+    refuse_overwrite(path, scan.source_path)
+    img = _to_sitk_image(scan, disk_array(scan.hu))
+    try:
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    except OSError as e:
+        raise OutputError(os_error_message(path, e)) from None
+    try:
+        try:
+            with c_output_captured():
+                _sitk().WriteImage(img, str(tmpdir / path.name))
+        except RuntimeError as e:
+            raise OutputError(f"cannot write {path}: {sitk_message(e)}") from None
+        os.replace(tmpdir / path.name, path)
+    except OSError as e:
+        raise OutputError(os_error_message(path, e)) from None
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return path
+
+
 def save_mhd(scan: Scan, path: str | os.PathLike, *, compress: bool = False) -> Path:
     """Write `scan` as MetaImage (.mhd + .raw, or .zraw when compressed), atomically.
 

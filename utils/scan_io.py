@@ -4,7 +4,7 @@ One entry point, load_scan, and the public names of the modules that do the work
   utils.scan          the Scan type, geometry, and the checks every read scan passes
   utils.scan_paths    which files an input reads and an output writes; the guard between them
   utils.scan_headers  header pre-checks: declared size against the data and the memory
-  utils.metaimage_io  MetaImage, NRRD, NIfTI via SimpleITK; save_mhd
+  utils.metaimage_io  MetaImage, NRRD, NIfTI via SimpleITK; save_mhd, save_sitk (NRRD, NIfTI)
   utils.numpy_io      .npy + .json geometry sidecar
   utils.dicom_read    series selection, geometry and pixels of a DICOM CT series
   utils.dicom_write   save_dicom_series (dciodvfy-valid), validate_dicom
@@ -19,12 +19,13 @@ from pathlib import Path
 from utils.dicom_read import is_dicom_file, load_dicom
 from utils.dicom_write import save_dicom_series, validate_dicom
 from utils.errors import InputFileError, ScanFormatError
-from utils.metaimage_io import SITK_SUFFIXES, load_sitk, save_mhd
+from utils.metaimage_io import SITK_SUFFIXES, load_sitk, save_mhd, save_sitk
 from utils.numpy_io import load_numpy, save_numpy
 from utils.scan import Scan, hu_array, vox2world, world2vox
 from utils.scan_paths import SCAN_SUFFIXES, input_files, refuse_overwrite
 
-__all__ = ["Scan", "load_scan", "save_mhd", "save_dicom_series", "save_numpy", "load_numpy", "validate_dicom",
+__all__ = ["Scan", "load_scan", "save_mhd", "save_sitk",
+           "save_dicom_series", "save_numpy", "load_numpy", "validate_dicom",
            "hu_array", "world2vox", "vox2world", "input_files", "refuse_overwrite"]
 
 
