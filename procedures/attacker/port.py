@@ -598,38 +598,62 @@ class DifferentiableTamper(nn.Module):
                                                  device=ben_ext.device)
         return blend(mal_ext, ben_ext, noise, self._kernels[key], action)
 
-    def tampered(self, vol: torch.Tensor, spacing, center, action, region: str = "cube"):
+    def tampered(self, vol: torch.Tensor, spacing, center, action, region: str = "cube",
+                 frame=None):
         """The attack's result, steps 1-8 with touchups 'copy' (1-7 with 'none'), as
-        [(values, slices of the volume)] per batch item: region 'cube' is the 32 mm cut (where
-        the evaluation measures disruption), 'reference' everything the attack changes (the
-        reference cube with 'copy', the cut with 'none'). With 'copy' `vol` must be the whole
-        scan: the copy-noise block's place depends on its shape. Differentiable in `vol`."""
-        feet = self.footprints(vol, spacing, center, action)
-        if self.touchups == "none":
-            return feet
+        [(values, slices of `vol`)] per batch item: region 'cube' is the 32 mm cut (where the
+        evaluation measures disruption), 'reference' everything the attack changes (the
+        reference cube with 'copy', the cut with 'none'). Differentiable in `vol`.
+
+        With 'copy' the copy-noise block's place depends on the whole scan's shape: `vol` is the
+        whole scan, or with frame=(origin, scan shape) a window of it starting at voxel `origin`
+        that holds every reference cube and the copy-noise block where they lie inside the scan
+        (`window`); centres are then in scan coordinates. A window keeps the graph (and the
+        backward pass) to the voxels the attack reads."""
         single, b, centers, actions = self._normalise_args(vol, center, action)
         v4 = vol.unsqueeze(0) if single else vol
-        dims = tuple(int(n) for n in v4.shape[1:])
+        origin = np.zeros(3, np.int64) if frame is None else np.asarray(frame[0], np.int64)
+        dims = tuple(int(n) for n in (v4.shape[1:] if frame is None else frame[1]))
+        feet = self.footprints(vol, spacing, centers - origin, actions)
+        if self.touchups == "none":
+            return feet
         sdim = self.ref_side(spacing)
         nb_start = cube_bounds(noise_block_center(dims), (sdim,) * 3, dims)[0]
         out = []
         for i, (part, sl) in enumerate(feet):
             ref_start, _, a, e = cube_bounds(centers[i], (sdim,) * 3, dims)
-            local = tuple(slice(s.start - int(r), s.stop - int(r)) for s, r in zip(sl, ref_start))
+            ref_local = ref_start - origin
+            local = tuple(slice(s.start - int(r), s.stop - int(r)) for s, r in zip(sl, ref_local))
             if any(q.start < 0 or q.stop > sdim for q in local):
                 raise UsageError(f"spacing {tuple(spacing)}: the cube is not inside the reference cube")
-            ben = self.cut(v4[i], ref_start, sdim)
+            ben = self.cut(v4[i], ref_local, sdim)
             mal = ben.clone()
             mal[local] = part.to(self.work_dtype)
-            final = self.touch_up(ben, mal, self.cut(v4[i], nb_start, sdim), ref_start, nb_start,
-                                  dims, actions[i])
+            final = self.touch_up(ben, mal, self.cut(v4[i], nb_start - origin, sdim), ref_start,
+                                  nb_start, dims, actions[i])
             if region == "cube":
                 out.append((final[local].to(vol.dtype), sl))
             else:
                 inner = tuple(slice(int(p - r), int(q - r)) for p, q, r in zip(a, e, ref_start))
                 out.append((final[inner].to(vol.dtype),
-                            tuple(slice(int(p), int(q)) for p, q in zip(a, e))))
+                            tuple(slice(int(p - o), int(q - o)) for p, q, o in zip(a, e, origin))))
         return out
+
+    def window(self, spacing, centers, dims) -> tuple[slice, slice, slice]:
+        """The smallest box of a scan of shape `dims` holding, where they lie inside it, the
+        reference cubes at `centers` and the copy-noise block: what `tampered` reads with
+        touchups 'copy' (with 'none': the cuts). Pass vol[box] and frame=(box starts, dims)."""
+        dims = np.asarray(dims, np.int64)
+        if self.touchups == "none":
+            shape = np.asarray(self.cut_shape(spacing))
+            blocks = [cube_bounds(c, shape, dims)[:2] for c in np.asarray(centers).reshape(-1, 3)]
+        else:
+            side = np.full(3, self.ref_side(spacing))
+            blocks = [cube_bounds(c, side, dims)[:2] for c in np.asarray(centers).reshape(-1, 3)]
+            blocks.append(cube_bounds(noise_block_center(dims), side, dims)[:2])
+        lo = np.clip(np.min([b[0] for b in blocks], 0), 0, dims)
+        hi = np.clip(np.max([b[1] for b in blocks], 0), 0, dims)
+        return tuple(slice(int(p), int(q)) for p, q in zip(lo, hi))
 
     def forward(self, vol: torch.Tensor, spacing, center, action) -> torch.Tensor:
         """The tampered volume (same shape and dtype as `vol`), differentiable in `vol`.

@@ -1,6 +1,7 @@
 """Protection methods for the evaluation: a ProtectionMethod is a name, a column label and a
 callable (VolumeItem) -> protected HU array of the scan's shape. MITS-GAN, Gaussian noise,
-random +-eps signs, a generator at another eps, targeted protection; TAFIM builds its own in
+random +-eps signs, a generator at another eps, targeted protection, the ceiling's saved
+perturbations (procedures.protection.ceiling); TAFIM builds its own in
 procedures.baselines.tafim. Adding a method is one entry in the list given to
 procedures.evaluation.run.evaluate (docs/results.md)."""
 from __future__ import annotations
@@ -147,3 +148,20 @@ def matched_rms(method: ProtectionMethod) -> Callable[[VolumeItem], float]:
         return M.perturbation_stats(as_stored(method.protect(item), item.scan.hu), item.scan.hu)["rms_hu"]
 
     return rms
+
+
+def ceiling_method(folder, *, eps: float | None = None, label: str | None = None,
+                   name: str = "ceiling") -> ProtectionMethod:
+    """The scan plus its saved ceiling perturbation (<folder>/<scan stem>.npy, int8, written by
+    procedures.protection.ceiling), checked against the bound `eps` when given."""
+    from procedures.protection.ceiling import load_perturbation  # lazy: torch only for this method
+
+    def run(item: VolumeItem) -> np.ndarray:
+        hu = item.scan.hu
+        d = load_perturbation(folder, Path(item.path).name, hu.shape, eps)
+        out = hu.astype(np.float32)
+        for z in range(hu.shape[0]):
+            out[z] += d[z]
+        return out
+
+    return ProtectionMethod(name, label or f"ceiling ({Path(folder).name})", run)

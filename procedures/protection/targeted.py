@@ -160,6 +160,18 @@ def _centres(center, box, offsets, vol_shape) -> np.ndarray:
     return c - np.array([s.start for s in box])[None]
 
 
+def rmse_hu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """RMSE in HU, with a gradient at a == b too (the disruption every optimiser maximises)."""
+    return ((a - b).pow(2).mean() + 1e-6).sqrt()
+
+
+def pgd_step(w: torch.Tensor, grad: torch.Tensor, eps: float, lr: float, t: int, steps: int) -> None:
+    """One L-inf sign-gradient descent step on `w` in place, clamped to +-eps: step size
+    lr * eps at step 0, decaying linearly to a tenth of it at the last step."""
+    w -= lr * eps * (1.0 - 0.9 * t / steps) * torch.sign(grad)
+    w.clamp_(-eps, eps)
+
+
 def optimise_target(dt, hu: np.ndarray, spacing, center, s: TargetSettings) -> tuple[tuple, np.ndarray]:
     """Optimise one target. Returns (box slices, integer perturbation d of the box's shape)."""
     from procedures.protection.whitebox import straight_through_round  # lazy: whitebox loads the CT-GAN port (SciPy)
@@ -189,17 +201,15 @@ def optimise_target(dt, hu: np.ndarray, spacing, center, s: TargetSettings) -> t
             refs.update({k: f[0] for k, f in zip(need, feet)})
         d = straight_through_round(s.eps * torch.tanh(w) if s.method == "adam" else w)
         feet = dt.footprints((real + d).expand(len(cents), *real.shape), spacing, cents, actions)
-        losses = [((f[0] - refs[(tuple(c), a)]).pow(2).mean() + 1e-6).sqrt()
-                  for f, c, a in zip(feet, cents, actions)]
-        loss = -torch.stack(losses).mean()
+        loss = -torch.stack([rmse_hu(f[0], refs[(tuple(c), a)])
+                             for f, c, a in zip(feet, cents, actions)]).mean()
         w.grad = None
         loss.backward()
         with torch.no_grad():
             if s.method == "adam":
                 opt.step()
-            else:  # step size s.lr * eps, decaying linearly to a tenth of it
-                w -= s.lr * s.eps * (1.0 - 0.9 * t / s.steps) * torch.sign(w.grad)
-                w.clamp_(-s.eps, s.eps)
+            else:
+                pgd_step(w, w.grad, s.eps, s.lr, t, s.steps)
     with torch.no_grad():
         d = torch.round(s.eps * torch.tanh(w) if s.method == "adam" else w).numpy()
     return box, d
