@@ -127,15 +127,19 @@ def targeted_method(attacker, rows, settings, *, label: str | None = None, name:
     settings.background elsewhere. `attacker`: a procedures.attacker.port.DifferentiableTamper
     (the seen attacker). `boxes`: a cache shared by methods of equal settings but background."""
     boxes = {} if boxes is None else boxes  # scan path -> [(box, d)]: small, reused
+    # With step 8 in the graph the attack sees the background (through the copy-noise block), so
+    # the optimised boxes depend on it; without, methods that differ only there share them.
+    step8 = getattr(attacker, "touchups", "none") != "none"
 
     def run(item: VolumeItem) -> np.ndarray:
-        if item.path not in boxes:
+        out = background(item.scan.hu, settings, Path(item.path).name)
+        key = (item.path, settings.background) if step8 else item.path
+        if key not in boxes:
             centres = targets_for_scan(rows, item.scan, Path(item.path).name, strict=False)
             _, info = protect_targets(attacker, item.scan.hu, item.scan.spacing, centres, settings,
-                                      progress=progress, keep=True)
-            boxes[item.path] = [(i["slices"], i["d"]) for i in info]
-        out = background(item.scan.hu, settings, Path(item.path).name)
-        for box, d in boxes[item.path]:
+                                      progress=progress, keep=True, base=out)
+            boxes[key] = [(i["slices"], i["d"]) for i in info]
+        for box, d in boxes[key]:
             out[box] = item.scan.hu[box].astype(np.float32) + d
         return out
 
