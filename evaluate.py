@@ -241,12 +241,13 @@ def _build_ceiling(args, ctx):
     from procedures.evaluation.methods import ceiling_method
 
     folder = Path(args.ceiling_dir)
-    if not (folder / "ceiling.json").is_file():
-        raise UsageError(f"--methods ceiling: {folder / 'ceiling.json'} not found "
+    reports = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    if not reports:
+        raise UsageError(f"--methods ceiling: no perturbation in {folder} "
                          f"(python -m procedures.protection.ceiling --out {folder})")
-    s = json.loads((folder / "ceiling.json").read_text()).get("settings", {})
+    s = json.loads(reports[0].read_text()).get("settings", {})
     return ceiling_method(folder, eps=_eps(args, ctx),
-                          label=f"ceiling, eps {s.get('eps', '?'):g} HU, {s.get('steps', '?')} steps")
+                          label=f"ceiling, eps {s.get('eps', 0):g} HU, {s.get('steps', '?')} steps")
 
 
 METHODS["ceiling"] = _build_ceiling

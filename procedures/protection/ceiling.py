@@ -200,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"fixed held-out locations per scan for the curve (default {d.curve_locations})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-scans", type=int, default=0, help="only the first N scans (0 = all)")
+    p.add_argument("--scans", default="",
+                   help="only these scan file names, comma-separated (runs on several scans can "
+                        "share --out: each writes its own <scan>.npy and <scan>.json)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -218,28 +221,32 @@ def main(argv=None) -> int:
         raise UsageError("--seed and --max-scans must be >= 0")
     out = Path(args.out)
     check_output_dir(out)
-    dt = load_seen_attacker(args.models)
     data = ScanDataset(args.data, cache=False)
-    n = len(data) if not args.max_scans else min(args.max_scans, len(data))
-    report = {"settings": {**asdict(s), "actions": list(s.actions)}, "models": str(args.models),
-              "data": str(args.data), "torch_threads": torch.get_num_threads(), "scans": {}}
+    names = [Path(p).name for p in data.paths]
+    wanted = [n.strip() for n in args.scans.split(",") if n.strip()]
+    if set(wanted) - set(names):
+        raise UsageError(f"--scans: {', '.join(sorted(set(wanted) - set(names)))} not in {args.data}")
+    todo = [i for i, n in enumerate(names) if not wanted or n in wanted]
+    todo = todo[:args.max_scans] if args.max_scans else todo
+    dt = load_seen_attacker(args.models)
     out.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
+    for i in todo:
         item = data[i]
-        name = Path(item.path).name
+        name = names[i]
         c0, w0 = time.process_time(), time.perf_counter()
         d, curve = optimise_scan(dt, item.scan.hu, item.scan.spacing, name, s,
                                  progress=None if args.no_progress else tqdm)
         with atomic_path(perturbation_path(out, name)) as tmp:
             np.save(tmp, d)
-        report["scans"][name] = {**curve, "cpu_s": time.process_time() - c0,
-                                 "wall_s": time.perf_counter() - w0, "shape": list(d.shape),
-                                 "max_abs_hu": int(np.abs(d).max())}
-        atomic_write_text(out / "ceiling.json", json.dumps(report, indent=1))
+        report = {"scan": name, "settings": {**asdict(s), "actions": list(s.actions)},
+                  "models": str(args.models), "data": str(args.data),
+                  "torch_threads": torch.get_num_threads(), **curve,
+                  "cpu_s": time.process_time() - c0, "wall_s": time.perf_counter() - w0,
+                  "shape": list(d.shape), "max_abs_hu": int(np.abs(d).max())}
+        atomic_write_text(perturbation_path(out, name).with_suffix(".json"), json.dumps(report, indent=1))
         print(f"{name}: held-out disruption {curve['heldout_hu'][0]:.1f} HU (random signs, step 0) -> "
-              f"{curve['heldout_hu'][-1]:.1f} HU after {s.steps} steps; "
-              f"{report['scans'][name]['cpu_s']:.0f} CPU-s")
-    print(f"wrote {out}/*.npy and {out / 'ceiling.json'}")
+              f"{curve['heldout_hu'][-1]:.1f} HU after {s.steps} steps; {report['cpu_s']:.0f} CPU-s")
+    print(f"wrote {len(todo)} perturbation(s) and their curves to {out}")
     return 0
 
 
