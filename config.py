@@ -78,6 +78,8 @@ class Config:
                                        # CT-GAN call per action)
     wb_shift: int = 0                  # whitebox: random offset of each cube centre, up to this
                                        # many voxels per axis (the attacker clicks by hand)
+    wb_touchups: str = "none"          # whitebox: none (attack steps 1-7) | copy: step 8 too, the
+                                       # noise touch-ups (docs/attack.md#pytorch-port)
     ensemble_models: str = ""          # whitebox: more CT-GAN model folders (each with INJ/ and
                                        # REM/), comma-separated; the loss averages all attackers
     quantize: bool = False             # round protected HU to integers before the attacker
@@ -148,6 +150,7 @@ CHOICES = {
     "keras_backend": ("", "tensorflow", "torch"),
     "attacker_impl": ("auto", "keras", "torch"),
     "attack_mode": ("blackbox", "whitebox"),
+    "wb_touchups": ("none", "copy"),
     "amp": ("off", "bf16"),
     "attack_borders": ("pad", "published"),
     "missing_model": ("error", "unchanged"),

@@ -29,6 +29,9 @@ Protection methods (--methods, comma-separated):
   mitsgan_float, mitsgan2_float
             the same generators' float32 output, not rounded to the scan's int16 storage
             (every other column is evaluated as stored): what storage does to the protection
+  ceiling   the saved per-scan perturbations of `python -m procedures.protection.ceiling`
+            (--ceiling-dir): one bounded perturbation per scan optimised at random in-lung
+            locations through the seen attacker, the ceiling of protection anywhere
   tafim     the TAFIM baseline (Aneja et al., ECCV 2022; procedures/baselines/tafim.py) from --tafim-checkpoint
             (trained with `python -m procedures.baselines.tafim`)
 Adding a method: one entry in METHODS below (a builder returning a ProtectionMethod).
@@ -89,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a second MITS-GAN checkpoint for --methods mitsgan2 (its own columns)")
     p.add_argument("--tafim-checkpoint", default="runs/tafim/checkpoint.pt",
                    help="TAFIM checkpoint for --methods tafim (default runs/tafim/checkpoint.pt)")
+    p.add_argument("--ceiling-dir", default="runs/ceiling",
+                   help="perturbations of --methods ceiling (default runs/ceiling)")
     p.add_argument("--noise-rms", type=float, default=None,
                    help="noise RMS in HU (default: MITS-GAN's perturbation RMS of each scan)")
     p.add_argument("-n", "--n-locations", type=int, default=12,
@@ -238,6 +243,24 @@ def _targeted_builder(background: str):
 
 
 METHODS["signs"] = _build_signs
+
+
+def _build_ceiling(args, ctx):
+    import json
+
+    from procedures.evaluation.methods import ceiling_method
+
+    folder = Path(args.ceiling_dir)
+    reports = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    if not reports:
+        raise UsageError(f"--methods ceiling: no perturbation in {folder} "
+                         f"(python -m procedures.protection.ceiling --out {folder})")
+    s = json.loads(reports[0].read_text()).get("settings", {})
+    return ceiling_method(folder, eps=_eps(args, ctx),
+                          label=f"ceiling, eps {s.get('eps', 0):g} HU, {s.get('steps', '?')} steps")
+
+
+METHODS["ceiling"] = _build_ceiling
 METHODS["targeted"] = _targeted_builder("signs")
 METHODS["targeted_bare"] = _targeted_builder("none")
 

@@ -80,14 +80,15 @@ def load_differentiable(inj_dir=None, rem_dir=None, device=None, **kw):
     return module.to(device) if device is not None else module
 
 
-def load_attacker_pair(models, device=None, actions=("inject", "remove")):
+def load_attacker_pair(models, device=None, actions=("inject", "remove"), **kw):
     """The differentiable CT-GAN of a models folder (INJ/, REM/) as the protection code uses it:
     SciPy's spline resampling (as the Keras pipeline), a straight-through clamp (saturation
-    keeps its gradient) and float32 work."""
+    keeps its gradient) and float32 work; `kw`: other DifferentiableTamper options (touchups)."""
     import torch  # lazy: the folder checks above need no torch
 
     models = Path(models)
     return load_differentiable(
         models / SUBDIR["inject"] if "inject" in actions else None,
         models / SUBDIR["remove"] if "remove" in actions else None,
-        device=device, resample="spline", clamp="straight_through", work_dtype=torch.float32)
+        device=device, resample="spline", clamp="straight_through", work_dtype=torch.float32,
+        **kw)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import os
 import sys
 import time
@@ -36,10 +35,11 @@ from pathlib import Path
 
 import numpy as np
 import scipy.ndimage
-import scipy.stats
 
 from procedures.attacker.keras_env import get_keras
 from procedures.attacker.model_dir import SUBDIR, model_files
+from procedures.attacker.touchups import (KERNEL_SIGMA, REF_SCALE, blend, kern01,  # noqa: F401 (re-exported)
+                                          noise_block_center, noise_from_block)
 from utils.cubes import cube_bounds, cut_cube, paste_cube
 from utils.equalizer import HistEqualizer
 from utils.errors import (CoordinateError, MitsError, ModelFileError, ScanFormatError, UnsafeFileError,
@@ -49,8 +49,6 @@ from utils.scan import check_coord, check_min_size
 
 CUBE = np.array([32, 32, 32])             # z, y, x voxels at 1 mm
 MASK = (slice(6, 26),) * 3                # in-painting region, config mask_{z,y,x}lims
-REF_SCALE = 1.3                           # reference (touch-up) cube side = int(max(cube) * 1.3)
-KERNEL_SIGMA = {"inject": 3.0, "remove": 0.1}
 ACTIONS = ("inject", "remove")
 NOISE_MODES = ("copy", "gaussian")
 BORDERS = ("pad", "published")
@@ -78,23 +76,6 @@ class AttackBorderError(AttackShapeError):
 # --------------------------------------------------------------------------------------------
 # small numeric helpers (CT-GAN utils.utils)
 # --------------------------------------------------------------------------------------------
-def sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-@functools.lru_cache(maxsize=32)
-def kern01(kernlen: int, nsig: float) -> np.ndarray:
-    """CT-GAN's kern01: 2-D Gaussian kernel (gkern) of side `kernlen`, rescaled to [0, 1]."""
-    interval = (2 * nsig + 1.0) / kernlen
-    x = np.linspace(-nsig - interval / 2.0, nsig + interval / 2.0, kernlen + 1)
-    kern1d = np.diff(scipy.stats.norm.cdf(x))
-    k = np.sqrt(np.outer(kern1d, kern1d))
-    k = k / k.sum()
-    k = (k - k.min()) / (k.max() - k.min())
-    k.setflags(write=False)
-    return k
-
-
 def fix_overflow(cube: np.ndarray) -> np.ndarray:
     """Overflow fix (docs/attack.md#overflow-fix): voxels > 2000 HU -> mean of their 5x5x5
     neighbourhood (outside = -1000), then everything < -1000 -> -1000. New float64 array."""
@@ -359,13 +340,7 @@ class ScanManipulator:
             noise = copy_noise(vol, ref_shape, pad)
         else:
             noise = gaussian_noise(clean_unscaled, ref_shape, action, rng)
-        if action == "inject":
-            factors = sigmoid((mal_ext + 700.0) / 70.0) * k  # before the noise, as published
-            mal_ext += noise
-            return np.maximum(mal_ext * factors + ben_ext * (1 - factors), ben_ext)
-        mal_ext += noise
-        m = min(mal_ext.min(), ben_ext.min())
-        return (mal_ext + m) * k + (ben_ext + m) * (1 - k) - m
+        return blend(mal_ext, ben_ext, noise, k, action)
 
     def footprint(self, vol_shape, spacing, coord_vox) -> tuple[slice, slice, slice]:
         """The slices tamper_volume would touch (the reference cube, clipped to the volume)."""
@@ -379,12 +354,6 @@ class ScanManipulator:
 # --------------------------------------------------------------------------------------------
 # noise touch-ups (docs/attack.md#touch-ups)
 # --------------------------------------------------------------------------------------------
-def noise_block_center(vol_shape) -> np.ndarray:
-    """The copy-noise block's centre: (depth/2, 0.43 rows, 0.27 cols), truncated."""
-    d, h, w = vol_shape[:3]
-    return np.array([int(d / 2), int(h * 0.43), int(w * 0.27)])
-
-
 def published_paste_shape(vol_shape, center, cube_shape) -> tuple[int, ...]:
     """Shape of the scan CT-GAN's pasteCube returns for a cube of `cube_shape` at `center`.
 
@@ -428,12 +397,7 @@ def copy_noise(vol: np.ndarray, ref_shape, pad: float = 0.0) -> np.ndarray:
 
     Deterministic. If no voxel is below -800 (the published code would give NaN) the noise is 0."""
     block = cut_cube(vol, noise_block_center(vol.shape), ref_shape, pad)
-    x = block.astype(np.float64)
-    low = x < -800
-    if not low.any():
-        return np.zeros(x.shape)
-    x[x > -800] = x[low].mean()
-    return x - x.mean()
+    return noise_from_block(block.astype(np.float64))
 
 
 def gaussian_noise(local_sample: np.ndarray, ref_shape, action: str,

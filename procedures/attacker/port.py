@@ -22,8 +22,11 @@ Two parts (docs/attack.md#pytorch-port):
    - the > 2000 HU overflow fix averages every bad voxel's 5^3 neighbourhood of the *unfixed*
      cube at once (avg_pool3d); the published Python loop fixes voxels one by one, in place,
      so later means see earlier fixes;
-   - step 8 (noise touch-ups) is not applied: it depends on the generator only through the
-     blend of the pasted cube, and on the rest of the scan through a fixed reference block.
+   - step 8 (noise touch-ups: copied noise block, blend, max(blend, benign) for injection) is
+     optional: `touchups="copy"` adds it (procedures.attacker.touchups, the code the Keras
+     pipeline runs), `"none"` (the class default) stops at step 7. With it, `tampered` and
+     `forward` need the whole scan: the noise block sits at a fixed place of it
+     (docs/attack.md#touch-ups), and the gradient reaches the scan through that block too.
 """
 from __future__ import annotations
 
@@ -36,6 +39,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from procedures.attacker.touchups import (REF_SCALE, blend, kernel, noise_block_center,
+                                          noise_from_block, overlay)
 from utils.cubes import cube_bounds
 from utils.equalizer import HistEqualizer
 from utils.errors import CoordinateError, ModelFileError, UsageError
@@ -54,6 +59,7 @@ UP = ("g_u3", "g_u4", "g_u5", "g_u6")
 CONV_NAMES = tuple(f"{n}_conv" for n in DOWN + UP) + ("g_out",)
 BN_NAMES = tuple(f"{n}_bn" for n in DOWN[1:] + UP)
 ACTIONS = ("inject", "remove")
+TOUCHUPS = ("none", "copy")
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,17 +205,23 @@ class DifferentiableTamper(nn.Module):
     clamp: 'plain' (torch.clamp: zero gradient where the generator output leaves [-0.5, 0.5];
     the default) or 'straight_through' (same values, identity gradient).
     resample: 'trilinear' (default) or 'spline' (= scipy's cubic zoom, see the module docstring).
+    touchups: 'none' (steps 1-7, the default) or 'copy' (step 8 too, docs/attack.md#touch-ups).
     """
 
     def __init__(self, injector: nn.Module | None, remover: nn.Module | None,
                  inj_equalizer=None, rem_equalizer=None, inj_norm=None, rem_norm=None, *,
                  freeze_generators: bool = True, clamp: str = "plain",
-                 resample: str = "trilinear", work_dtype: torch.dtype = torch.float64):
+                 resample: str = "trilinear", work_dtype: torch.dtype = torch.float64,
+                 touchups: str = "none"):
         super().__init__()
         if clamp not in ("plain", "straight_through"):
             raise UsageError(f"clamp must be 'plain' or 'straight_through', not {clamp!r}")
         if resample not in ("trilinear", "spline"):
             raise UsageError(f"resample must be 'trilinear' or 'spline', not {resample!r}")
+        if touchups not in TOUCHUPS:
+            raise UsageError(f"touchups must be 'none' or 'copy', not {touchups!r}")
+        self.touchups = touchups
+        self._kernels: dict = {}
         self.clamp_mode = clamp
         self.resample_mode = resample
         self.work_dtype = work_dtype
@@ -346,10 +358,8 @@ class DifferentiableTamper(nn.Module):
             if np.any(c < 0) or np.any(c >= np.asarray(v4.shape[1:])):
                 raise CoordinateError(f"voxel {tuple(c.tolist())} is outside the scan {tuple(v4.shape[1:])}")
             start, _, a, e = cube_bounds(c, shape, v4.shape[1:])
-            region = v4[i, a[0]:e[0], a[1]:e[1], a[2]:e[2]]
+            cubes.append(self.cut(v4[i], start, shape))  # step 1
             lo, hi = a - start, (start + np.asarray(shape)) - e
-            pads = [int(lo[2]), int(hi[2]), int(lo[1]), int(hi[1]), int(lo[0]), int(hi[0])]
-            cubes.append(F.pad(region.to(self.work_dtype), pads, value=CUT_PAD_HU))  # step 1
             geo.append((lo, np.asarray(shape) - hi, tuple(slice(int(p), int(q)) for p, q in zip(a, e))))
         cubes = self.resample(torch.stack(cubes), (CUBE,) * 3)  # step 2
         out = torch.empty_like(cubes)
@@ -364,6 +374,98 @@ class DifferentiableTamper(nn.Module):
             result.append((part.to(vol.dtype), sl))
         return result
 
+    def cut(self, v3: torch.Tensor, start, shape) -> torch.Tensor:
+        """The block of `shape` at `start` of a (D, H, W) tensor in work dtype, differentiable;
+        voxels outside the scan are 0 HU, as the attack pads (docs/attack.md#border-cubes)."""
+        start = np.asarray(start, dtype=np.int64)
+        stop = start + np.broadcast_to(np.asarray(shape, dtype=np.int64), (3,))
+        dims = np.asarray(v3.shape)
+        a, e = np.clip(start, 0, dims), np.clip(stop, 0, dims)
+        region = v3[int(a[0]):int(e[0]), int(a[1]):int(e[1]), int(a[2]):int(e[2])]
+        lo, hi = a - start, stop - e
+        pads = [int(lo[2]), int(hi[2]), int(lo[1]), int(hi[1]), int(lo[0]), int(hi[0])]
+        return F.pad(region.to(self.work_dtype), pads, value=CUT_PAD_HU)
+
+    @staticmethod
+    def ref_side(spacing) -> int:
+        """The reference (touch-up) cube's side: int(max(cut) * 1.3) voxels on every axis."""
+        return int(max(DifferentiableTamper.cut_shape(spacing)) * REF_SCALE)
+
+    def touch_up(self, ben_ext, mal_ext, noise_block, ref_start, nb_start, vol_shape, action, *,
+                 pad: float = CUT_PAD_HU):
+        """Step 8 on cut blocks (sdim^3, work dtype): the final reference block.
+
+        ben_ext: the benign reference block; mal_ext: the same with the tampered cube pasted;
+        noise_block: the copy-noise block of the scan before the paste (the pasted voxels it
+        shares with mal_ext are taken from there). Voxels outside the scan are padding in both
+        blocks, as CT-GAN's re-cut after the paste gives (procedures.attacker.touchups)."""
+        sdim = int(ben_ext.shape[0])
+        inside = _inside(ref_start, sdim, vol_shape, ben_ext.device)
+        mal_ext = torch.where(inside, mal_ext, torch.full_like(mal_ext, pad))
+        noise = noise_from_block(overlay(noise_block, nb_start, mal_ext, ref_start, vol_shape))
+        key = (sdim, action, ben_ext.dtype, ben_ext.device)
+        if key not in self._kernels:
+            self._kernels[key] = torch.as_tensor(kernel(sdim, action).copy(), dtype=ben_ext.dtype,
+                                                 device=ben_ext.device)
+        return blend(mal_ext, ben_ext, noise, self._kernels[key], action)
+
+    def tampered(self, vol: torch.Tensor, spacing, center, action, region: str = "cube",
+                 frame=None):
+        """The attack's result, steps 1-8 with touchups 'copy' (1-7 with 'none'), as
+        [(values, slices of `vol`)] per batch item: region 'cube' is the 32 mm cut (where the
+        evaluation measures disruption), 'reference' everything the attack changes (the
+        reference cube with 'copy', the cut with 'none'). Differentiable in `vol`.
+
+        With 'copy' the copy-noise block's place depends on the whole scan's shape: `vol` is the
+        whole scan, or with frame=(origin, scan shape) a window of it starting at voxel `origin`
+        that holds every reference cube and the copy-noise block where they lie inside the scan
+        (`window`); centres are then in scan coordinates. A window keeps the graph (and the
+        backward pass) to the voxels the attack reads."""
+        single, b, centers, actions = self._normalise_args(vol, center, action)
+        v4 = vol.unsqueeze(0) if single else vol
+        origin = np.zeros(3, np.int64) if frame is None else np.asarray(frame[0], np.int64)
+        dims = tuple(int(n) for n in (v4.shape[1:] if frame is None else frame[1]))
+        feet = self.footprints(vol, spacing, centers - origin, actions)
+        if self.touchups == "none":
+            return feet
+        sdim = self.ref_side(spacing)
+        nb_start = cube_bounds(noise_block_center(dims), (sdim,) * 3, dims)[0]
+        out = []
+        for i, (part, sl) in enumerate(feet):
+            ref_start, _, a, e = cube_bounds(centers[i], (sdim,) * 3, dims)
+            ref_local = ref_start - origin
+            local = tuple(slice(s.start - int(r), s.stop - int(r)) for s, r in zip(sl, ref_local))
+            if any(q.start < 0 or q.stop > sdim for q in local):
+                raise UsageError(f"spacing {tuple(spacing)}: the cube is not inside the reference cube")
+            ben = self.cut(v4[i], ref_local, sdim)
+            mal = ben.clone()
+            mal[local] = part.to(self.work_dtype)
+            final = self.touch_up(ben, mal, self.cut(v4[i], nb_start - origin, sdim), ref_start,
+                                  nb_start, dims, actions[i])
+            if region == "cube":
+                out.append((final[local].to(vol.dtype), sl))
+            else:
+                inner = tuple(slice(int(p - r), int(q - r)) for p, q, r in zip(a, e, ref_start))
+                out.append((final[inner].to(vol.dtype),
+                            tuple(slice(int(p - o), int(q - o)) for p, q, o in zip(a, e, origin))))
+        return out
+
+    def window(self, spacing, centers, dims) -> tuple[slice, slice, slice]:
+        """The smallest box of a scan of shape `dims` holding, where they lie inside it, the
+        reference cubes at `centers` and the copy-noise block: what `tampered` reads with
+        touchups 'copy' (with 'none': the cuts). Pass vol[box] and frame=(box starts, dims)."""
+        dims = np.asarray(dims, np.int64)
+        if self.touchups == "none":
+            shape = np.asarray(self.cut_shape(spacing))
+            blocks = [cube_bounds(c, shape, dims)[:2] for c in np.asarray(centers).reshape(-1, 3)]
+        else:
+            side = np.full(3, self.ref_side(spacing))
+            blocks = [cube_bounds(c, side, dims)[:2] for c in np.asarray(centers).reshape(-1, 3)]
+            blocks.append(cube_bounds(noise_block_center(dims), side, dims)[:2])
+        lo = np.clip(np.min([b[0] for b in blocks], 0), 0, dims)
+        hi = np.clip(np.max([b[1] for b in blocks], 0), 0, dims)
+        return tuple(slice(int(p), int(q)) for p, q in zip(lo, hi))
+
     def forward(self, vol: torch.Tensor, spacing, center, action) -> torch.Tensor:
         """The tampered volume (same shape and dtype as `vol`), differentiable in `vol`.
 
@@ -371,7 +473,7 @@ class DifferentiableTamper(nn.Module):
         gradient is the identity outside the footprint and flows through the generator inside.
         """
         single = vol.dim() == 3
-        feet = self.footprints(vol, spacing, center, action)
+        feet = self.tampered(vol, spacing, center, action, region="reference")
         out = vol.clone()
         if single:
             out[feet[0][1]] = feet[0][0]
@@ -382,10 +484,19 @@ class DifferentiableTamper(nn.Module):
 
     @torch.no_grad()
     def tamper_volume(self, vol, spacing, coord_vox, action="inject", rng=None):
-        """The Attacker interface (procedures.attacker.interface): steps 1-7 pasted into the
-        float HU volume `vol` (NumPy or torch) in place; the slices of the pasted cube. No
-        touch-ups (see the module notes), so `rng` is not used."""
+        """The Attacker interface (procedures.attacker.interface): the attack (steps 1-8 with
+        touchups 'copy', 1-7 with 'none') pasted into the float HU volume `vol` (NumPy or
+        torch) in place; the slices it changed. The copy-noise is taken from the scan itself,
+        so `rng` is not used."""
         vt = torch.as_tensor(vol)
-        part, sl = self.footprints(vt.to(self.keep_mask.device), spacing, coord_vox, action)[0]
+        part, sl = self.tampered(vt.to(self.keep_mask.device), spacing, coord_vox, action,
+                                 region="reference")[0]
         vt[sl] = part.to(vt.device, vt.dtype)
         return sl
+
+
+def _inside(start, side: int, vol_shape, device) -> torch.Tensor:
+    """Mask (side^3 bool on `device`) of a block's voxels that lie inside the volume."""
+    r = torch.arange(side, device=device)
+    axes = [(r + int(s) >= 0) & (r + int(s) < int(n)) for s, n in zip(start, vol_shape)]
+    return axes[0][:, None, None] & axes[1][None, :, None] & axes[2][None, None, :]

@@ -4,11 +4,11 @@
 its default (non-published) settings (docs/attack.md#overview, steps 1-8):
 cut the cube and the reference cube, resample to 32^3 with SciPy's cubic-spline zoom,
 equalise, normalise, mask, run the generator, clip, de-normalise, de-equalise, fix overflow,
-resample back, paste, and the copy-noise touch-ups. Steps 1-7 are
+resample back, paste, and the copy-noise touch-ups. Steps 1-8 are
 procedures.attacker.port.DifferentiableTamper (spline resampling as three small matrices, np.interp
 as torch_interp, plain clip, float64 work like the NumPy pipeline; its generator is the
-layer-for-layer PyTorch port in float32, like Keras; docs/attack.md#pytorch-port). Step 8
-(docs/attack.md#touch-ups) is written here in torch.
+layer-for-layer PyTorch port in float32, like Keras; docs/attack.md#pytorch-port); step 8
+(docs/attack.md#touch-ups) is procedures.attacker.touchups, shared with the NumPy pipeline.
 
 Only the two blocks a tamper reads (the reference cube and the copy-noise block) go to the
 device and only the reference cube comes back: on a GPU a tamper moves ~3 x sdim^3 values
@@ -28,11 +28,11 @@ import numpy as np
 import torch
 
 from procedures.attacker.model_dir import SUBDIR, load_differentiable
-from procedures.attacker.pipeline import (CUBE, KERNEL_SIGMA, REF_SCALE, AttackShapeError,
-                                        ScanManipulator, _check_action, check_coord,
-                                        check_cube_fits, kern01,
-                                        noise_block_center, published_shape_error)
+from procedures.attacker.pipeline import (CUBE, REF_SCALE, AttackShapeError, ScanManipulator,
+                                          _check_action, check_coord, check_cube_fits,
+                                          published_shape_error)
 from procedures.attacker.port import DifferentiableTamper
+from procedures.attacker.touchups import noise_block_center
 from utils.cubes import cube_bounds
 from utils.device import pick_device
 from utils.errors import ScanFormatError, UsageError
@@ -58,19 +58,12 @@ class TorchScanManipulator(ScanManipulator):
         super().__init__(model_dir, exact_resample=exact_resample, noise="copy",
                          cut_pad_value=cut_pad_value, seed=seed, published=False)
         self.device = torch.device(device)
-        self._kernels: dict[tuple[int, str], torch.Tensor] = {}
 
     def model(self, action: str) -> DifferentiableTamper:
         _check_action(action)
         if action not in self._models:
             self._models[action] = load_tamper_core(self.model_dir / SUBDIR[action], action, self.device)
         return self._models[action]
-
-    def _kernel(self, sdim: int, action: str) -> torch.Tensor:
-        key = (sdim, action)
-        if key not in self._kernels:
-            self._kernels[key] = torch.from_numpy(kern01(sdim, KERNEL_SIGMA[action]).copy()).to(self.device)
-        return self._kernels[key]
 
     @torch.inference_mode()
     def tamper_volume(self, vol, spacing, coord_vox, action: str = "inject", rng=None):
@@ -103,18 +96,10 @@ class TorchScanManipulator(ScanManipulator):
         part, sl = core.footprints(ben_ext, spacing, center - ref_start, action)[0]
         mal_ext = ben_ext.clone()
         mal_ext[sl] = part
-        # pasteCube drops what leaves the scan: there the re-cut block holds the padding again
-        mal_ext[~_inside(ref_start, sdim, vol.shape, self.device)] = self.cut_pad_value
-        noise = self._copy_noise(vol, mal_ext, ref_start, sdim)
-        k = self._kernel(sdim, action)
-        if action == "inject":
-            factors = torch.sigmoid((mal_ext + 700.0) / 70.0) * k
-            mal_ext = mal_ext + noise
-            final = torch.maximum(mal_ext * factors + ben_ext * (1 - factors), ben_ext)
-        else:
-            mal_ext = mal_ext + noise
-            m = torch.minimum(mal_ext.min(), ben_ext.min())
-            final = (mal_ext + m) * k + (ben_ext + m) * (1 - k) - m
+        # step 8, the differentiable attack's own (procedures.attacker.touchups)
+        nb_start = cube_bounds(noise_block_center(vol.shape), (sdim,) * 3, vol.shape)[0]
+        final = core.touch_up(ben_ext, mal_ext, self._cut(vol, nb_start, sdim), ref_start, nb_start,
+                              tuple(vol.shape), action, pad=self.cut_pad_value)
         changed = self._paste(vol, final, ref_start)
         self.last_scan_shape = tuple(int(n) for n in vol.shape)  # padded borders: never grows
         self.timings.append(time.perf_counter() - t0)
@@ -131,22 +116,6 @@ class TorchScanManipulator(ScanManipulator):
             out[tuple(slice(int(p - s), int(q - s)) for p, q, s in zip(a, b, start))] = src.to(self.device, torch.float64)
         return out
 
-    def _copy_noise(self, vol, mal_ext, ref_start, sdim) -> torch.Tensor:
-        """attack_pipeline.copy_noise on the scan after the paste: the block at
-        (depth/2, 0.43 rows, 0.27 cols), with the pasted voxels taken from mal_ext."""
-        nb_start = cube_bounds(noise_block_center(vol.shape), (sdim,) * 3, vol.shape)[0]
-        x = self._cut(vol, nb_start, sdim)
-        lo = np.maximum(np.maximum(nb_start, ref_start), 0)     # the block's overlap with the pasted
-        hi = np.minimum(np.minimum(nb_start, ref_start) + sdim, vol.shape)  # reference block
-        if np.all(hi > lo):
-            x[tuple(slice(int(p - s), int(q - s)) for p, q, s in zip(lo, hi, nb_start))] = \
-                mal_ext[tuple(slice(int(p - s), int(q - s)) for p, q, s in zip(lo, hi, ref_start))]
-        low = x < -800
-        if not bool(low.any()):
-            return torch.zeros_like(x)
-        x = torch.where(x > -800, x[low].mean(), x)
-        return x - x.mean()
-
     def _paste(self, vol, block: torch.Tensor, start):
         """Write the part of `block` inside the scan into `vol`; its slices in `vol`."""
         a = np.clip(start, 0, vol.shape)
@@ -159,13 +128,6 @@ class TorchScanManipulator(ScanManipulator):
             else:
                 vol[dst] = part.cpu().numpy().astype(vol.dtype, copy=False)
         return dst
-
-
-def _inside(start, side: int, vol_shape, device) -> torch.Tensor:
-    """Mask (side^3 bool on `device`) of a block's voxels that lie inside the volume."""
-    r = torch.arange(side, device=device)
-    axes = [(r + int(s) >= 0) & (r + int(s) < int(n)) for s, n in zip(start, vol_shape)]
-    return axes[0][:, None, None] & axes[1][None, :, None] & axes[2][None, None, :]
 
 
 def attacker_impl(cfg) -> str:

@@ -107,18 +107,22 @@ def sample_locations(item: VolumeItem, n: int, *, seed: int = 0, mode: str = "lu
         return out
     if mode != "lung":
         raise UsageError(f"unknown location mode {mode!r}; choose lung, csv or targets")
-    hu = item.scan.hu
-    cand = np.argwhere(lung_mask(hu))
-    if len(cand) == 0:
-        raise MitsError(f"{item.path}: no lung found (utils.lung.lung_mask is empty); "
-                        f"use --locations csv")
-    half = int(scaled_shape([CUBE_MM], 1.0 / item.scan.spacing[0])[0]) // 2
-    inner = cand[(cand[:, 0] >= half) & (cand[:, 0] < hu.shape[0] - half)]
-    if len(inner) >= n:
-        cand = inner
+    cand = lung_candidates(item.scan.hu, item.scan.spacing, n, item.path)
     picks = cand[rng.choice(len(cand), size=min(n, len(cand)), replace=False)]
     return [Location(name, int(z), int(y), int(x), action=a, source="lung mask")
             for z, y, x in picks for a in actions]
+
+
+def lung_candidates(hu: np.ndarray, spacing, n: int = 1, name="the scan") -> np.ndarray:
+    """In-lung voxels (utils.lung.lung_mask) as (k, 3) z, y, x, only those whose 32 mm cube stays
+    inside the scan along z when there are at least n of them."""
+    cand = np.argwhere(lung_mask(hu))
+    if len(cand) == 0:
+        raise MitsError(f"{name}: no lung found (utils.lung.lung_mask is empty); "
+                        f"use --locations csv")
+    half = int(scaled_shape([CUBE_MM], 1.0 / np.asarray(spacing, np.float64)[0])[0]) // 2
+    inner = cand[(cand[:, 0] >= half) & (cand[:, 0] < hu.shape[0] - half)]
+    return inner if len(inner) >= n else cand
 
 
 def cube_region(spacing, center, vol_shape) -> tuple[slice, slice, slice]:

@@ -1,6 +1,7 @@
 """Protection methods for the evaluation: a ProtectionMethod is a name, a column label and a
 callable (VolumeItem) -> protected HU array of the scan's shape. MITS-GAN, Gaussian noise,
-random +-eps signs, a generator at another eps, targeted protection; TAFIM builds its own in
+random +-eps signs, a generator at another eps, targeted protection, the ceiling's saved
+perturbations (procedures.protection.ceiling); TAFIM builds its own in
 procedures.baselines.tafim. Adding a method is one entry in the list given to
 procedures.evaluation.run.evaluate (docs/results.md)."""
 from __future__ import annotations
@@ -123,15 +124,19 @@ def targeted_method(attacker, rows, settings, *, label: str | None = None, name:
     settings.background elsewhere. `attacker`: a procedures.attacker.port.DifferentiableTamper
     (the seen attacker). `boxes`: a cache shared by methods of equal settings but background."""
     boxes = {} if boxes is None else boxes  # scan path -> [(box, d)]: small, reused
+    # With step 8 in the graph the attack sees the background (through the copy-noise block), so
+    # the optimised boxes depend on it; without, methods that differ only there share them.
+    step8 = getattr(attacker, "touchups", "none") != "none"
 
     def run(item: VolumeItem) -> np.ndarray:
-        if item.path not in boxes:
+        out = background(item.scan.hu, settings, Path(item.path).name)
+        key = (item.path, settings.background) if step8 else item.path
+        if key not in boxes:
             centres = targets_for_scan(rows, item.scan, Path(item.path).name, strict=False)
             _, info = protect_targets(attacker, item.scan.hu, item.scan.spacing, centres, settings,
-                                      progress=progress, keep=True)
-            boxes[item.path] = [(i["slices"], i["d"]) for i in info]
-        out = background(item.scan.hu, settings, Path(item.path).name)
-        for box, d in boxes[item.path]:
+                                      progress=progress, keep=True, base=out)
+            boxes[key] = [(i["slices"], i["d"]) for i in info]
+        for box, d in boxes[key]:
             out[box] = item.scan.hu[box].astype(np.float32) + d
         return out
 
@@ -144,3 +149,20 @@ def matched_rms(method: ProtectionMethod) -> Callable[[VolumeItem], float]:
         return M.perturbation_stats(as_stored(method.protect(item), item.scan.hu), item.scan.hu)["rms_hu"]
 
     return rms
+
+
+def ceiling_method(folder, *, eps: float | None = None, label: str | None = None,
+                   name: str = "ceiling") -> ProtectionMethod:
+    """The scan plus its saved ceiling perturbation (<folder>/<scan stem>.npy, int8, written by
+    procedures.protection.ceiling), checked against the bound `eps` when given."""
+    from procedures.protection.ceiling import load_perturbation  # lazy: torch only for this method
+
+    def run(item: VolumeItem) -> np.ndarray:
+        hu = item.scan.hu
+        d = load_perturbation(folder, Path(item.path).name, hu.shape, eps)
+        out = hu.astype(np.float32)
+        for z in range(hu.shape[0]):
+            out[z] += d[z]
+        return out
+
+    return ProtectionMethod(name, label or f"ceiling ({Path(folder).name})", run)

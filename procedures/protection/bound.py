@@ -84,7 +84,7 @@ def main(args) -> int:
 
     scan = load_scan(args.scan)
     models = Path(args.models)
-    dt = load_attacker(models, actions)
+    dt = load_attacker(models, actions, touchups="none")  # steps 1-7: measured on the cut below
     item = SimpleNamespace(path=str(args.scan), scan=scan)
     locs = sample_locations(item, args.n_locations, seed=args.seed, actions=actions)
     rows = []

@@ -2,7 +2,6 @@
 the tamper map in the scan's geometry, and a PNG of the most affected slices (docs/seal.md)."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 

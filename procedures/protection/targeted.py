@@ -6,6 +6,10 @@ of the region any attack cube can reach is optimised directly through the PyTorc
 (procedures.attacker.port), as procedures.protection.bound does for one location: d = eps * tanh(w),
 rounded to integer HU in the forward pass (straight-through; int16 storage keeps exactly that),
 Adam maximising RMSE(CT-GAN(real + d), CT-GAN(real)) in the cube, for removal and injection.
+The attack in the graph is the whole attack by default, noise touch-ups (step 8) included
+(`load_attacker(touchups="copy")`, docs/attack.md#pytorch-port): the tampered cube then
+depends on the protected scan's copy-noise block and on max(blend, benign) for injection, as
+the Keras pipeline the evaluation runs.
 
 The attacker clicks by hand, so the cube centre is not the target's voxel: every step draws
 random integer offsets within +-radius voxels on every axis (CT-GAN truncates the centre to a
@@ -130,64 +134,90 @@ def offset_grid(radius: int, parity: int | None = None) -> np.ndarray:
     return grid
 
 
-def _centres(center, box, offsets, vol_shape) -> np.ndarray:
-    """Cube centres (in box coordinates) for the offsets, kept inside the volume."""
-    c = np.clip(np.asarray(center)[None] + offsets, 0, np.asarray(vol_shape) - 1)
-    return c - np.array([s.start for s in box])[None]
+def rmse_hu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """RMSE in HU, with a gradient at a == b too (the disruption every optimiser maximises)."""
+    return ((a - b).pow(2).mean() + 1e-6).sqrt()
 
 
-def optimise_target(dt, hu: np.ndarray, spacing, center, s: TargetSettings) -> tuple[tuple, np.ndarray]:
-    """Optimise one target. Returns (box slices, integer perturbation d of the box's shape)."""
+def pgd_step(w: torch.Tensor, grad: torch.Tensor, eps: float, lr: float, t: int, steps: int) -> None:
+    """One L-inf sign-gradient descent step on `w` in place, clamped to +-eps: step size
+    lr * eps at step 0, decaying linearly to a tenth of it at the last step."""
+    w -= lr * eps * (1.0 - 0.9 * t / steps) * torch.sign(grad)
+    w.clamp_(-eps, eps)
+
+
+def optimise_target(dt, hu: np.ndarray, spacing, center, s: TargetSettings,
+                    base: np.ndarray | None = None) -> tuple[tuple, np.ndarray]:
+    """Optimise one target. Returns (box slices, integer perturbation d of the box's shape).
+
+    The attack runs on `base` (the scan as protected outside the targets; default hu itself)
+    with the box replaced by real + d, in a window holding everything it reads: with step 8 in
+    the graph (dt.touchups 'copy') the reference cubes and the copy-noise block, whose
+    perturbation outside the box (the background) then counts as the evaluation sees it."""
     from procedures.protection.whitebox import straight_through_round  # lazy: whitebox loads the CT-GAN port (SciPy)
 
-    box = reach_box(dt.cut_shape(spacing), center, s.radius, hu.shape)
-    real = torch.from_numpy(np.ascontiguousarray(hu[box], dtype=np.float32))
+    dims = tuple(int(n) for n in hu.shape)
+    box = reach_box(dt.cut_shape(spacing), center, s.radius, dims)
     grid = offset_grid(s.radius, s.parity)
+    win = _join(dt.window(spacing, np.clip(np.asarray(center) + grid, 0, np.asarray(dims) - 1), dims), box)
+    origin = np.array([w.start for w in win])
+    inner = tuple(slice(b.start - o, b.stop - o) for b, o in zip(box, origin))
+    real = torch.from_numpy(np.ascontiguousarray(hu[win], dtype=np.float32))
+    outside = real if base is None else torch.from_numpy(np.ascontiguousarray(base[win], dtype=np.float32))
     rng = np.random.default_rng([int(s.seed), *(int(v) for v in center)])
     g = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
+    shape = real[inner].shape
     if s.method == "adam":
         # A random start: at d = 0 the RMSE's gradient is 0 (CT-GAN(real + 0) == CT-GAN(real)).
-        w = (0.3 * torch.randn(real.shape, generator=g)).requires_grad_(True)
+        w = (0.3 * torch.randn(shape, generator=g)).requires_grad_(True)
         opt = torch.optim.Adam([w], lr=s.lr)
     else:  # L-inf PGD (sign of the gradient) from random +-eps signs, the baseline itself
-        w = (s.eps * (2.0 * torch.randint(0, 2, real.shape, generator=g) - 1.0)).requires_grad_(True)
+        w = (s.eps * (2.0 * torch.randint(0, 2, shape, generator=g) - 1.0)).requires_grad_(True)
     refs: dict = {}
     acts = list(s.actions)
+    frame = (origin, dims)
     for t in range(s.steps):
         offs = grid[rng.integers(len(grid), size=s.offsets_per_step)]
-        cents = np.repeat(_centres(center, box, offs, hu.shape), len(acts), axis=0)
+        cents = np.repeat(np.clip(np.asarray(center)[None] + offs, 0, np.asarray(dims) - 1), len(acts), axis=0)
         actions = acts * len(offs)
         need = [(tuple(c), a) for c, a in zip(cents, actions) if (tuple(c), a) not in refs]
         if need:
             with torch.no_grad():
-                feet = dt.footprints(real.expand(len(need), *real.shape), spacing,
-                                     np.array([c for c, _ in need]), [a for _, a in need])
+                feet = dt.tampered(real.expand(len(need), *real.shape), spacing,
+                                   np.array([c for c, _ in need]), [a for _, a in need], frame=frame)
             refs.update({k: f[0] for k, f in zip(need, feet)})
         d = straight_through_round(s.eps * torch.tanh(w) if s.method == "adam" else w)
-        feet = dt.footprints((real + d).expand(len(cents), *real.shape), spacing, cents, actions)
-        losses = [((f[0] - refs[(tuple(c), a)]).pow(2).mean() + 1e-6).sqrt()
-                  for f, c, a in zip(feet, cents, actions)]
-        loss = -torch.stack(losses).mean()
+        vol = outside.clone()
+        vol[inner] = real[inner] + d
+        feet = dt.tampered(vol.expand(len(cents), *vol.shape), spacing, cents, actions, frame=frame)
+        loss = -torch.stack([rmse_hu(f[0], refs[(tuple(c), a)])
+                             for f, c, a in zip(feet, cents, actions)]).mean()
         w.grad = None
         loss.backward()
         with torch.no_grad():
             if s.method == "adam":
                 opt.step()
-            else:  # step size s.lr * eps, decaying linearly to a tenth of it
-                w -= s.lr * s.eps * (1.0 - 0.9 * t / s.steps) * torch.sign(w.grad)
-                w.clamp_(-s.eps, s.eps)
+            else:
+                pgd_step(w, w.grad, s.eps, s.lr, t, s.steps)
     with torch.no_grad():
         d = torch.round(s.eps * torch.tanh(w) if s.method == "adam" else w).numpy()
     return box, d
 
 
-def optimise_targets(dt, hu: np.ndarray, spacing, targets, s: TargetSettings, progress=None):
-    """Yield (info dict, box slices, integer d) per target, optimised one after the other."""
+def _join(a, b) -> tuple[slice, slice, slice]:
+    """The bounding box of two boxes of slices."""
+    return tuple(slice(min(p.start, q.start), max(p.stop, q.stop)) for p, q in zip(a, b))
+
+
+def optimise_targets(dt, hu: np.ndarray, spacing, targets, s: TargetSettings, progress=None,
+                     base: np.ndarray | None = None):
+    """Yield (info dict, box slices, integer d) per target, optimised one after the other on
+    `base` (the protection outside the targets, default the scan itself)."""
     s.validate()
     it = targets if progress is None else progress(targets, desc="targets", unit="target", leave=False)
     for center in it:
         t0 = time.perf_counter()
-        box, d = optimise_target(dt, hu, spacing, center, s)
+        box, d = optimise_target(dt, hu, spacing, center, s, base)
         yield ({"target": tuple(int(v) for v in center), "box": [(b.start, b.stop) for b in box],
                 "max_hu": float(np.abs(d).max()), "seconds": time.perf_counter() - t0}, box, d)
 
@@ -199,18 +229,19 @@ def protect_targets(dt, hu: np.ndarray, spacing, targets, s: TargetSettings, *, 
     Returns (protected, one info dict per target; keep=True adds its box "slices" and "d")."""
     out = np.array(hu if base is None else base, dtype=np.float32)
     info = []
-    for i, box, d in optimise_targets(dt, hu, spacing, targets, s, progress):
+    for i, box, d in optimise_targets(dt, hu, spacing, targets, s, progress, base=out):
         out[box] = hu[box].astype(np.float32) + d
         info.append({**i, **({"slices": box, "d": d} if keep else {})})
     return out, info
 
 
-def load_attacker(models, actions=("inject", "remove"), device=None):
-    """The differentiable CT-GAN (spline resampling, as the Keras pipeline) from a models folder."""
+def load_attacker(models, actions=("inject", "remove"), device=None, touchups: str = "copy"):
+    """The differentiable CT-GAN (spline resampling, as the Keras pipeline) from a models folder;
+    touchups 'copy' (default): with step 8, the whole attack (docs/attack.md#pytorch-port)."""
     # lazy: the attacker pulls SciPy; reading targets needs none of it
     from procedures.attacker.model_dir import load_attacker_pair
 
-    return load_attacker_pair(models, device, actions)
+    return load_attacker_pair(models, device, actions, touchups=touchups)
 
 
 def protect_scan_targets(scan, centres, out: np.ndarray, *, models, eps: float, steps: int,
@@ -229,7 +260,8 @@ def protect_scan_targets(scan, centres, out: np.ndarray, *, models, eps: float, 
         hu = scan.hu.astype(np.float32)  # integer signs (a fractional eps rounds toward 0): <= eps stored
         out[...] = stored_as(hu + np.fix(background(scan.hu, s, background_name) - hu), out.dtype)
     info = []
-    for i, box, d in optimise_targets(dt, scan.hu, scan.spacing, centres, s, progress):
+    for i, box, d in optimise_targets(dt, scan.hu, scan.spacing, centres, s, progress,
+                                      base=out.astype(np.float32)):
         out[box] = stored_as(scan.hu[box].astype(np.float32) + d, out.dtype)
         info.append(i)
     return info

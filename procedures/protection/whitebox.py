@@ -13,7 +13,10 @@ starts) and, in normalised units, is ~1e-7 for a 10 HU change, so the adversaria
 and the perturbation stayed at ~1 HU (docs/results.md). The RMSE's gradient has the same size at
 any disruption; 100 HU is a visible change in the cube. CT-GAN(real) is computed without
 gradient. Only the slices of the cubes' z-range are built (real slices with protected slabs in
-place). The noise touch-ups (step 8) are not part of this graph (see ctgan_torch).
+place). With `wb_touchups copy` the noise touch-ups (step 8) are in the graph too: the slices
+then cover the reference cubes and the copy-noise block (docs/attack.md#pytorch-port), and only
+the slabs of the cubes are G's (the rest of those slices are real, where protect.py would
+protect them too).
 
 Untargeted levers (config fields; docs/training.md "Untargeted protection: what each lever
 does" has their measured effect): `wb_locations` locations per slab, all in one batched CT-GAN
@@ -32,6 +35,7 @@ import torch
 from procedures.attacker.model_dir import load_attacker_pair
 from procedures.protection.disruption import DisruptionStats, Locator, Slab
 from procedures.protection.apply import slabs_meeting
+from procedures.protection.targeted import rmse_hu
 from utils.hu_range import to_hu
 
 
@@ -52,7 +56,8 @@ def attacker_dirs(cfg) -> list[Path]:
 class WhiteboxDisruption:
     def __init__(self, cfg, device):
         self.cfg = cfg
-        self.attackers = [load_attacker_pair(d, device) for d in attacker_dirs(cfg)]
+        self.attackers = [load_attacker_pair(d, device, touchups=getattr(cfg, "wb_touchups", "none"))
+                          for d in attacker_dirs(cfg)]
         self.dt = self.attackers[0]
         # Location sampling and counters as in the black-box mode.
         self.locator = Locator(cfg)
@@ -95,9 +100,9 @@ class WhiteboxDisruption:
         starts = [s]
         if self.cfg.whitebox_cube and sl.protect is not None:
             starts = sorted({s, *slabs_meeting(depth, slab, min(zs) - half, max(zs) + half + 1)})
-        sub, z0 = self._subvolume(sl, starts, min(zs) - cut, max(zs) + cut)
-        local = [(z - z0, y, x) for z, y, x in centres]
-        terms = [self._rmse(dt, item, sub, z0, local, action)
+        win = self.dt.window(item.scan.spacing, centres, item.scan.hu.shape)[0]  # what the attack reads
+        sub, z0 = self._subvolume(sl, starts, min(min(zs) - cut, win.start), max(max(zs) + cut, win.stop - 1))
+        terms = [self._rmse(dt, item, sub, z0, centres, action)
                  for dt in self.attackers for action in self.actions(sl.k)]
         self.stats.computed += 1
         self.stats.attack_seconds += time.perf_counter() - t0
@@ -126,12 +131,14 @@ class WhiteboxDisruption:
         return sub, z0
 
     def _rmse(self, dt, item, sub: torch.Tensor, z0: int, centres, action: str) -> torch.Tensor:
-        """Mean over the centres of RMSE(CT-GAN(sub), CT-GAN(real)) / 100 HU in each cube: one
-        batched CT-GAN call for all centres (the volume is expanded, not copied)."""
+        """Mean over the centres (scan voxels) of RMSE(CT-GAN(sub), CT-GAN(real)) / 100 HU in
+        each cube: one batched CT-GAN call for all centres (the volume is expanded, not copied);
+        `sub` holds the scan's slices from z0 on."""
         real = torch.from_numpy(item.scan.hu[z0:z0 + sub.shape[0]].astype(np.float32)).to(sub.device)
         n = len(centres)
+        frame, sp = ((z0, 0, 0), item.scan.hu.shape), item.scan.spacing
         with torch.no_grad():
-            refs = dt.footprints(real.expand(n, *real.shape), item.scan.spacing, centres, action)
-        tams = dt.footprints(sub.expand(n, *sub.shape), item.scan.spacing, centres, action)
-        rm = [((tam - ref).pow(2).mean() + 1e-6).sqrt() for (tam, _), (ref, _) in zip(tams, refs)]
+            refs = dt.tampered(real.expand(n, *real.shape), sp, centres, action, frame=frame)
+        tams = dt.tampered(sub.expand(n, *sub.shape), sp, centres, action, frame=frame)
+        rm = [rmse_hu(tam, ref) for (tam, _), (ref, _) in zip(tams, refs)]
         return sum(rm[1:], rm[0]) / n / DISRUPTION_SCALE_HU

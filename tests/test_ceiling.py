@@ -1,0 +1,109 @@
+"""procedures.protection.ceiling: one bounded integer perturbation per scan optimised through the
+differentiable attack (step 8 included) at fresh in-lung locations, on tiny phantoms with a real
+tiny CT-GAN; and its evaluate.py method."""
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_phantom
+from procedures.evaluation.locations import sample_locations
+from procedures.protection import ceiling as C
+from scanDataset import VolumeItem
+from utils.errors import InputFileError, run_cli
+from utils.lung import lung_mask
+from utils.scan_io import Scan
+
+SPACING = (2.5, 1.0, 1.0)       # cut 13 x 32 x 32, reference cube 41
+SHAPE = (40, 80, 80)
+
+
+@pytest.fixture(scope="module")
+def hu():
+    return make_phantom(SHAPE, seed=3)
+
+
+@pytest.fixture(scope="module")
+def dt(tiny_ctgan_models):
+    return C.load_seen_attacker(tiny_ctgan_models)
+
+
+def _settings(**kw):
+    return C.CeilingSettings(**{"steps": 3, "eval_every": 2, "curve_locations": 2, **kw})
+
+
+def test_bound_integers_and_seeded_determinism(dt, hu):
+    d1, c1 = C.optimise_scan(dt, hu, SPACING, "a.mhd", _settings(eps=6))
+    d2, c2 = C.optimise_scan(dt, hu, SPACING, "a.mhd", _settings(eps=6))
+    d3, _ = C.optimise_scan(dt, hu, SPACING, "a.mhd", _settings(eps=6, seed=1))
+    assert d1.dtype == np.int8 and d1.shape == hu.shape
+    assert np.abs(d1).max() <= 6 and np.abs(d1).max() == 6
+    assert np.array_equal(d1, d2) and json.dumps(c1) == json.dumps(c2)
+    assert not np.array_equal(d1, d3)
+    assert c1["step"] == [0, 2, 3] and len(c1["heldout_hu"]) == 3 and np.isnan(c1["train_hu"][0])
+
+
+def test_locations_are_fresh_in_lung_and_never_the_evaluations(dt, hu):
+    opt = C.CeilingOptimiser(dt, hu, SPACING, "a.mhd", _settings(curve_locations=3))
+    for t in range(4):
+        opt.step(t)
+    assert len(set(opt.seen)) == 4                            # a new location every step
+    mask = lung_mask(hu)
+    assert all(mask[c] for c in opt.seen + opt.curve_set)
+    stream = C.location_stream(hu, SPACING, "a.mhd", 0)
+    train = {next(stream) for _ in range(300)}
+    assert set(opt.seen) <= train                            # the steps drew from that stream
+    item = VolumeItem(torch.zeros(1), -1024.0, 3071.0, 0, "a.mhd", Scan(hu, SPACING, (0.0, 0.0, 0.0)))
+    for seed in (0, 1):
+        evaluation = {loc.vox for loc in sample_locations(item, 12, seed=seed)}
+        assert not evaluation & train and not evaluation & set(opt.curve_set)
+
+
+def test_disruption_on_the_training_attacker_increases(dt, hu):
+    """Sign-gradient steps raise the disruption where they were taken."""
+    opt = C.CeilingOptimiser(dt, hu, SPACING, "a.mhd", _settings(steps=6, lr=0.3))
+    c = opt.curve_set[0]
+    opt.train_stream = itertools.repeat(c)
+
+    def at_c():
+        got = opt._tamper(None, [c])
+        ref = opt._tamper(opt.real, [c])
+        return float(np.mean([C.rmse_hu(a, b) for a, b in zip(got, ref)]))
+
+    before = at_c()
+    during = [opt.step(t) for t in range(6)]
+    assert at_c() > before + 1.0 and during[-1] > during[0]
+    assert np.abs(opt.perturbation()).max() <= 10
+
+
+def test_cli_writes_int8_perturbations_that_evaluate_reads(tmp_path, tiny_ctgan_models, hu):
+    from procedures.benchmarking.benchmark import write_scan
+    from procedures.evaluation.methods import ceiling_method
+
+    data = tmp_path / "scans"
+    data.mkdir()
+    write_scan(hu, SPACING, data / "lung9.mhd")
+    out = tmp_path / "ceiling"
+    rc = run_cli(C.main, ["--data", str(data), "--models", str(tiny_ctgan_models), "--out", str(out),
+                          "--steps", "2", "--eval-every", "1", "--curve-locations", "1", "--no-progress"])
+    assert rc == 0
+    d = np.load(out / "lung9.npy")
+    report = json.loads((out / "lung9.json").read_text())
+    assert d.dtype == np.int8 and report["step"] == [0, 1, 2] and report["scan"] == "lung9.mhd"
+    from scanDataset import ScanDataset
+
+    item = ScanDataset(data)[0]
+    protected = ceiling_method(out, eps=10).protect(item)
+    np.testing.assert_array_equal(protected - item.scan.hu.astype(np.float32), d)
+    with pytest.raises(InputFileError, match="no ceiling perturbation"):
+        ceiling_method(tmp_path / "nowhere", eps=10).protect(item)
+    np.save(out / "lung9.npy", (d * 2).astype(np.int8))         # a file over the bound is refused
+    with pytest.raises(InputFileError, match="exceeds"):
+        ceiling_method(out, eps=10).protect(item)
+    assert run_cli(C.main, ["--data", str(data), "--models", str(tiny_ctgan_models), "--out", str(out),
+                            "--scans", "lung8.mhd"]) == 2                   # not in the folder
