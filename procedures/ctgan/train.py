@@ -262,6 +262,19 @@ def _write_json(path: Path, obj) -> None:
 
 
 # --- training ---------------------------------------------------------------------------------
+def make_deterministic(backend: str) -> None:
+    """Ask the Keras backend for deterministic kernels, so that a seeded run repeats bit for bit
+    on one machine with one thread count (what still varies: docs/results.md, "What cannot be
+    deterministic"). Call after keras.utils.set_random_seed: TensorFlow requires a seed first."""
+    if backend == "tensorflow":
+        import tensorflow as tf  # lazy: already loaded by Keras on this backend
+        tf.config.experimental.enable_op_determinism()
+    elif backend == "torch":
+        import torch  # lazy: already loaded by Keras on this backend
+        # warn_only: a kernel without a deterministic variant warns instead of stopping the run.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def train(data: TrainingSet, out_dir, cfg: CTGANTrainConfig, progress: bool = True,
           extra_config: dict | None = None) -> TrainResult:
     """Train G and D on `data` (see procedures.ctgan.dataset) and write the model folder."""
@@ -274,6 +287,7 @@ def train(data: TrainingSet, out_dir, cfg: CTGANTrainConfig, progress: bool = Tr
     keras = get_keras(resolve_backend(cfg.backend))
     backend = keras.backend.backend()
     keras.utils.set_random_seed(cfg.seed)
+    make_deterministic(backend)
     rng = np.random.default_rng(cfg.seed)
 
     x = np.ascontiguousarray(data.samples, dtype=np.float32)
