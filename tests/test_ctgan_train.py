@@ -363,3 +363,33 @@ def test_keras3_loads_a_keras2_h5_generator(tmp_path):
     got = np.asarray(g3.predict(cube, verbose=0))
     assert got.shape == ref.shape == (1, 32, 32, 32, 1)
     np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_deterministic_kernels_hold_during_training_only():
+    """A seeded CT-GAN training asks for deterministic kernels and gives the setting back, also
+    when the training fails (the rest of the process, e.g. an evaluation, keeps its own)."""
+    import torch
+
+    from procedures.ctgan.train import deterministic_kernels
+
+    before = torch.are_deterministic_algorithms_enabled()
+    with deterministic_kernels("torch"):
+        assert torch.are_deterministic_algorithms_enabled()
+    assert torch.are_deterministic_algorithms_enabled() == before
+    with pytest.raises(RuntimeError, match="boom"):
+        with deterministic_kernels("torch"):
+            raise RuntimeError("boom")
+    assert torch.are_deterministic_algorithms_enabled() == before
+
+
+@pytest.mark.tf
+def test_deterministic_kernels_on_tensorflow_are_given_back():
+    pytest.importorskip("tensorflow")
+    from tensorflow.python.framework import config as tf_config
+
+    from procedures.ctgan.train import deterministic_kernels
+
+    before = tf_config.is_op_determinism_enabled()
+    with deterministic_kernels("tensorflow"):
+        assert tf_config.is_op_determinism_enabled()
+    assert tf_config.is_op_determinism_enabled() == before
