@@ -365,3 +365,33 @@ def test_the_attacker_loads_a_published_keras2_generator(tmp_path, tiny_ctgan_mo
     got = CTGANModel(folder, backend=_backend()).generate(cube)
     assert got.shape == ref.shape == (1, 32, 32, 32, 1)
     np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_deterministic_kernels_hold_during_training_only():
+    """A seeded CT-GAN training asks for deterministic kernels and gives the setting back, also
+    when the training fails (the rest of the process, e.g. an evaluation, keeps its own)."""
+    import torch
+
+    from procedures.ctgan.train import deterministic_kernels
+
+    before = torch.are_deterministic_algorithms_enabled()
+    with deterministic_kernels("torch"):
+        assert torch.are_deterministic_algorithms_enabled()
+    assert torch.are_deterministic_algorithms_enabled() == before
+    with pytest.raises(RuntimeError, match="boom"):
+        with deterministic_kernels("torch"):
+            raise RuntimeError("boom")
+    assert torch.are_deterministic_algorithms_enabled() == before
+
+
+@pytest.mark.tf
+def test_deterministic_kernels_on_tensorflow_are_given_back():
+    pytest.importorskip("tensorflow")
+    from tensorflow.python.framework import config as tf_config
+
+    from procedures.ctgan.train import deterministic_kernels
+
+    before = tf_config.is_op_determinism_enabled()
+    with deterministic_kernels("tensorflow"):
+        assert tf_config.is_op_determinism_enabled()
+    assert tf_config.is_op_determinism_enabled() == before

@@ -232,3 +232,18 @@ def test_cli_trains_seeded_resumes_and_feeds_evaluate(scans, tiny_ctgan_models, 
     assert all(float(r["rmse"]) > 0 for r in prot)
     doc = json.loads((ev / "results.json").read_text())
     assert doc["perturbation"][0]["method"] == "tafim" and doc["perturbation"][0]["rms_hu"] > 0
+
+
+def test_importing_tafim_loads_neither_the_evaluation_nor_an_attacker():
+    """TAFIM is a method the evaluation uses, not the other way round: its modules import
+    without the evaluation harness, Keras or TensorFlow (procedures/baselines/tafim.py)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, procedures.baselines.tafim as T; "
+            "print(sorted(m for m in sys.modules if m.startswith('procedures.evaluation') "
+            "or m in ('evaluate', 'keras', 'tensorflow')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]"

@@ -28,6 +28,7 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -272,6 +273,35 @@ def _run_epoch(models, x: np.ndarray, batches, desc: str, progress: bool) -> dic
     bar.close()
     rec = {k: float(np.mean([step[k] for step in losses])) for k in losses[0]}
     return rec | {"seconds": time.perf_counter() - t0}
+@contextmanager
+def deterministic_kernels(backend: str):
+    """Deterministic kernels of the Keras backend while a training runs, so that a seeded run
+    repeats bit for bit on one machine with one thread count (what still varies: docs/results.md,
+    "What cannot be deterministic"); the previous setting is restored afterwards. TensorFlow needs
+    its seed set first (keras.utils.set_random_seed)."""
+    if backend == "tensorflow":
+        # lazy, and the internal module: the public tf.config can enable op determinism but
+        # neither query nor undo it
+        from tensorflow.python.framework import config as tf_config
+        was = tf_config.is_op_determinism_enabled()
+        tf_config.enable_op_determinism()
+        try:
+            yield
+        finally:
+            if not was:
+                tf_config.disable_op_determinism()
+    elif backend == "torch":
+        import torch  # lazy: already loaded by Keras on this backend
+        was = torch.are_deterministic_algorithms_enabled()
+        was_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+        # warn_only: a kernel without a deterministic variant warns instead of stopping the run.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(was, warn_only=was_warn)
+    else:
+        yield
 
 
 def train(data: TrainingSet, out_dir, cfg: CTGANTrainConfig, progress: bool = True,
@@ -284,8 +314,15 @@ def train(data: TrainingSet, out_dir, cfg: CTGANTrainConfig, progress: bool = Tr
     except OSError as e:
         raise OutputError(f"{out_dir}: cannot create the model folder ({e.strerror})") from None
     keras = get_keras(resolve_backend(cfg.backend))
-    backend = keras.backend.backend()
     keras.utils.set_random_seed(cfg.seed)
+    with deterministic_kernels(keras.backend.backend()):
+        return _fit(keras, data, out_dir, cfg, progress, extra_config)
+
+
+def _fit(keras, data: TrainingSet, out_dir: Path, cfg: CTGANTrainConfig, progress: bool,
+         extra_config: dict | None) -> TrainResult:
+    """The training loop of train(), seeded, with deterministic kernels."""
+    backend = keras.backend.backend()
     rng = np.random.default_rng(cfg.seed)
 
     x = np.ascontiguousarray(data.samples, dtype=np.float32)
