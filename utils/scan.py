@@ -135,8 +135,8 @@ def check_geometry(spacing, origin, direction, path) -> None:
     if (sp < SPACING_MM[0]).any() or (sp > SPACING_MM[1]).any():
         shown = [float(f"{v:.6g}") for v in sp]
         lo, hi = SPACING_MM
-        raise ScanFormatError(f"{path}: spacing {shown} mm is not a CT voxel size (each value must "
-                              f"lie in {lo:g}..{hi:g} mm)")
+        raise ScanFormatError(f"{path}: spacing (z, y, x) {shown} mm is not a CT voxel size (each "
+                              f"value must lie in {lo:g}..{hi:g} mm)")
     if og.shape != (3,) or not np.isfinite(og).all():
         raise ScanFormatError(f"{path}: origin {og.tolist()} is not three finite numbers")
     if not np.isfinite(d).all():
