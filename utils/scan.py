@@ -108,9 +108,7 @@ def check_volume(hu: np.ndarray, path) -> None:
 
 def check_hu_range(hu: np.ndarray, path) -> None:
     """Values no CT scanner produces are refused: protecting them would silently turn a wrong
-    voxel type or rescale into a 'protected' scan. A volume whose values all lie in 0..1 (and
-    are not all equal) is a mask or a normalised image, not Hounsfield units: in HU that range
-    is a sliver of water and never a whole scan."""
+    voxel type or rescale into a 'protected' scan."""
     if hu.size == 0:
         return
     lo, hi = float(np.min(hu)), float(np.max(hu))
@@ -118,7 +116,13 @@ def check_hu_range(hu: np.ndarray, path) -> None:
         raise ScanFormatError(
             f"{path}: values {lo:.6g} to {hi:.6g} are not CT Hounsfield units (CT spans about -1024 to "
             f"+30000 HU); is the voxel type or the rescale in the header right?")
-    if 0.0 <= lo < hi <= 1.0:
+
+
+def check_not_a_mask(hu: np.ndarray, path) -> None:
+    """A CT whose values all lie in 0..1 (and are not all equal) is a mask or a normalised
+    image, not Hounsfield units: in HU that range is a sliver of water, never a whole scan.
+    load_scan applies it to every CT; a label map (load_scan(label=True)) is exempt."""
+    if hu.size and 0.0 <= float(np.min(hu)) < float(np.max(hu)) <= 1.0:
         raise ScanFormatError(f"{path}: every value lies in 0..1 (a mask or a normalised image), "
                               f"not CT Hounsfield units")
 
@@ -135,8 +139,8 @@ def check_geometry(spacing, origin, direction, path) -> None:
     if (sp < SPACING_MM[0]).any() or (sp > SPACING_MM[1]).any():
         shown = [float(f"{v:.6g}") for v in sp]
         lo, hi = SPACING_MM
-        raise ScanFormatError(f"{path}: spacing {shown} mm is not a CT voxel size (each value must "
-                              f"lie in {lo:g}..{hi:g} mm)")
+        raise ScanFormatError(f"{path}: spacing (z, y, x) {shown} mm is not a CT voxel size (each "
+                              f"value must lie in {lo:g}..{hi:g} mm)")
     if og.shape != (3,) or not np.isfinite(og).all():
         raise ScanFormatError(f"{path}: origin {og.tolist()} is not three finite numbers")
     if not np.isfinite(d).all():

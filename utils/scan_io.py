@@ -21,7 +21,7 @@ from utils.dicom_write import save_dicom_series, validate_dicom
 from utils.errors import InputFileError, ScanFormatError
 from utils.metaimage_io import SITK_SUFFIXES, load_sitk, save_mhd, save_sitk
 from utils.numpy_io import load_numpy, save_numpy
-from utils.scan import Scan, hu_array, vox2world, world2vox
+from utils.scan import Scan, check_not_a_mask, hu_array, vox2world, world2vox
 from utils.scan_paths import SCAN_SUFFIXES, input_files, refuse_overwrite
 
 __all__ = ["Scan", "load_scan", "save_mhd", "save_sitk",
@@ -42,14 +42,23 @@ def _check_path(p: Path) -> None:
         raise InputFileError(f"{p}: cannot read (permission denied)")
 
 
-def load_scan(path: str | os.PathLike, *, series_uid: str | None = None) -> Scan:
+def load_scan(path: str | os.PathLike, *, series_uid: str | None = None,
+              label: bool = False) -> Scan:
     """Read a CT scan: `.mhd`/`.mha`/`.nrrd`/`.nhdr`/`.nii(.gz)`/`.hdr` (SimpleITK), `.npy`, a
     folder of one DICOM series, or one Enhanced (multi-frame) CT file.
 
     Returns HU (z, y, x), int16 when exact, else float32; geometry in (z, y, x).
-    Raises InputFileError (missing/empty) or ScanFormatError (anything that is not a usable CT).
+    Raises InputFileError (missing/empty) or ScanFormatError (anything that is not a usable CT:
+    docs/safety.md#geometry-and-content). `label`: the file is a label map (0/1 allowed), not a CT.
     """
-    p = Path(path)
+    scan = _read(Path(path), series_uid)
+    if not label:
+        check_not_a_mask(scan.hu, path)
+    return scan
+
+
+def _read(p: Path, series_uid: str | None) -> Scan:
+    """The reader for `p`'s format; each ends in utils.scan.check_scan."""
     _check_path(p)
     if p.is_dir():
         return load_dicom(p, series_uid)

@@ -234,7 +234,7 @@ def build(nrrds: dict[str, Path], data_dir: Path) -> dict[str, str]:
     scans: dict[str, dict[str, Scan]] = {k: {} for k in folders}
     for i, name in enumerate(SCANS):
         img = load_scan(nrrds[f"{name}_image.nrrd"])
-        lab = load_scan(nrrds[f"{name}_label.nrrd"])
+        lab = load_scan(nrrds[f"{name}_label.nrrd"], label=True)
         n_exp, sp_exp = EXPECTED[name]
         if img.shape[0] != n_exp or not np.isclose(img.spacing[1], sp_exp, atol=1e-4) or img.hu.dtype != np.int16:
             raise DataFetchError(f"{nrrds[name + '_image.nrrd']}: unexpected geometry {img.shape} {img.spacing}")
