@@ -10,6 +10,7 @@ import torch
 import config as config_mod
 import train
 from procedures.protection import step
+from procedures.protection.apply import eps_scale
 from conftest import build_tiny_ctgan_models, make_phantom
 from procedures.attacker.interface import Slab
 from utils.errors import UsageError
@@ -36,7 +37,6 @@ def _setup(models, **kw):
 
 
 def _slab(cfg, G, item, s=8, seed=0):
-    from procedures.protection.apply import eps_scale
     x = item.volume[s:s + 4].unsqueeze(0)
     delta = torch.full_like(x, 0.5)  # fixed noise: the same x_p at every call
     return Slab(0, item, 0, s, np.random.default_rng(seed), x, delta, G(x, delta, scale=eps_scale(cfg, item)))
