@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from procedures.attacker.pipeline import (CUBE, G_NAMES, REF_SCALE, SUBDIR, AttackShapeError, CTGANModel,
-                                          ScanManipulator, _check_action, check_coord,
-                                          published_shape_error)
+from procedures.attacker.pipeline import (CUBE, G_NAMES, REF_SCALE, SUBDIR, AttackShapeError,
+                                          CTGANModel, ScanManipulator, _check_action,
+                                          check_coord, published_shape_error)
 from procedures.attacker.touchups import noise_block_center
 from procedures.attacker.port import DifferentiableTamper, from_keras_h5
 from utils.cubes import cube_bounds
