@@ -58,7 +58,8 @@ def test_locations_are_fresh_in_lung_and_never_the_evaluations(dt, hu):
     stream = C.location_stream(hu, SPACING, "a.mhd", 0)
     train = {next(stream) for _ in range(300)}
     assert set(opt.seen) <= train                            # the steps drew from that stream
-    item = VolumeItem(torch.zeros(1), -1024.0, 3071.0, 0, "a.mhd", Scan(hu, SPACING, (0.0, 0.0, 0.0)))
+    scan = Scan(hu, SPACING, (0.0, 0.0, 0.0))
+    item = VolumeItem(torch.zeros(1), -1024.0, 3071.0, 0, "a.mhd", scan)
     for seed in (0, 1):
         evaluation = {loc.vox for loc in sample_locations(item, 12, seed=seed)}
         assert not evaluation & train and not evaluation & set(opt.curve_set)
@@ -89,8 +90,9 @@ def test_cli_writes_int8_perturbations_that_evaluate_reads(tmp_path, tiny_ctgan_
     data.mkdir()
     write_scan(hu, SPACING, data / "lung9.mhd")
     out = tmp_path / "ceiling"
-    rc = run_cli(C.main, ["--data", str(data), "--models", str(tiny_ctgan_models), "--out", str(out),
-                          "--steps", "2", "--eval-every", "1", "--curve-locations", "1", "--no-progress"])
+    base = ["--data", str(data), "--models", str(tiny_ctgan_models), "--out", str(out)]
+    rc = run_cli(C.main, base + ["--steps", "2", "--eval-every", "1", "--curve-locations", "1",
+                                 "--no-progress"])
     assert rc == 0
     d = np.load(out / "lung9.npy")
     report = json.loads((out / "lung9.json").read_text())
@@ -105,5 +107,4 @@ def test_cli_writes_int8_perturbations_that_evaluate_reads(tmp_path, tiny_ctgan_
     np.save(out / "lung9.npy", (d * 2).astype(np.int8))         # a file over the bound is refused
     with pytest.raises(InputFileError, match="exceeds"):
         ceiling_method(out, eps=10).protect(item)
-    assert run_cli(C.main, ["--data", str(data), "--models", str(tiny_ctgan_models), "--out", str(out),
-                            "--scans", "lung8.mhd"]) == 2                   # not in the folder
+    assert run_cli(C.main, base + ["--scans", "lung8.mhd"]) == 2          # not in the folder

@@ -28,8 +28,9 @@ def test_numpy_and_torch_give_the_same_touch_ups(action):
     block = rng.normal(-700, 300, (9, 9, 9))
     k = T.kernel(9, action)
     want = T.blend(mal, ben, T.noise_from_block(block), k, action)
-    got = T.blend(*(torch.from_numpy(a) for a in (mal, ben)), T.noise_from_block(torch.from_numpy(block)),
-                  torch.from_numpy(k.copy()), action)
+    noise = T.noise_from_block(torch.from_numpy(block))
+    got = T.blend(torch.from_numpy(mal), torch.from_numpy(ben), noise, torch.from_numpy(k.copy()),
+                  action)
     np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-9)
     if action == "inject":  # the nodule only adds density
         assert np.all(want >= ben)
@@ -87,8 +88,9 @@ def test_gradient_reaches_the_scan_through_the_copied_block(tiny_ctgan_models):
     assert len(far)
     grads = {}
     for mode in ("copy", "none"):
-        dt = DifferentiableTamper.from_model_dirs(tiny_ctgan_models / "INJ", tiny_ctgan_models / "REM",
-                                                  resample="spline", touchups=mode)
+        dt = DifferentiableTamper.from_model_dirs(tiny_ctgan_models / "INJ",
+                                                  tiny_ctgan_models / "REM", resample="spline",
+                                                  touchups=mode)
         for action in ("inject", "remove"):
             v = torch.from_numpy(hu.astype(np.float64)).requires_grad_(True)
             part, _ = dt.tampered(v, SPACING, center, action)[0]

@@ -38,8 +38,8 @@ import scipy.ndimage
 
 from procedures.attacker.keras_env import get_keras
 from procedures.attacker.model_dir import SUBDIR, model_files
-from procedures.attacker.touchups import (KERNEL_SIGMA, REF_SCALE, blend, kern01,  # noqa: F401 (re-exported)
-                                          noise_block_center, noise_from_block)
+from procedures.attacker.touchups import (KERNEL_SIGMA, REF_SCALE, blend,  # noqa: F401 (re-export)
+                                          kern01, noise_block_center, noise_from_block)
 from utils.cubes import cube_bounds, cut_cube, paste_cube
 from utils.equalizer import HistEqualizer
 from utils.errors import (CoordinateError, MitsError, ModelFileError, ScanFormatError, UnsafeFileError,

@@ -436,7 +436,8 @@ class DifferentiableTamper(nn.Module):
             ref_local = ref_start - origin
             local = tuple(slice(s.start - int(r), s.stop - int(r)) for s, r in zip(sl, ref_local))
             if any(q.start < 0 or q.stop > sdim for q in local):
-                raise UsageError(f"spacing {tuple(spacing)}: the cube is not inside the reference cube")
+                raise UsageError(f"spacing {tuple(spacing)}: the cube is not inside the "
+                                 f"reference cube")
             ben = self.cut(v4[i], ref_local, sdim)
             mal = ben.clone()
             mal[local] = part.to(self.work_dtype)

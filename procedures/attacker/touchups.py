@@ -96,7 +96,8 @@ def overlay(block, block_start, src, src_start, vol_shape):
     side = np.asarray(block.shape[:3])
     b0, s0 = np.asarray(block_start), np.asarray(src_start)
     lo = np.maximum(np.maximum(b0, s0), 0)
-    hi = np.minimum(np.minimum(b0 + side, s0 + np.asarray(src.shape[:3])), np.asarray(vol_shape[:3]))
+    hi = np.minimum(np.minimum(b0 + side, s0 + np.asarray(src.shape[:3])),
+                    np.asarray(vol_shape[:3]))
     if not np.all(hi > lo):
         return block
     out = _copy(block)

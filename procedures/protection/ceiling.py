@@ -1,5 +1,6 @@
 """The ceiling of protection anywhere: what one bounded perturbation per scan can do against
-CT-GAN at locations it was not optimised for (docs/results.md#4-the-ceiling-for-protection-anywhere).
+CT-GAN at locations it was not optimised for
+(docs/results.md#the-ceiling-of-protection-anywhere).
 
     python -m procedures.protection.ceiling --data data/z2.5 --models models --eps 10 --steps N \
         --out runs/ceiling
@@ -60,9 +61,11 @@ class CeilingSettings:
 
     def validate(self) -> "CeilingSettings":
         if not 0 < self.eps <= 127:
-            raise UsageError("ceiling: eps must be in (0, 127] HU (the perturbation is stored as int8)")
-        if self.steps < 1 or self.locations_per_step < 1 or self.eval_every < 1 or self.curve_locations < 1:
-            raise UsageError("ceiling: steps, locations per step, eval_every and curve locations must be >= 1")
+            raise UsageError("ceiling: eps must be in (0, 127] HU (stored as int8)")
+        counts = (self.steps, self.locations_per_step, self.eval_every, self.curve_locations)
+        if min(counts) < 1:
+            raise UsageError("ceiling: steps, locations per step, eval_every and curve locations "
+                             "must be >= 1")
         if not self.lr > 0:
             raise UsageError("ceiling: lr must be > 0")
         if not self.actions or any(a not in ("inject", "remove") for a in self.actions):
@@ -89,8 +92,9 @@ class CeilingOptimiser:
         self.dt, self.spacing, self.s = dt, tuple(float(v) for v in spacing), s.validate()
         self.real = torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32))
         self.dims = tuple(int(n) for n in hu.shape)
-        g = torch.Generator().manual_seed(int(np.random.default_rng(
-            [CEILING_STREAM, s.seed, zlib.crc32(Path(name).name.encode()), 1]).integers(2 ** 62)))
+        tag = zlib.crc32(Path(name).name.encode())
+        g = torch.Generator().manual_seed(
+            int(np.random.default_rng([CEILING_STREAM, s.seed, tag, 1]).integers(2 ** 62)))
         signs = 2.0 * torch.randint(0, 2, self.dims, generator=g, dtype=torch.int8).float() - 1.0
         self.w = signs * float(s.eps)                 # PGD from random +-eps signs
         self.train_stream = location_stream(hu, spacing, name, s.seed, CEILING_STREAM)
@@ -150,8 +154,11 @@ class CeilingOptimiser:
         return torch.round(self.w).to(torch.int8).numpy()
 
 
-def optimise_scan(dt, hu: np.ndarray, spacing, name: str, s: CeilingSettings, progress=None):
-    """Optimise one scan. Returns (d int8, curve dict: steps, train and held-out disruption)."""
+def optimise_scan(dt, hu: np.ndarray, spacing, name: str, s: CeilingSettings, progress=None,
+                  on_point=None):
+    """Optimise one scan. Returns (d int8, curve dict: steps, train and held-out disruption).
+    on_point(d, curve), when given, is called at every curve point (to save a run that may be
+    stopped before its last step)."""
     opt = CeilingOptimiser(dt, hu, spacing, name, s)
     curve = {"step": [0], "heldout_hu": [opt.heldout()], "train_hu": [float("nan")]}
     recent: list[float] = []
@@ -165,7 +172,11 @@ def optimise_scan(dt, hu: np.ndarray, spacing, name: str, s: CeilingSettings, pr
             curve["train_hu"].append(float(np.mean(recent)))
             recent = []
             if bar is not None:
-                bar.set_postfix(train=f"{curve['train_hu'][-1]:.1f}", heldout=f"{curve['heldout_hu'][-1]:.1f}")
+                bar.set_postfix(train=f"{curve['train_hu'][-1]:.1f}",
+                                heldout=f"{curve['heldout_hu'][-1]:.1f}")
+            if on_point is not None:
+                on_point(opt.perturbation(),
+                         {**curve, "curve_locations": [list(c) for c in opt.curve_set]})
     curve["curve_locations"] = [list(c) for c in opt.curve_set]
     return opt.perturbation(), curve
 
@@ -185,16 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default="models",
                    help="the seen CT-GAN pair (INJ/, REM/); never give the held-out pair here")
     p.add_argument("--out", default="runs/ceiling", help="output folder (default runs/ceiling)")
-    p.add_argument("--eps", type=float, default=d.eps, help=f"L-inf bound in HU (default {d.eps:g})")
+    p.add_argument("--eps", type=float, default=d.eps,
+                   help=f"L-inf bound in HU (default {d.eps:g})")
     p.add_argument("--steps", type=int, default=d.steps, help=f"steps per scan (default {d.steps})")
     p.add_argument("--lr", type=float, default=d.lr,
-                   help=f"first sign step as a fraction of eps, decaying to a tenth (default {d.lr:g})")
+                   help=f"first sign step as a fraction of eps, decaying to a tenth "
+                        f"(default {d.lr:g})")
     p.add_argument("--locations-per-step", type=int, default=d.locations_per_step,
                    help="fresh in-lung locations per step, each injected and removed (default 1)")
     p.add_argument("--eval-every", type=int, default=d.eval_every,
                    help=f"held-out curve point every K steps (default {d.eval_every})")
     p.add_argument("--curve-locations", type=int, default=d.curve_locations,
-                   help=f"fixed held-out locations per scan for the curve (default {d.curve_locations})")
+                   help=f"fixed held-out locations per scan for the curve "
+                        f"(default {d.curve_locations})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-scans", type=int, default=0, help="only the first N scans (0 = all)")
     p.add_argument("--scans", default="",
@@ -222,7 +236,8 @@ def main(argv=None) -> int:
     names = [Path(p).name for p in data.paths]
     wanted = [n.strip() for n in args.scans.split(",") if n.strip()]
     if set(wanted) - set(names):
-        raise UsageError(f"--scans: {', '.join(sorted(set(wanted) - set(names)))} not in {args.data}")
+        missing = ", ".join(sorted(set(wanted) - set(names)))
+        raise UsageError(f"--scans: {missing} not in {args.data}")
     todo = [i for i, n in enumerate(names) if not wanted or n in wanted]
     todo = todo[:args.max_scans] if args.max_scans else todo
     dt = load_seen_attacker(args.models)
@@ -231,18 +246,25 @@ def main(argv=None) -> int:
         item = data[i]
         name = names[i]
         c0, w0 = time.process_time(), time.perf_counter()
+
+        def save(d, curve):  # at every curve point: a stopped run keeps its last point
+            with atomic_path(perturbation_path(out, name)) as tmp:
+                np.save(tmp, d)
+            report = {"scan": name, "settings": {**asdict(s), "actions": list(s.actions)},
+                      "models": str(args.models), "data": str(args.data),
+                      "torch_threads": torch.get_num_threads(), **curve,
+                      "cpu_s": time.process_time() - c0, "wall_s": time.perf_counter() - w0,
+                      "shape": list(d.shape), "max_abs_hu": int(np.abs(d).max())}
+            atomic_write_text(perturbation_path(out, name).with_suffix(".json"),
+                              json.dumps(report, indent=1))
+            return report
+
         d, curve = optimise_scan(dt, item.scan.hu, item.scan.spacing, name, s,
-                                 progress=None if args.no_progress else tqdm)
-        with atomic_path(perturbation_path(out, name)) as tmp:
-            np.save(tmp, d)
-        report = {"scan": name, "settings": {**asdict(s), "actions": list(s.actions)},
-                  "models": str(args.models), "data": str(args.data),
-                  "torch_threads": torch.get_num_threads(), **curve,
-                  "cpu_s": time.process_time() - c0, "wall_s": time.perf_counter() - w0,
-                  "shape": list(d.shape), "max_abs_hu": int(np.abs(d).max())}
-        atomic_write_text(perturbation_path(out, name).with_suffix(".json"), json.dumps(report, indent=1))
-        print(f"{name}: held-out disruption {curve['heldout_hu'][0]:.1f} HU (random signs, step 0) -> "
-              f"{curve['heldout_hu'][-1]:.1f} HU after {s.steps} steps; {report['cpu_s']:.0f} CPU-s")
+                                 progress=None if args.no_progress else tqdm, on_point=save)
+        report = save(d, curve)
+        print(f"{name}: held-out disruption {curve['heldout_hu'][0]:.1f} HU (random signs, "
+              f"step 0) -> {curve['heldout_hu'][-1]:.1f} HU after {s.steps} steps; "
+              f"{report['cpu_s']:.0f} CPU-s")
     print(f"wrote {len(todo)} perturbation(s) and their curves to {out}")
     return 0
 

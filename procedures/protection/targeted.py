@@ -139,7 +139,8 @@ def rmse_hu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return ((a - b).pow(2).mean() + 1e-6).sqrt()
 
 
-def pgd_step(w: torch.Tensor, grad: torch.Tensor, eps: float, lr: float, t: int, steps: int) -> None:
+def pgd_step(w: torch.Tensor, grad: torch.Tensor, eps: float, lr: float, t: int,
+             steps: int) -> None:
     """One L-inf sign-gradient descent step on `w` in place, clamped to +-eps: step size
     lr * eps at step 0, decaying linearly to a tenth of it at the last step."""
     w -= lr * eps * (1.0 - 0.9 * t / steps) * torch.sign(grad)
@@ -159,11 +160,13 @@ def optimise_target(dt, hu: np.ndarray, spacing, center, s: TargetSettings,
     dims = tuple(int(n) for n in hu.shape)
     box = reach_box(dt.cut_shape(spacing), center, s.radius, dims)
     grid = offset_grid(s.radius, s.parity)
-    win = _join(dt.window(spacing, np.clip(np.asarray(center) + grid, 0, np.asarray(dims) - 1), dims), box)
+    hi = np.asarray(dims) - 1
+    win = _join(dt.window(spacing, np.clip(np.asarray(center) + grid, 0, hi), dims), box)
     origin = np.array([w.start for w in win])
     inner = tuple(slice(b.start - o, b.stop - o) for b, o in zip(box, origin))
     real = torch.from_numpy(np.ascontiguousarray(hu[win], dtype=np.float32))
-    outside = real if base is None else torch.from_numpy(np.ascontiguousarray(base[win], dtype=np.float32))
+    outside = real if base is None else torch.from_numpy(
+        np.ascontiguousarray(base[win], dtype=np.float32))
     rng = np.random.default_rng([int(s.seed), *(int(v) for v in center)])
     g = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
     shape = real[inner].shape
@@ -178,13 +181,14 @@ def optimise_target(dt, hu: np.ndarray, spacing, center, s: TargetSettings,
     frame = (origin, dims)
     for t in range(s.steps):
         offs = grid[rng.integers(len(grid), size=s.offsets_per_step)]
-        cents = np.repeat(np.clip(np.asarray(center)[None] + offs, 0, np.asarray(dims) - 1), len(acts), axis=0)
+        cents = np.repeat(np.clip(np.asarray(center)[None] + offs, 0, hi), len(acts), axis=0)
         actions = acts * len(offs)
         need = [(tuple(c), a) for c, a in zip(cents, actions) if (tuple(c), a) not in refs]
         if need:
             with torch.no_grad():
                 feet = dt.tampered(real.expand(len(need), *real.shape), spacing,
-                                   np.array([c for c, _ in need]), [a for _, a in need], frame=frame)
+                                   np.array([c for c, _ in need]), [a for _, a in need],
+                                   frame=frame)
             refs.update({k: f[0] for k, f in zip(need, feet)})
         d = straight_through_round(s.eps * torch.tanh(w) if s.method == "adam" else w)
         vol = outside.clone()

@@ -100,8 +100,9 @@ class WhiteboxDisruption:
         starts = [s]
         if self.cfg.whitebox_cube and sl.protect is not None:
             starts = sorted({s, *slabs_meeting(depth, slab, min(zs) - half, max(zs) + half + 1)})
-        win = self.dt.window(item.scan.spacing, centres, item.scan.hu.shape)[0]  # what the attack reads
-        sub, z0 = self._subvolume(sl, starts, min(min(zs) - cut, win.start), max(max(zs) + cut, win.stop - 1))
+        win = self.dt.window(item.scan.spacing, centres, item.scan.hu.shape)[0]  # what it reads
+        sub, z0 = self._subvolume(sl, starts, min(min(zs) - cut, win.start),
+                                  max(max(zs) + cut, win.stop - 1))
         terms = [self._rmse(dt, item, sub, z0, centres, action)
                  for dt in self.attackers for action in self.actions(sl.k)]
         self.stats.computed += 1
