@@ -255,9 +255,10 @@ def _build_ceiling(args, ctx):
     if not reports:
         raise UsageError(f"--methods ceiling: no perturbation in {folder} "
                          f"(python -m procedures.protection.ceiling --out {folder})")
-    s = json.loads(reports[0].read_text()).get("settings", {})
+    doc = json.loads(reports[0].read_text())
+    s, done = doc.get("settings", {}), (doc.get("step") or ["?"])[-1]
     return ceiling_method(folder, eps=_eps(args, ctx),
-                          label=f"ceiling, eps {s.get('eps', 0):g} HU, {s.get('steps', '?')} steps")
+                          label=f"ceiling, eps {s.get('eps', 0):g} HU, step {done} of {s.get('steps', '?')}")
 
 
 METHODS["ceiling"] = _build_ceiling

@@ -1,6 +1,6 @@
 """The ceiling of protection anywhere: what one bounded perturbation per scan can do against
 CT-GAN at locations it was not optimised for
-(docs/results.md#the-ceiling-of-protection-anywhere).
+(docs/results.md, "The ceiling of protection anywhere").
 
     python -m procedures.protection.ceiling --data data/z2.5 --models models --eps 10 --steps N \
         --out runs/ceiling
