@@ -39,8 +39,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from procedures.attacker.touchups import (REF_SCALE, blend, kernel, noise_block_center,
-                                          noise_from_block, overlay)
+from procedures.attacker.touchups import (REF_SCALE, blend, inside_mask, kernel,
+                                          noise_block_center, noise_from_block, overlay)
 from utils.cubes import cube_bounds
 from utils.equalizer import HistEqualizer
 from utils.errors import CoordinateError, ModelFileError, UsageError
@@ -400,7 +400,7 @@ class DifferentiableTamper(nn.Module):
         shares with mal_ext are taken from there). Voxels outside the scan are padding in both
         blocks, as CT-GAN's re-cut after the paste gives (procedures.attacker.touchups)."""
         sdim = int(ben_ext.shape[0])
-        inside = _inside(ref_start, sdim, vol_shape, ben_ext.device)
+        inside = inside_mask(ref_start, sdim, vol_shape, ben_ext.device)
         mal_ext = torch.where(inside, mal_ext, torch.full_like(mal_ext, pad))
         noise = noise_from_block(overlay(noise_block, nb_start, mal_ext, ref_start, vol_shape))
         key = (sdim, action, ben_ext.dtype, ben_ext.device)
@@ -494,10 +494,3 @@ class DifferentiableTamper(nn.Module):
                                  region="reference")[0]
         vt[sl] = part.to(vt.device, vt.dtype)
         return sl
-
-
-def _inside(start, side: int, vol_shape, device) -> torch.Tensor:
-    """Mask (side^3 bool on `device`) of a block's voxels that lie inside the volume."""
-    r = torch.arange(side, device=device)
-    axes = [(r + int(s) >= 0) & (r + int(s) < int(n)) for s, n in zip(start, vol_shape)]
-    return axes[0][:, None, None] & axes[1][None, :, None] & axes[2][None, None, :]

@@ -104,3 +104,12 @@ def overlay(block, block_start, src, src_start, vol_shape):
     out[tuple(slice(int(p - s), int(q - s)) for p, q, s in zip(lo, hi, b0))] = \
         src[tuple(slice(int(p - s), int(q - s)) for p, q, s in zip(lo, hi, s0))]
     return out
+
+
+def inside_mask(start, side: int, vol_shape, device) -> "torch.Tensor":
+    """Mask (side^3 bool on `device`) of a block's voxels that lie inside the volume."""
+    import torch  # lazy: the NumPy touch-ups need no torch
+
+    r = torch.arange(side, device=device)
+    axes = [(r + int(s) >= 0) & (r + int(s) < int(n)) for s, n in zip(start, vol_shape)]
+    return axes[0][:, None, None] & axes[1][None, :, None] & axes[2][None, None, :]
