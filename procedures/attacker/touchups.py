@@ -12,9 +12,13 @@ loads it).
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.stats
+
+if TYPE_CHECKING:
+    import torch
 
 REF_SCALE = 1.3                           # reference (touch-up) cube side = int(max(cube) * 1.3)
 KERNEL_SIGMA = {"inject": 3.0, "remove": 0.1}
@@ -106,7 +110,7 @@ def overlay(block, block_start, src, src_start, vol_shape):
     return out
 
 
-def inside_mask(start, side: int, vol_shape, device) -> "torch.Tensor":
+def inside_mask(start, side: int, vol_shape, device) -> torch.Tensor:
     """Mask (side^3 bool on `device`) of a block's voxels that lie inside the volume."""
     import torch  # lazy: the NumPy touch-ups need no torch
 
