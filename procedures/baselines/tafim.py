@@ -2,7 +2,8 @@
 volume, the evaluation's method) and the command line. The network and its checkpoints are in
 procedures/baselines/tafim_net.py, the loss and the training loop in tafim_train.py.
 
-    python -m procedures.baselines.tafim --data data/z2.5 --models models --out runs/tafim --steps 2000
+    python -m procedures.baselines.tafim --data data/z2.5 --models models --out runs/tafim \
+        --steps 2000
     python -m procedures.baselines.tafim --width 16 --max-minutes 5          # a CPU-sized run
 
 TAFIM as published (its public code): a pix2pix U-Net ("unet_64": 6 down-convolutions, 64
@@ -20,7 +21,8 @@ Our CT adaptation (MITS-GAN's authors did not publish theirs):
   The global noise is a (slab, N, N) parameter (N = --noise-size, default 512) resized
   bilinearly to the slice size, so any size works (identity for 512 x 512 slices).
 - M = CT-GAN's inject/remove of one location through procedures.attacker.port.DifferentiableTamper
-  (the same Keras G_model.h5 files the evaluation attacks with; docs/attack.md#pytorch-port, steps 1-7, cubic
+  (the same Keras G_model.h5 files the evaluation attacks with; docs/attack.md#pytorch-port,
+  steps 1-7, cubic
   spline resampling as scipy, straight-through clamp of the generator output so saturation does
   not stop the gradient). Inject on even steps, remove on odd ones (MITS-GAN's alternation).
   Location: the slab's middle slice, (y, x) a uniform voxel of the lung mask on that slice
@@ -49,13 +51,12 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from procedures.baselines.tafim_net import (CKPT_KIND, TafimConfig, TafimUNet, build_model,  # noqa: F401
-                                            checkpoint_state, load_tafim, parse_target,
-                                            read_checkpoint)
-from procedures.baselines.tafim_train import (ACTIONS, TafimObjective, _assemble,  # noqa: F401
-                                              curve_summary, draw_sample, load_training_inputs,
-                                              make_locator, start_model, step_seeds, train_steps,
-                                              write_summary)
+from procedures.baselines.tafim_net import (  # noqa: F401 - re-exported: the module's API
+    CKPT_KIND, TafimConfig, TafimUNet, build_model, checkpoint_state, load_tafim, parse_target,
+    read_checkpoint)
+from procedures.baselines.tafim_train import (  # noqa: F401 - re-exported: the module's API
+    ACTIONS, TafimObjective, _assemble, curve_summary, draw_sample, load_training_inputs,
+    make_locator, start_model, step_seeds, train_steps, write_summary)
 from procedures.protection.apply import run_slabs
 from utils.checkpoint import save_checkpoint
 from utils.device import pick_device
@@ -75,7 +76,8 @@ def protect_hu(model: TafimUNet, hu: np.ndarray, device="cpu", *, hu_min: float 
     integer `out` gets rounded, clipped values."""
     model.eval()
     if hu.shape[0] < model.slab:
-        raise UsageError(f"TAFIM: volume has {hu.shape[0]} slices, fewer than a slab of {model.slab}")
+        raise UsageError(f"TAFIM: volume has {hu.shape[0]} slices, fewer than a slab of "
+                         f"{model.slab}")
     return run_slabs(lambda x, _starts: model(x), hu, model.slab, device, hu_min=hu_min,
                      hu_max=hu_max, dtype=next(model.parameters()).dtype, batch=batch, out=out,
                      progress=progress, desc=desc)
@@ -88,7 +90,8 @@ def tafim_method(model: TafimUNet, device="cpu", *, batch: int = 4, progress=Non
 
     def run(item) -> np.ndarray:
         hu = item.scan.hu
-        out = np.empty(hu.shape, dtype=hu.dtype if np.issubdtype(hu.dtype, np.integer) else np.float32)
+        integer = np.issubdtype(hu.dtype, np.integer)
+        out = np.empty(hu.shape, dtype=hu.dtype if integer else np.float32)
         return protect_hu(model, hu, device, hu_min=item.hu_min, hu_max=item.hu_max, batch=batch,
                           out=out, progress=progress, desc=f"TAFIM {Path(item.path).name}")
 
@@ -109,10 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=1000, help="training steps (tamper samples), total")
     p.add_argument("--max-minutes", type=float, default=0.0,
                    help="stop after this many minutes of training and save (0 = no limit)")
-    p.add_argument("--width", type=int, default=d.width, help=f"U-Net filters ngf (default {d.width}, as TAFIM)")
-    p.add_argument("--depth", type=int, default=d.depth, help=f"U-Net down-convolutions (default {d.depth})")
+    p.add_argument("--width", type=int, default=d.width,
+                   help=f"U-Net filters ngf (default {d.width}, as TAFIM)")
+    p.add_argument("--depth", type=int, default=d.depth,
+                   help=f"U-Net down-convolutions (default {d.depth})")
     p.add_argument("--slab", type=int, default=d.slab, help=f"slices per image (default {d.slab})")
-    p.add_argument("--noise-size", type=int, default=d.noise_size, help="side of the global noise tensor")
+    p.add_argument("--noise-size", type=int, default=d.noise_size,
+                   help="side of the global noise tensor")
     p.add_argument("--no-dropout", action="store_true", help="no pix2pix dropout")
     p.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default {d.lr:g})")
     p.add_argument("--perturb-weight", type=float, default=d.perturb_weight,
@@ -124,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drop the published loss on the global noise alone (halves CT-GAN calls)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--ckpt-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--ckpt-every", type=int, default=50,
+                   help="checkpoint every N steps (and at the end)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -137,8 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0)
     if args.steps < 1 or args.ckpt_every < 1 or args.max_minutes < 0 or args.seed < 0:
         raise UsageError("--steps and --ckpt-every must be >= 1, --max-minutes and --seed >= 0")
-    cfg = TafimConfig(slab=args.slab, width=args.width, depth=args.depth, dropout=not args.no_dropout,
-                      noise_size=args.noise_size, perturb_weight=args.perturb_weight, lr=args.lr,
+    cfg = TafimConfig(slab=args.slab, width=args.width, depth=args.depth,
+                      dropout=not args.no_dropout, noise_size=args.noise_size,
+                      perturb_weight=args.perturb_weight, lr=args.lr,
                       target=args.target, global_term=not args.no_global_term, seed=args.seed,
                       data=args.data, models=args.models).validate()
     device = pick_device(args.device)

@@ -45,9 +45,11 @@ class TafimConfig:
     def validate(self) -> "TafimConfig":
         for name in ("slab", "width", "depth", "noise_size"):
             if int(getattr(self, name)) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, "
+                                 f"got {getattr(self, name)}")
         if self.depth < 2:
-            raise UsageError(f"--depth must be >= 2 (a U-Net needs an inner block), got {self.depth}")
+            raise UsageError("--depth must be >= 2 (a U-Net needs an inner block), "
+                             f"got {self.depth}")
         if not self.lr > 0 or self.perturb_weight < 0:
             raise UsageError("--lr must be > 0 and --perturb-weight >= 0")
         parse_target(self.target)
@@ -58,7 +60,8 @@ class TafimConfig:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ModelFileError(f"{source}: not a TAFIM config (unknown fields {', '.join(unknown)})")
+            raise ModelFileError(f"{source}: not a TAFIM config "
+                                 f"(unknown fields {', '.join(unknown)})")
         try:
             return cls(**d).validate()
         except (TypeError, ValueError, UsageError) as e:
@@ -117,12 +120,12 @@ class TafimUNet(nn.Module):
             cout = slab if i == 0 else ch[i - 1]
             up_in = ch[i] if i == depth - 1 else 2 * ch[i]   # innermost: no skip concatenated yet
             self.up.append(nn.ConvTranspose2d(up_in, cout, 4, stride=2, padding=1))
-        self.down_norm = nn.ModuleList([nn.InstanceNorm2d(ch[i]) if 0 < i < depth - 1 else nn.Identity()
-                                        for i in range(depth)])
+        self.down_norm = nn.ModuleList([nn.InstanceNorm2d(ch[i]) if 0 < i < depth - 1
+                                        else nn.Identity() for i in range(depth)])
         self.up_norm = nn.ModuleList([nn.InstanceNorm2d(ch[i - 1]) if i > 0 else nn.Identity()
                                       for i in range(depth)])
-        self.up_drop = nn.ModuleList([nn.Dropout(0.5) if dropout and 4 <= i <= depth - 2 else nn.Identity()
-                                      for i in range(depth)])
+        self.up_drop = nn.ModuleList([nn.Dropout(0.5) if dropout and 4 <= i <= depth - 2
+                                      else nn.Identity() for i in range(depth)])
         self.apply(_init_pix2pix)
         # TAFIM: init_adversarial_noise(mode="rand"), a learned image-sized tensor.
         self.global_noise = nn.Parameter(torch.rand(slab, noise_size, noise_size))
@@ -193,7 +196,8 @@ def read_checkpoint(path) -> dict:
     state = torch_load_weights(path, what="TAFIM checkpoint")
     if not isinstance(state, dict) or state.get("kind") != CKPT_KIND or "model" not in state \
             or not isinstance(state.get("config"), dict):
-        raise ModelFileError(f"{path}: not a TAFIM checkpoint (kind {state.get('kind') if isinstance(state, dict) else None!r})")
+        kind = state.get("kind") if isinstance(state, dict) else None
+        raise ModelFileError(f"{path}: not a TAFIM checkpoint (kind {kind!r})")
     return state
 
 

@@ -84,7 +84,8 @@ class TafimObjective:
         _, _, a, e = cube_bounds(center, cut, item.volume.shape)
         return slabs_meeting(depth, self.cfg.slab, int(a[0]), int(max(e[0], a[0] + 1)))
 
-    def _recon(self, sub: torch.Tensor, z0: int, item, center, action, target: float) -> torch.Tensor:
+    def _recon(self, sub: torch.Tensor, z0: int, item, center, action,
+               target: float) -> torch.Tensor:
         span = max(item.hu_max - item.hu_min, 1.0)
         sub_hu = (sub.float() + 1.0) / 2.0 * span + item.hu_min
         c = (int(center[0]) - z0, int(center[1]), int(center[2]))
@@ -142,11 +143,13 @@ def draw_sample(items, locator, cfg: TafimConfig, step: int, rng: np.random.Gene
 def make_locator(cfg: TafimConfig):
     from procedures.protection.disruption import Locator  # lazy: disruption pulls SciPy
 
-    return Locator(SimpleNamespace(slab=cfg.slab, tamper_z="slab", tamper_yx="lung", near_end_rule=False))
+    return Locator(SimpleNamespace(slab=cfg.slab, tamper_z="slab", tamper_yx="lung",
+                                   near_end_rule=False))
 
 
-def train_steps(model, objective, optimizer, items, locator, cfg: TafimConfig, start: int, stop: int,
-                *, progress=None, deadline: float | None = None, on_step=None) -> list[dict]:
+def train_steps(model, objective, optimizer, items, locator, cfg: TafimConfig, start: int,
+                stop: int, *, progress=None, deadline: float | None = None,
+                on_step=None) -> list[dict]:
     """Run steps [start, stop) (or until `deadline`, a time.monotonic() value); per-step records."""
     records = []
     it = range(start, stop)
@@ -205,7 +208,8 @@ def write_summary(out: Path, cfg: TafimConfig, history: list, start: int, done: 
     atomic_write_text(out / "history.json", json.dumps(history, indent=0) + "\n")
     for c in curve:
         print(f"  steps {c['steps']}: loss {c['loss']:.4f}  recon {c['recon']:.4f}  "
-              f"perturb {c['perturb']:.2e} ({c['pert_rms_hu']:.1f} HU RMS)  {c['seconds']:.2f} s/step")
+              f"perturb {c['perturb']:.2e} ({c['pert_rms_hu']:.1f} HU RMS)  "
+              f"{c['seconds']:.2f} s/step")
 
 
 def load_training_inputs(data_dir, models, cfg: TafimConfig, device) -> tuple[list, TafimObjective]:
@@ -216,7 +220,8 @@ def load_training_inputs(data_dir, models, cfg: TafimConfig, device) -> tuple[li
     items = [data[i] for i in range(len(data))]
     for it in items:
         if it.volume.shape[0] < cfg.slab:
-            raise InputFileError(f"{it.path}: {it.volume.shape[0]} slices, fewer than a slab of {cfg.slab}")
+            raise InputFileError(f"{it.path}: {it.volume.shape[0]} slices, fewer than a slab "
+                                 f"of {cfg.slab}")
     return items, TafimObjective.from_model_dirs(models, cfg, device)
 
 

@@ -2,7 +2,8 @@
 newcomer reproduces").
 
     python -m procedures.evaluation.aggregate --out runs/demo-seeds \\
-        runs/demo/eval/results.json runs/seed1/demo/eval/results.json runs/seed2/demo/eval/results.json
+        runs/demo/eval/results.json runs/seed1/demo/eval/results.json \
+        runs/seed2/demo/eval/results.json
 
 Each results.json is one `evaluate.py` run, here one independent training of the CT-GAN pairs
 and of the protection model (`make demo SEED=N`). The runs must share the evaluation's
@@ -51,7 +52,8 @@ def load_results(path) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputFileError(f"{path}: not a readable results.json ({e})") from None
     if not isinstance(doc, dict) or not all(k in doc for k in ("settings", "methods", "summary")):
-        raise InputFileError(f"{path}: not an evaluate.py results.json (no settings/methods/summary)")
+        raise InputFileError(f"{path}: not an evaluate.py results.json "
+                             "(no settings/methods/summary)")
     return doc
 
 
@@ -128,7 +130,8 @@ def markdown(agg: dict, sources: Sequence[str]) -> str:
     """The held-out table with every figure as mean [min, max] over the runs."""
     lines = [f"# Held-out table over {agg['runs']} runs: mean [min, max]", "",
              "Runs: " + ", ".join(f"`{s}`" for s in sources), "",
-             "x signs = disruption / that of random signs in the same run, then mean [min, max].", ""]
+             "x signs = disruption / that of random signs in the same run, then mean [min, max].",
+             ""]
     head = ["method", "perturbation RMS (HU)", "max (HU)"]
     for a in agg["attackers"]:
         head += [f"{a}: {title}" for _, title, _ in ATTACKER_FIGURES]
@@ -141,12 +144,14 @@ def markdown(agg: dict, sources: Sequence[str]) -> str:
     attack = [f"{a} {_cell(next(iter(agg['methods'].values()))[a]['attack_rmse_hu'], 1)} HU"
               for a in agg["attackers"]] if agg["methods"] else []
     if attack:
-        lines += ["", "The attack itself (RMSE(CT-GAN(real), real) in the cube): " + "; ".join(attack) + "."]
+        lines += ["", "The attack itself (RMSE(CT-GAN(real), real) in the cube): "
+                  + "; ".join(attack) + "."]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = CliParser(prog="python -m procedures.evaluation.aggregate", description=__doc__.split("\n\n")[0])
+    p = CliParser(prog="python -m procedures.evaluation.aggregate",
+                  description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="+", help="results.json files of evaluate.py, one per run")
     p.add_argument("--out", default="", help="folder for aggregate.md and aggregate.json "
                                              "(default: print only)")
