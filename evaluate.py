@@ -158,7 +158,8 @@ METHODS: dict[str, Callable] = {"mitsgan": _build_mitsgan, "noise": _build_noise
 
 
 def _build_tafim(args, ctx):
-    from procedures.baselines.tafim import load_tafim, tafim_method
+    from procedures.baselines.tafim import load_tafim
+    from procedures.evaluation.methods import tafim_method
 
     model, cfg, state = load_tafim(args.tafim_checkpoint, ctx["device"])
     return tafim_method(model, ctx["device"], batch=args.batch, progress=ctx["progress"],

@@ -46,7 +46,6 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -60,6 +59,7 @@ from procedures.baselines.tafim_train import (  # noqa: F401 - re-exported: the 
 from procedures.protection.apply import run_slabs
 from utils.checkpoint import save_checkpoint
 from utils.device import pick_device
+from utils.cli import cli_main
 from utils.errors import CliParser, OutputError, UsageError, run_cli
 
 
@@ -81,21 +81,6 @@ def protect_hu(model: TafimUNet, hu: np.ndarray, device="cpu", *, hu_min: float 
     return run_slabs(lambda x, _starts: model(x), hu, model.slab, device, hu_min=hu_min,
                      hu_max=hu_max, dtype=next(model.parameters()).dtype, batch=batch, out=out,
                      progress=progress, desc=desc)
-
-
-def tafim_method(model: TafimUNet, device="cpu", *, batch: int = 4, progress=None,
-                 label: str = "TAFIM"):
-    """A procedures.evaluation.methods.ProtectionMethod protecting with the TAFIM net."""
-    from procedures.evaluation.methods import ProtectionMethod  # lazy: evaluation pulls SciPy
-
-    def run(item) -> np.ndarray:
-        hu = item.scan.hu
-        integer = np.issubdtype(hu.dtype, np.integer)
-        out = np.empty(hu.shape, dtype=hu.dtype if integer else np.float32)
-        return protect_hu(model, hu, device, hu_min=item.hu_min, hu_max=item.hu_max, batch=batch,
-                          out=out, progress=progress, desc=f"TAFIM {Path(item.path).name}")
-
-    return ProtectionMethod("tafim", label, run)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,11 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
+@cli_main(build_parser)
+def main(args) -> int:
     if args.steps < 1 or args.ckpt_every < 1 or args.max_minutes < 0 or args.seed < 0:
         raise UsageError("--steps and --ckpt-every must be >= 1, --max-minutes and --seed >= 0")
     cfg = TafimConfig(slab=args.slab, width=args.width, depth=args.depth,

@@ -18,7 +18,8 @@ from procedures.protection.apply import slab_starts, slabs_meeting
 from utils.atomic import atomic_write_text
 from utils.checkpoint import load_state_into
 from utils.cubes import cube_bounds
-from utils.errors import InputFileError, ModelFileError, UsageError
+from utils.errors import InputFileError, UsageError
+from utils.hu_range import span, to_hu, to_net
 
 ACTIONS = ("inject", "remove")
 
@@ -50,20 +51,13 @@ class TafimObjective:
 
     @classmethod
     def from_model_dirs(cls, models, cfg: TafimConfig, device=None) -> "TafimObjective":
-        from procedures.attacker.port import DifferentiableTamper  # lazy: the attacker pulls SciPy
+        # lazy: the attacker pulls SciPy
+        from procedures.attacker.model_dir import load_attacker_pair
 
-        models = Path(models)
-        for sub in ("INJ", "REM"):
-            if not (models / sub).is_dir():
-                raise ModelFileError(f"{models / sub}: CT-GAN model folder not found")
-        dt = DifferentiableTamper.from_model_dirs(models / "INJ", models / "REM", device=device,
-                                                  resample="spline", clamp="straight_through",
-                                                  work_dtype=torch.float32)
-        return cls(dt, cfg)
+        return cls(load_attacker_pair(models, device), cfg)
 
     def target_norm(self, item) -> float:
         """The uniform target in the item's normalised units."""
-        span = max(item.hu_max - item.hu_min, 1.0)
         if self.target_kind == "norm":
             return float(self.target_value)
         if self.target_kind == "hu":
@@ -76,7 +70,7 @@ class TafimObjective:
                 mask = lung_mask(item.scan.hu)
                 hu = float(item.scan.hu[mask].mean()) if mask.any() else -850.0
                 self._lung_mean[item.path] = hu
-        return (hu - item.hu_min) / span * 2.0 - 1.0
+        return to_net(hu, item.hu_min, item.hu_max)
 
     def cube_slabs(self, item, center) -> list[int]:
         depth = item.volume.shape[0]
@@ -86,11 +80,10 @@ class TafimObjective:
 
     def _recon(self, sub: torch.Tensor, z0: int, item, center, action,
                target: float) -> torch.Tensor:
-        span = max(item.hu_max - item.hu_min, 1.0)
-        sub_hu = (sub.float() + 1.0) / 2.0 * span + item.hu_min
+        sub_hu = to_hu(sub.float(), item.hu_min, item.hu_max)
         c = (int(center[0]) - z0, int(center[1]), int(center[2]))
         part, _ = self.tamper.footprints(sub_hu, item.scan.spacing, c, action)[0]
-        part_n = (part - item.hu_min) / span * 2.0 - 1.0
+        part_n = to_net(part, item.hu_min, item.hu_max)
         return (part_n - target).pow(2).mean()
 
     def loss(self, model: TafimUNet, item, center, action: str) -> tuple[torch.Tensor, dict]:
@@ -113,8 +106,8 @@ class TafimObjective:
             loss = loss + recon_g + self.cfg.perturb_weight * perturb_g
             parts.update(recon_global=recon_g.item(), perturb_global=perturb_g.item())
         with torch.no_grad():
-            span = max(item.hu_max - item.hu_min, 1.0)
-            parts["pert_rms_hu"] = float((xp - x).pow(2).mean().sqrt()) * span / 2.0
+            parts["pert_rms_hu"] = (float((xp - x).pow(2).mean().sqrt())
+                                    * span(item.hu_min, item.hu_max) / 2.0)
         parts["loss"] = loss.item()
         parts["slabs"] = len(starts)
         return loss, parts

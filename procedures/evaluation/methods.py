@@ -166,3 +166,19 @@ def ceiling_method(folder, *, eps: float | None = None, label: str | None = None
         return out
 
     return ProtectionMethod(name, label or f"ceiling ({Path(folder).name})", run)
+
+
+def tafim_method(model, device="cpu", *, batch: int = 4, progress=None,
+                 label: str = "TAFIM"):
+    """Protection with a trained TAFIM net (procedures.baselines.tafim.protect_hu)."""
+    from procedures.baselines.tafim import protect_hu as tafim_protect  # lazy: torch
+
+    def run(item) -> np.ndarray:
+        hu = item.scan.hu
+        integer = np.issubdtype(hu.dtype, np.integer)
+        out = np.empty(hu.shape, dtype=hu.dtype if integer else np.float32)
+        return tafim_protect(model, hu, device, hu_min=item.hu_min, hu_max=item.hu_max,
+                             batch=batch, out=out, progress=progress,
+                             desc=f"TAFIM {Path(item.path).name}")
+
+    return ProtectionMethod("tafim", label, run)
