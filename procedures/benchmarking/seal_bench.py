@@ -91,7 +91,8 @@ def markdown(rows: list[dict]) -> str:
             continue
         shape = " x ".join(map(str, r["shape"]))
         lines.append(f"| {r['op']} | {shape} int16 | {r['blocks']:,} | {r['seconds']} "
-                     f"| {r['cpu_seconds_main']} + {r['cpu_seconds_workers']} | {r['rss_peak_mb']} | {r['worker_rss_peak_mb']} "
+                     f"| {r['cpu_seconds_main']} + {r['cpu_seconds_workers']} | {r['rss_peak_mb']} "
+                     f"| {r['worker_rss_peak_mb']} "
                      f"| {r['load_avg_1min']} on {r['cpus']} CPUs |")
     return "\n".join(lines) + "\n"
 
