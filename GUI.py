@@ -200,7 +200,9 @@ class Viewer:
         coord = (self.z, y, x)
         check_coord(coord, self.current.shape)
         t0 = time.perf_counter()
-        changed = self.manip.tamper_volume(self.current, self.scan.spacing, coord, self.action, self.rng)
+        changed = self.manip.tamper_volume(
+            self.current, self.scan.spacing, coord, self.action, self.rng
+        )
         self.seal.pop(self.showing, None)  # verified again on the next redraw
         self.history[self.showing].append((*coord, self.action))
         self.status = (f"{self.action} at (z,y,x)=({self.z},{y},{x}) on the {self.showing} scan: "
@@ -224,7 +226,9 @@ class Viewer:
             k += 1
         # scan_with_hu: source geometry/metadata, int16 when the source is; source_path set so
         # the writers refuse to overwrite the input.
-        out = dataclasses.replace(scan_with_hu(self.scan, self.current), source_path=self.scan.source_path)
+        out = dataclasses.replace(
+            scan_with_hu(self.scan, self.current), source_path=self.scan.source_path
+        )
         if self.fmt == "dicom":
             path = save_dicom_series(out, self.out_dir / f"{stem}_{k:03d}",
                                      series_description=f"CT-GAN tampered ({self.showing})")
@@ -240,13 +244,17 @@ class Viewer:
 
 def build_parser() -> argparse.ArgumentParser:
     p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scan", required=True, help="scan to view: .mhd/.nrrd file or DICOM series folder")
+    p.add_argument(
+        "--scan", required=True, help="scan to view: .mhd/.nrrd file or DICOM series folder"
+    )
     g = p.add_mutually_exclusive_group()
     g.add_argument("--protected", help="its protected version (same shape)")
     g.add_argument("--checkpoint", help="MITS-GAN checkpoint: protect the scan on start")
     p.add_argument("--models", default="models", help="CT-GAN models folder with INJ/ and REM/")
     p.add_argument("--out", default="tampered", help="folder for saved scans (default tampered/)")
-    p.add_argument("--format", choices=["mhd", "dicom"], default="mhd", help="format of saved scans")
+    p.add_argument(
+        "--format", choices=["mhd", "dicom"], default="mhd", help="format of saved scans"
+    )
     p.add_argument("--device", default="auto", help="device for --checkpoint")
     p.add_argument("--backend", choices=["tensorflow", "torch"], default=None, help="Keras backend")
     p.add_argument("--window", default="-1000,400", help="display window in HU (default -1000,400)")

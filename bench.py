@@ -28,6 +28,7 @@ is then extrapolated). CT-GAN models: --models_dir if it holds INJ/ and REM/, el
 ones of width --ctgan_gf (published 100) built once under --out. Results: <out>/bench.json and
 bench.md. Networks are randomly initialised: speed does not depend on the weights.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,18 +42,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", choices=["synthetic", "real"], default="synthetic")
     p.add_argument("--data_dir", default="data/z2.5", help="real scans (--data real)")
     p.add_argument("--size", type=int, default=512, help="synthetic slice size (default 512)")
-    p.add_argument("--depth", type=int, default=120, help="synthetic training volume slices (default 120)")
-    p.add_argument("--protect_slices", type=int, default=300, help="slices of the protected scan (default 300)")
+    p.add_argument(
+        "--depth", type=int, default=120, help="synthetic training volume slices (default 120)"
+    )
+    p.add_argument(
+        "--protect_slices", type=int, default=300, help="slices of the protected scan (default 300)"
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--sections", default="train,protect,tamper")
     p.add_argument("--train", default=None, help="training specs (default depends on the device)")
     p.add_argument("--reference", default="reference", help="the reference spec ('' = none)")
-    p.add_argument("--protect", default=None, help="protection specs (default depends on the device)")
+    p.add_argument(
+        "--protect", default=None, help="protection specs (default depends on the device)"
+    )
     p.add_argument("--warmup", type=int, default=1, help="warm-up steps / calls (default 1)")
     p.add_argument("--steps", type=int, default=3, help="timed training steps per spec (default 3)")
-    p.add_argument("--tamper_reps", type=int, default=5, help="timed tampers per action (default 5)")
-    p.add_argument("--models_dir", default="models", help="trained CT-GAN models ('' = always untrained)")
-    p.add_argument("--ctgan_gf", type=int, default=16, help="width of untrained CT-GAN models (published 100)")
+    p.add_argument(
+        "--tamper_reps", type=int, default=5, help="timed tampers per action (default 5)"
+    )
+    p.add_argument(
+        "--models_dir", default="models", help="trained CT-GAN models ('' = always untrained)"
+    )
+    p.add_argument(
+        "--ctgan_gf", type=int, default=16, help="width of untrained CT-GAN models (published 100)"
+    )
     p.add_argument("--keras_backend", default="", choices=["", "tensorflow", "torch"])
     p.add_argument("--out", default="runs/bench")
     return p

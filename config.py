@@ -62,9 +62,9 @@ class Config:
     seed: int = 0                      # -1 = unseeded (published)
     fidelity_weight: float = 0.0       # + w * MSE(x_p, x) (0 = none, as published)
     batch: int = 1                     # slabs per step, over all ranks (published 1); each slab
-                                       # is its own forward pass, so norms see one slab as published
+    # is its own forward pass, so norms see one slab as published
     # --- speed (bench.py measures them: docs/performance.md) ------------------------------------------------
-    amp: str = "off"                   # off | bf16: autocast G and D (not the attacker); float32 only
+    amp: str = "off"  # off | bf16: autocast G and D (not the attacker); float32 only
     channels_last: bool = False        # NHWC memory layout for G and D (faster convs on GPU)
     compile: bool = False              # torch.compile G and D (pays on GPU for long runs)
     # --- the frozen CT-GAN attacker during training -----------------------------------------
@@ -85,9 +85,11 @@ class Config:
     quantize: bool = False             # round protected HU to integers before the attacker
                                        # (straight-through in whitebox): survives int16 storage
     keras_backend: str = ""            # "" = tensorflow when installed, else torch
-    attacker_impl: str = "auto"        # black box: keras | torch (procedures.attacker.torch_attacker, the
-                                       # same within 2 HU, on the device) | auto: torch on a GPU
-    exact_resample: bool = True        # resample CT-GAN cubes to exactly 32^3 (docs/attack.md#exact-resampling)
+    attacker_impl: str = "auto"  # black box: keras | torch (procedures.attacker.torch_attacker, the
+    # same within 2 HU, on the device) | auto: torch on a GPU
+    exact_resample: bool = (
+        True  # resample CT-GAN cubes to exactly 32^3 (docs/attack.md#exact-resampling)
+    )
     near_end_rule: bool = True         # published: term only when 32 < s and s + 32 < depth
     tamper_z: str = "published"        # published: z = s + 8 | slab: the slab's middle slice
     tamper_yx: str = "published"       # published: y, x uniform in [90, 410] (scaled to size)
@@ -102,7 +104,7 @@ class Config:
     # --- logging / outputs ------------------------------------------------------------------
     log_every: int = 10                # TensorBoard scalars every N steps
     sample_every: int = 50             # sample grid PNG every N steps (0 = never)
-    ckpt_every: int = 200              # checkpoint every N steps and always at the end (0: only there)
+    ckpt_every: int = 200  # checkpoint every N steps and always at the end (0: only there)
     save_img_result: bool = False      # export protected scans (HU, source geometry) at the end
     resume: str = ""                   # checkpoint path, or "auto" = out_dir/checkpoint.pt
     progress: bool = True              # tqdm bars
@@ -222,8 +224,12 @@ def validate(cfg: Config) -> None:
         raise UsageError("--eps_hu needs --generator unet (the published generator is unbounded)")
     if cfg.wb_locations < 1 or cfg.wb_shift < 0:
         raise UsageError("--wb_locations must be >= 1 and --wb_shift >= 0")
-    if cfg.attack_mode != "whitebox" and (cfg.wb_locations != 1 or cfg.wb_shift or cfg.ensemble_models):
-        raise UsageError("--wb_locations, --wb_shift and --ensemble_models need --attack_mode whitebox")
+    if cfg.attack_mode != "whitebox" and (
+        cfg.wb_locations != 1 or cfg.wb_shift or cfg.ensemble_models
+    ):
+        raise UsageError(
+            "--wb_locations, --wb_shift and --ensemble_models need --attack_mode whitebox"
+        )
     if cfg.amp != "off" and cfg.dtype != "float32":
         raise UsageError("--amp bf16 needs --dtype float32 (autocast does not lower float64)")
     _validate_numbers(cfg)

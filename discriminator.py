@@ -20,7 +20,10 @@ from generator import init_weights
 
 
 class PublishedDiscriminator(nn.Module):
-    def __init__(self, ndf: int = 1, size: int = 512, sigmoid_head: bool = False, bias: bool = True):
+
+    def __init__(
+        self, ndf: int = 1, size: int = 512, sigmoid_head: bool = False, bias: bool = True
+    ):
         super().__init__()
         n_strided = max(1, int(math.log2(max(size, 8))) - 2)  # 512 -> 7
         mults = [1, 2, 4] + [8] * max(0, n_strided - 3)
@@ -48,7 +51,10 @@ class PublishedDiscriminator(nn.Module):
 class PatchDiscriminator(nn.Module):
     def __init__(self, slab: int = 4, ndf: int = 64, n_layers: int = 3):
         super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(slab, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
+        layers: list[nn.Module] = [
+            nn.Conv2d(slab, ndf, 4, stride=2, padding=1),
+            nn.LeakyReLU(0.2, True),
+        ]
         mult = 1
         for n in range(1, n_layers + 1):
             prev, mult = mult, min(2 ** n, 8)

@@ -8,6 +8,7 @@ version, same shape, and take the noise input delta (uniform [0, 1), drawn per f
   learned perturbation: x_p = clamp(x + scale * tanh(r)), scale = eps (in normalised units)
   when a budget is set, else 1. Its last conv starts at zero, so training starts from x_p = x.
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,7 +36,11 @@ class NoiseNet(nn.Module):
         super().__init__()
         layers = []
         for cin, cout in zip(channels[:-1], channels[1:]):
-            layers += [nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+            layers += [
+                nn.Conv2d(cin, cout, 1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+            ]
         self.net = nn.Sequential(*layers)
 
     def forward(self, delta):
@@ -63,7 +68,9 @@ class PublishedGenerator(nn.Module):
         self.tail = nn.Conv2d(width, 1, 1)
         self.apply(init_weights)
 
-    def forward(self, x: torch.Tensor, delta: torch.Tensor | None = None, scale=None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, delta: torch.Tensor | None = None, scale=None
+    ) -> torch.Tensor:
         b, s, h, w = x.shape
         xs = x.reshape(b * s, 1, h, w)
         delta = draw_delta(xs) if delta is None else delta.reshape(b * s, 1, h, w)
@@ -76,8 +83,13 @@ class PublishedGenerator(nn.Module):
 def _block(cin: int, cout: int) -> nn.Sequential:
     groups = min(8, cout)
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(groups, cout), nn.LeakyReLU(0.2, inplace=True),
-        nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(groups, cout), nn.LeakyReLU(0.2, inplace=True))
+        nn.Conv2d(cin, cout, 3, padding=1),
+        nn.GroupNorm(groups, cout),
+        nn.LeakyReLU(0.2, inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1),
+        nn.GroupNorm(groups, cout),
+        nn.LeakyReLU(0.2, inplace=True),
+    )
 
 
 class UNetGenerator(nn.Module):
@@ -132,7 +144,9 @@ class UNetGenerator(nn.Module):
             z = dec(torch.cat([z, skip], dim=1))
         return torch.tanh(self.out(z))[..., :h, :w]
 
-    def forward(self, x: torch.Tensor, delta: torch.Tensor | None = None, scale=None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, delta: torch.Tensor | None = None, scale=None
+    ) -> torch.Tensor:
         """scale: perturbation bound in normalised units, a float or a (B,) tensor; None = 1."""
         p = self.perturbation(x, delta)
         if scale is None:
@@ -146,5 +160,7 @@ def build_generator(cfg) -> nn.Module:
     if cfg.generator == "published":
         return PublishedGenerator(width=cfg.g_width, blocks=cfg.g_blocks)
     if cfg.generator == "unet":
-        return UNetGenerator(slab=cfg.slab, width=cfg.g_width, out_init_std=0.1 if cfg.eps_hu > 0 else 0.0)
+        return UNetGenerator(
+            slab=cfg.slab, width=cfg.g_width, out_init_std=0.1 if cfg.eps_hu > 0 else 0.0
+        )
     raise ValueError(f"unknown generator {cfg.generator!r}")

@@ -27,6 +27,7 @@ batch of the generator's activations plus PyTorch itself; a 121 x 512 x 512 scan
 width-32 U-Net at --batch 4 peaks at 1.6 GB RSS on the CPU (docs/performance.md).
 Never writes over the input; outputs appear complete or not at all.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,12 +57,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CSV of known findings (z,y,x[,coord vox|world][,filename]): optimise the "
                         "perturbation around each against CT-GAN removal and injection "
                         "(procedures.protection.targeted); the generator (or nothing) elsewhere")
-    p.add_argument("--eps", type=float, default=10.0, help="--targets: L-inf bound in HU (default 10)")
+    p.add_argument(
+        "--eps", type=float, default=10.0, help="--targets: L-inf bound in HU (default 10)"
+    )
     p.add_argument("--models", default="models", help="--targets: CT-GAN folder with INJ/ and REM/")
-    p.add_argument("--targeted-steps", type=int, default=120, help="--targets: Adam steps per target (default 120)")
-    p.add_argument("--background", choices=["signs", "none"], default="signs",
-                   help="--targets without -c: random +-eps signs (seeded by --seed) or nothing outside "
-                        "the targets (default signs; docs/results.md section 2)")
+    p.add_argument(
+        "--targeted-steps",
+        type=int,
+        default=120,
+        help="--targets: Adam steps per target (default 120)",
+    )
+    p.add_argument(
+        "--background",
+        choices=["signs", "none"],
+        default="signs",
+        help="--targets without -c: random +-eps signs (seeded by --seed) or nothing outside "
+        "the targets (default signs; docs/results.md section 2)",
+    )
     p.add_argument("--seal", default="", metavar="KEYFILE",
                    help="seal the output with this key (verify.py --make-key; docs/seal.md)")
     p.add_argument("--block-size", type=int, default=8,
@@ -72,9 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["mhd", "nrrd", "nifti", "numpy", "dicom"], default=None,
                    help="output format (default: from -o's suffix; dicom for a DICOM input, "
                         "else mhd)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N")
+    p.add_argument(
+        "--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N"
+    )
     p.add_argument("--batch", type=int, default=4, help="slabs per generator call (default 4)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the generator's noise input (default 0)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the generator's noise input (default 0)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 

@@ -7,6 +7,7 @@ The folder may hold `.mhd` files (the published loader reads only those), NRRD f
 series (one sub-folder per series). Scans are read once and kept in memory (the published
 loop re-reads the scan from disk for every eligible sub-batch).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

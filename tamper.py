@@ -36,8 +36,12 @@ class _Parser(CliParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(description="CT-GAN evidence tampering: inject or remove lung nodules in a CT scan "
                             "(MetaImage .mhd, NRRD, NIfTI, .npy or a DICOM series folder).")
-    p.add_argument("-t", "--target", required=True, help="scan to tamper: a .mhd file or a DICOM series folder")
-    p.add_argument("-d", "--destination", required=True, help="folder for the tampered scan (created)")
+    p.add_argument(
+        "-t", "--target", required=True, help="scan to tamper: a .mhd file or a DICOM series folder"
+    )
+    p.add_argument(
+        "-d", "--destination", required=True, help="folder for the tampered scan (created)"
+    )
     p.add_argument("-a", "--action", choices=["inject", "remove"], required=True)
     p.add_argument("-c", "--coord", required=True, action="extend", nargs="+", metavar="Z,Y,X",
                    help="location(s) to tamper, z,y,x without spaces; repeat -c or list several")
@@ -45,17 +49,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="coordinates are voxel indices (default) or world mm (z,y,x)")
     p.add_argument("-f", "--outformat", choices=["dicom", "mhd", "numpy"], default=None,
                    help="output format (default: dicom for a DICOM input, else mhd)")
-    p.add_argument("--models", default="models", help="folder with INJ/ and REM/ model folders (default: models)")
+    p.add_argument(
+        "--models",
+        default="models",
+        help="folder with INJ/ and REM/ model folders (default: models)",
+    )
     p.add_argument("--backend", choices=["tensorflow", "torch"], default=None, help="Keras backend")
     p.add_argument("--seed", type=int, default=None, help="seed for the gaussian noise mode")
-    p.add_argument("--noise", choices=["copy", "gaussian"], default="copy",
-                   help="noise touch-up: copied from the scan (published default) or smoothed Gaussian")
-    p.add_argument("--published-resample", action="store_true",
-                   help="CT-GAN's own zoom (fails on 5 mm slices) instead of exact resampling to 32^3")
-    p.add_argument("--impl", choices=["auto", "keras", "torch"], default="auto",
-                   help="keras, or torch (procedures.attacker.torch_attacker: equal within 2 HU, copy noise only, "
-                        "no TensorFlow); auto: torch on a GPU with copy noise")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (the torch attacker)")
+    p.add_argument(
+        "--noise",
+        choices=["copy", "gaussian"],
+        default="copy",
+        help="noise touch-up: copied from the scan (published default) or smoothed Gaussian",
+    )
+    p.add_argument(
+        "--published-resample",
+        action="store_true",
+        help="CT-GAN's own zoom (fails on 5 mm slices) instead of exact resampling to 32^3",
+    )
+    p.add_argument(
+        "--impl",
+        choices=["auto", "keras", "torch"],
+        default="auto",
+        help="keras, or torch (procedures.attacker.torch_attacker: equal within 2 HU, copy noise only, "
+        "no TensorFlow); auto: torch on a GPU with copy noise",
+    )
+    p.add_argument(
+        "--device", default="auto", help="auto | cpu | cuda | cuda:N (the torch attacker)"
+    )
     return p
 
 
@@ -81,7 +102,9 @@ def _manipulator(args):
 def parse_coord(text: str) -> np.ndarray:
     m = _COORD.match(text)
     if not m:
-        raise CoordinateError(f"bad coordinate {text!r}: expected three numbers z,y,x (e.g. 33,359,218)")
+        raise CoordinateError(
+            f"bad coordinate {text!r}: expected three numbers z,y,x (e.g. 33,359,218)"
+        )
     return np.array([float(g) for g in m.groups()])
 
 
@@ -129,12 +152,16 @@ def main(args) -> int:
     man.set_scan(scan)
     t0 = time.perf_counter()
     man.model(args.action)
-    print(f"loaded the {args.action} model from {man.model_dir} in {time.perf_counter() - t0:.2f} s")
+    print(
+        f"loaded the {args.action} model from {man.model_dir} in {time.perf_counter() - t0:.2f} s"
+    )
     for i, v in enumerate(vox, 1):
         t0 = time.perf_counter()
         man.tamper(v, action=args.action, isVox=True)
         shown = ",".join(f"{x:g}" for x in v)
-        print(f"{args.action} {i}/{len(vox)} at voxel (z,y,x)=({shown}): {time.perf_counter() - t0:.3f} s")
+        print(
+            f"{args.action} {i}/{len(vox)} at voxel (z,y,x)=({shown}): {time.perf_counter() - t0:.3f} s"
+        )
 
     man.scan.hu = _output_hu(man.scan.hu, scan.hu.dtype)
     try:

@@ -90,7 +90,9 @@ def atomic_dir(path: str | os.PathLike, *, allow_existing_empty: bool = True) ->
         if not path.is_dir():
             raise OutputError(f"cannot write {path}: exists and is not a folder")
         if any(path.iterdir()) or not allow_existing_empty:
-            raise OutputError(f"cannot write {path}: folder exists and is not empty (refusing to overwrite)")
+            raise OutputError(
+                f"cannot write {path}: folder exists and is not empty (refusing to overwrite)"
+            )
     tmp = _tmp_name(path)
     try:
         tmp.mkdir(parents=False)
@@ -172,7 +174,9 @@ def ensure_not_input(out: str | os.PathLike, inputs: Iterable[str | os.PathLike 
             kind = "input folder" if inp.is_dir() else "input"
             raise OutputError(f"cannot write {out}: it is the {kind} {inp} (refusing to overwrite)")
         if inp.is_dir() and real_out.startswith(_real(inp).casefold().rstrip(os.sep) + os.sep):
-            raise OutputError(f"cannot write {out}: it is inside the input DICOM folder {inp} (refusing to overwrite)")
+            raise OutputError(
+                f"cannot write {out}: it is inside the input DICOM folder {inp} (refusing to overwrite)"
+            )
 
 
 @contextlib.contextmanager

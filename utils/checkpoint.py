@@ -44,7 +44,9 @@ def save_checkpoint(path, state: dict) -> None:
             raise
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        reason = (os_err.strerror or str(os_err)) if os_err is not None else "write failed (disk full?)"
+        reason = (
+            (os_err.strerror or str(os_err)) if os_err is not None else "write failed (disk full?)"
+        )
         raise OutputError(f"{path}: cannot write checkpoint ({reason})") from None
     except BaseException:
         with contextlib.suppress(OSError):
@@ -85,8 +87,10 @@ def torch_load_weights(path, map_location="cpu", what: str = "weights file"):
                 raise UnsafeFileError(f"{path}: refused: the {what} asks to run code (global "
                                       f"{m.group(1)}); not loaded") from None
             # torch's first line only advises weights_only=False; the reason is further down
-            detail = next((ln for ln in lines if ln.startswith(("Unsupported", "Unpickling", "Invalid"))),
-                          "unreadable pickle")
+            detail = next(
+                (ln for ln in lines if ln.startswith(("Unsupported", "Unpickling", "Invalid"))),
+                "unreadable pickle",
+            )
             raise ModelFileError(f"{path}: not a loadable {what} (corrupt or not a PyTorch file: "
                                  f"{detail[:120]})") from None
         msg = lines[0] if lines else type(e).__name__

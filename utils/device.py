@@ -22,8 +22,12 @@ def pick_device(name: str) -> torch.device:
             raise UsageError(f"--device {name}: CUDA is not available on this machine")
         index = int(name.split(":")[1]) if ":" in name else 0
         if index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if name.startswith("mps") and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise UsageError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    if name.startswith("mps") and not (
+        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+    ):
         raise UsageError(f"--device {name}: MPS is not available on this machine")
     return torch.device(name)
 

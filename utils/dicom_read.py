@@ -129,7 +129,10 @@ def _rescale(item, path) -> tuple[float, float]:
 def _orientation(item, path) -> np.ndarray:
     iop = _floats(item, "ImageOrientationPatient", 6, path)
     row, col = iop[:3], iop[3:]
-    if not (np.allclose([np.linalg.norm(row), np.linalg.norm(col)], 1.0, atol=1e-3) and abs(row @ col) < 1e-3):
+    if not (
+        np.allclose([np.linalg.norm(row), np.linalg.norm(col)], 1.0, atol=1e-3)
+        and abs(row @ col) < 1e-3
+    ):
         raise ScanFormatError(f"{path}: ImageOrientationPatient is not two orthogonal unit vectors")
     return iop
 
@@ -147,26 +150,34 @@ def _list_headers(folder: Path) -> list:
     if not files:
         subdirs = [p for p in folder.iterdir() if p.is_dir()]
         if subdirs:
-            raise ScanFormatError(f"{folder}: no DICOM files in this folder, only {len(subdirs)} sub-folder(s); "
-                                  f"pass the folder that holds the series")
+            raise ScanFormatError(
+                f"{folder}: no DICOM files in this folder, only {len(subdirs)} sub-folder(s); "
+                f"pass the folder that holds the series"
+            )
         raise InputFileError(f"{folder}: folder is empty")
     headers = []
     for p in files:
         if not p.is_file():
             raise InputFileError(f"{p}: cannot read (a dangling link or not a regular file)")
         if not is_dicom_file(p):
-            raise ScanFormatError(f"{p}: not a DICOM file; a series folder must hold only the series "
-                                  f"(move other files out, or hide them with a leading dot)")
+            raise ScanFormatError(
+                f"{p}: not a DICOM file; a series folder must hold only the series "
+                f"(move other files out, or hide them with a leading dot)"
+            )
         try:
             ds = pydicom.dcmread(p, stop_before_pixels=True)
         except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as e:
-            raise ScanFormatError(f"{p}: unreadable DICOM file ({str(e).splitlines()[0][:200]})") from None
+            raise ScanFormatError(
+                f"{p}: unreadable DICOM file ({str(e).splitlines()[0][:200]})"
+            ) from None
         sop = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "") or "")
         if sop == _DICOMDIR_UID or p.name.upper() == "DICOMDIR":
             continue  # the index of a DICOM medium, not an image
         if "SeriesInstanceUID" not in ds:
-            raise ScanFormatError(f"{p}: a DICOM file without SeriesInstanceUID (not an image of a series, "
-                                  f"or a truncated file)")
+            raise ScanFormatError(
+                f"{p}: a DICOM file without SeriesInstanceUID (not an image of a series, "
+                f"or a truncated file)"
+            )
         headers.append((p, ds))
     if not headers:
         raise ScanFormatError(f"{folder}: no DICOM files in this folder")
@@ -180,17 +191,29 @@ def _choose_series(headers: list, folder: Path, series_uid: str | None) -> list:
     if series_uid is not None:
         if series_uid not in series:
             raise ScanFormatError(
-                f"{folder}: no series {series_uid}; it holds {', '.join(_series_label(v[0][1]) for v in series.values())}")
+                f"{folder}: no series {series_uid}; it holds {', '.join(_series_label(v[0][1]) for v in series.values())}"
+            )
         return series[series_uid]
     if len(series) > 1:
         names = "; ".join(f"{_series_label(v[0][1])}: {len(v)} files" for v in series.values())
-        raise ScanFormatError(f"{folder}: holds {len(series)} DICOM series ({names}); say which with series_uid=")
+        raise ScanFormatError(
+            f"{folder}: holds {len(series)} DICOM series ({names}); say which with series_uid="
+        )
     return next(iter(series.values()))
 
 
 def _classic_frames(chosen: list) -> list[_Frame]:
-    return [_Frame(p, None, _floats(ds, "ImagePositionPatient", 3, p), _orientation(ds, p),
-                   _floats(ds, "PixelSpacing", 2, p, positive=True), *_rescale(ds, p)) for p, ds in chosen]
+    return [
+        _Frame(
+            p,
+            None,
+            _floats(ds, "ImagePositionPatient", 3, p),
+            _orientation(ds, p),
+            _floats(ds, "PixelSpacing", 2, p, positive=True),
+            *_rescale(ds, p),
+        )
+        for p, ds in chosen
+    ]
 
 
 def _group(ds, i: int, name: str):
@@ -209,17 +232,29 @@ def _group(ds, i: int, name: str):
 def _enhanced_frames(p: Path, ds, n: int) -> list[_Frame]:
     per = getattr(ds, "PerFrameFunctionalGroupsSequence", None)
     if per is None or len(per) != n:
-        raise ScanFormatError(f"{p}: multi-frame file without one PerFrameFunctionalGroupsSequence item per frame")
+        raise ScanFormatError(
+            f"{p}: multi-frame file without one PerFrameFunctionalGroupsSequence item per frame"
+        )
     frames = []
     for i in range(n):
         pos, ori = _group(ds, i, "PlanePositionSequence"), _group(ds, i, "PlaneOrientationSequence")
         meas = _group(ds, i, "PixelMeasuresSequence")
         if pos is None or ori is None or meas is None:
-            raise ScanFormatError(f"{p}: frame {i + 1} has no plane position, orientation or pixel measures")
+            raise ScanFormatError(
+                f"{p}: frame {i + 1} has no plane position, orientation or pixel measures"
+            )
         value = _group(ds, i, "PixelValueTransformationSequence") or ds
         label = f"{p} (frame {i + 1})"
-        frames.append(_Frame(p, i, _floats(pos, "ImagePositionPatient", 3, label), _orientation(ori, label),
-                             _floats(meas, "PixelSpacing", 2, label, positive=True), *_rescale(value, label)))
+        frames.append(
+            _Frame(
+                p,
+                i,
+                _floats(pos, "ImagePositionPatient", 3, label),
+                _orientation(ori, label),
+                _floats(meas, "PixelSpacing", 2, label, positive=True),
+                *_rescale(value, label),
+            )
+        )
     return frames
 
 
@@ -238,11 +273,15 @@ def _frames(chosen: list, folder: Path) -> list[_Frame]:
             raise ScanFormatError(f"{p}: slice size (Rows, Columns) differs from {p0.name}'s")
     counts = [_int(ds, "NumberOfFrames", p, 1) for p, ds in chosen]
     if any(c < 1 for c in counts):
-        raise ScanFormatError(f"{chosen[counts.index(min(counts))][0]}: NumberOfFrames must be >= 1")
+        raise ScanFormatError(
+            f"{chosen[counts.index(min(counts))][0]}: NumberOfFrames must be >= 1"
+        )
     if max(counts) > 1:
         if len(chosen) > 1:
-            raise ScanFormatError(f"{folder}: a series of {len(chosen)} files, some with several frames; "
-                                  f"one Enhanced CT file or one file per slice is supported")
+            raise ScanFormatError(
+                f"{folder}: a series of {len(chosen)} files, some with several frames; "
+                f"one Enhanced CT file or one file per slice is supported"
+            )
         return _enhanced_frames(p0, ds0, counts[0])
     return _classic_frames(chosen)
 
@@ -271,7 +310,9 @@ def _stack(frames: list[_Frame], folder: Path, ds0=None):
         if not np.allclose(f.iop, f0.iop, atol=1e-4):
             raise ScanFormatError(f"{where}: ImageOrientationPatient differs from the other slices")
         if not np.allclose(f.psp, f0.psp, rtol=1e-4, atol=1e-5):
-            raise ScanFormatError(f"{where}: inconsistent spacing: PixelSpacing differs from the other slices")
+            raise ScanFormatError(
+                f"{where}: inconsistent spacing: PixelSpacing differs from the other slices"
+            )
     frames = sorted(frames, key=lambda f: float(f.ipp @ normal))
     pos = np.array([float(f.ipp @ normal) for f in frames])
     name = [f.path.name if f.index is None else f"frame {f.index + 1}" for f in frames]
@@ -279,7 +320,9 @@ def _stack(frames: list[_Frame], folder: Path, ds0=None):
     dup = np.flatnonzero(gaps < 1e-3)
     if dup.size:
         i = int(dup[0])
-        raise ScanFormatError(f"{folder}: two slices at the same position {pos[i]:.3f} mm ({name[i]}, {name[i + 1]})")
+        raise ScanFormatError(
+            f"{folder}: two slices at the same position {pos[i]:.3f} mm ({name[i]}, {name[i + 1]})"
+        )
     step = float(np.median(gaps))
     tol = max(0.01 * step, 1e-3)
     bad = np.flatnonzero(np.abs(gaps - step) > tol)
@@ -289,7 +332,8 @@ def _stack(frames: list[_Frame], folder: Path, ds0=None):
         if abs(ratio - round(ratio)) * step <= tol and round(ratio) >= 2:
             raise ScanFormatError(
                 f"{folder}: missing slice: {int(round(ratio)) - 1} slice(s) missing between positions "
-                f"{pos[i]:.3f} and {pos[i + 1]:.3f} mm ({name[i]}, {name[i + 1]})")
+                f"{pos[i]:.3f} and {pos[i + 1]:.3f} mm ({name[i]}, {name[i + 1]})"
+            )
         raise ScanFormatError(f"{folder}: inconsistent spacing between slices ({gaps.min():.3f} to "
                               f"{gaps.max():.3f} mm, first odd gap after {name[i]})")
     # Slice axis from the actual positions (keeps gantry tilt / shear exactly).
@@ -297,7 +341,9 @@ def _stack(frames: list[_Frame], folder: Path, ds0=None):
     n = len(frames)
     vec = (ipps[-1] - ipps[0]) / (n - 1)
     if np.abs(ipps - (ipps[0] + np.outer(np.arange(n), vec))).max() > tol + 1e-3:
-        raise ScanFormatError(f"{folder}: slice positions are not on a straight line (inconsistent spacing)")
+        raise ScanFormatError(
+            f"{folder}: slice positions are not on a straight line (inconsistent spacing)"
+        )
     return frames, vec, ipps[0]
 
 
@@ -318,7 +364,9 @@ def _pixels(p: Path):
     try:
         ds = pydicom.dcmread(p)
     except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as e:
-        raise ScanFormatError(f"{p}: unreadable DICOM file ({str(e).splitlines()[0][:200]})") from None
+        raise ScanFormatError(
+            f"{p}: unreadable DICOM file ({str(e).splitlines()[0][:200]})"
+        ) from None
     if "PixelData" not in ds:
         raise ScanFormatError(f"{p}: no pixel data")
     try:
@@ -329,7 +377,9 @@ def _pixels(p: Path):
             raise ScanFormatError(
                 f"{p}: compressed transfer syntax {ts.name} and no decoder installed "
                 f"(JPEG, JPEG-LS and JPEG 2000: pip install python-gdcm)") from None
-        raise ScanFormatError(f"{p}: cannot decode pixel data: {str(e).splitlines()[0][:200]}") from None
+        raise ScanFormatError(
+            f"{p}: cannot decode pixel data: {str(e).splitlines()[0][:200]}"
+        ) from None
     if px.dtype.kind not in "biu":
         raise ScanFormatError(f"{p}: pixel data of type {px.dtype}; CT pixels are integers")
     del ds.PixelData  # headers are kept for metadata, not pixels
@@ -349,7 +399,9 @@ def _volume(frames: list[_Frame], rows: int, cols: int) -> tuple[np.ndarray, lis
         ds, px = _pixels(frames[0].path)
         n = len(frames)
         if px.shape != (n, rows, cols):
-            raise ScanFormatError(f"{frames[0].path}: pixel data of shape {px.shape}, expected ({n}, {rows}, {cols})")
+            raise ScanFormatError(
+                f"{frames[0].path}: pixel data of shape {px.shape}, expected ({n}, {rows}, {cols})"
+            )
         meas = _group(ds, frames[0].index, "PixelMeasuresSequence")
         if meas is not None and "SliceThickness" in meas:
             ds.SliceThickness = meas.SliceThickness  # what a written classic series copies
@@ -359,7 +411,9 @@ def _volume(frames: list[_Frame], rows: int, cols: int) -> tuple[np.ndarray, lis
         for f in frames:
             ds, px = _pixels(f.path)
             if px.shape != (rows, cols):
-                raise ScanFormatError(f"{f.path}: pixel data of shape {px.shape}, expected ({rows}, {cols})")
+                raise ScanFormatError(
+                    f"{f.path}: pixel data of shape {px.shape}, expected ({rows}, {cols})"
+                )
             slices.append(_slice_hu(px, f.slope, f.icpt))
             kept.append(ds)
     if all(np.issubdtype(s.dtype, np.integer) for s in slices):
@@ -378,20 +432,30 @@ def load_dicom(path: Path, series_uid: str | None = None) -> Scan:
         try:
             chosen = [(path, pydicom.dcmread(path, stop_before_pixels=True))]
         except Exception as e:  # noqa: BLE001 - any parse failure of a file we only sniffed
-            raise ScanFormatError(f"{path}: unreadable DICOM file ({str(e).splitlines()[0][:200]})") from None
+            raise ScanFormatError(
+                f"{path}: unreadable DICOM file ({str(e).splitlines()[0][:200]})"
+            ) from None
         if _int(chosen[0][1], "NumberOfFrames", path, 1) < 2:
             raise ScanFormatError(f"{path}: is a single DICOM file of one slice; pass the folder "
                                   f"holding the whole series")
     frames, vec, ipp0 = _stack(_frames(chosen, path), path, chosen[0][1])
     ds0 = chosen[0][1]
     rows, cols = int(ds0.Rows), int(ds0.Columns)
-    check_memory(len(frames) * rows * cols, max(_int(ds0, "BitsAllocated", path, 16) // 8, 1) + 8, path)
+    check_memory(
+        len(frames) * rows * cols, max(_int(ds0, "BitsAllocated", path, 16) // 8, 1) + 8, path
+    )
     vol, kept = _volume(frames, rows, cols)
     dz = float(np.linalg.norm(vec))
     row, col = frames[0].iop[:3], frames[0].iop[3:]
     d_xyz = np.column_stack([row, col, vec / dz])
-    scan = Scan(hu=vol, spacing=np.array([dz, *frames[0].psp]),  # PixelSpacing = (row spacing = y, column = x)
-                origin=ipp0[::-1].copy(), direction=d_xyz[::-1, ::-1], source_path=str(path), dicom_headers=kept)
+    scan = Scan(
+        hu=vol,
+        spacing=np.array([dz, *frames[0].psp]),  # PixelSpacing = (row spacing = y, column = x)
+        origin=ipp0[::-1].copy(),
+        direction=d_xyz[::-1, ::-1],
+        source_path=str(path),
+        dicom_headers=kept,
+    )
     check_scan(scan, path)
     scan.hu = hu_array(vol)
     return scan

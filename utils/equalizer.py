@@ -97,7 +97,10 @@ def load_legacy_pickle(path) -> HistEqualizer:
         raise UnsafeFileError(f"{path}: {e}") from None
     except Exception as e:  # any malformed pickle is a model-file error, never a traceback
         raise ModelFileError(f"{path}: unreadable equaliser pickle ({type(e).__name__})") from None
-    if not (isinstance(obj, (list, tuple)) and len(obj) == 2
-            and all(isinstance(a, np.ndarray) and a.dtype.kind == "f" and a.ndim == 1 for a in obj)):
+    if not (
+        isinstance(obj, (list, tuple))
+        and len(obj) == 2
+        and all(isinstance(a, np.ndarray) and a.dtype.kind == "f" and a.ndim == 1 for a in obj)
+    ):
         raise UnsafeFileError(f"{path}: equaliser pickle is not a list of two float arrays")
     return HistEqualizer(obj[0], obj[1])

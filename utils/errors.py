@@ -69,7 +69,9 @@ class DataFetchError(MitsError):
     exit_code = 9
 
 
-def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
+def run_cli(
+    main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None
+) -> int:
     """Run `main(argv)`; turn a MitsError into one line on stderr and its exit code."""
     try:
         rc = main(argv)

@@ -18,7 +18,9 @@ def save_grid(path, columns: dict[str, list[np.ndarray | None]], title: str = ""
 
     names = list(columns)
     rows = max(len(v) for v in columns.values())
-    fig, axes = plt.subplots(rows, len(names), figsize=(2.6 * len(names), 2.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(
+        rows, len(names), figsize=(2.6 * len(names), 2.6 * rows), squeeze=False
+    )
     for c, name in enumerate(names):
         col = columns[name]
         finite = [a for a in col if a is not None]
@@ -34,7 +36,9 @@ def save_grid(path, columns: dict[str, list[np.ndarray | None]], title: str = ""
             else:
                 ax.imshow(img, cmap="gray", vmin=hu_window[0], vmax=hu_window[1])
             if r == 0:
-                ax.set_title(name if name not in diff_columns else f"{name} (±{vmax:.0f} HU)", fontsize=9)
+                ax.set_title(
+                    name if name not in diff_columns else f"{name} (±{vmax:.0f} HU)", fontsize=9
+                )
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()

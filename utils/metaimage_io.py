@@ -87,10 +87,14 @@ def load_sitk(path: Path) -> Scan:
     except RuntimeError as e:
         raise ScanFormatError(f"{path}: cannot read: {sitk_message(e)}") from None
     if img.GetNumberOfComponentsPerPixel() != 1:
-        raise ScanFormatError(f"{path}: has {img.GetNumberOfComponentsPerPixel()} values per voxel; a CT scan has one")
+        raise ScanFormatError(
+            f"{path}: has {img.GetNumberOfComponentsPerPixel()} values per voxel; a CT scan has one"
+        )
     dim = img.GetDimension()
     if dim == 2:  # no slice axis, no slice spacing: a 3-D file of one slice is a volume
-        raise ScanFormatError(f"{path}: is a 2-D image (size {img.GetSize()}), a 3-D CT volume is needed")
+        raise ScanFormatError(
+            f"{path}: is a 2-D image (size {img.GetSize()}), a 3-D CT volume is needed"
+        )
     if dim != 3:
         raise ScanFormatError(f"{path}: is a {dim}-D image, a 3-D CT volume is needed")
     arr = sitk.GetArrayFromImage(img)  # (z, y, x)

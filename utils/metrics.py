@@ -45,7 +45,9 @@ def rmse(real, test) -> float:
 
 
 def _psnr(a: np.ndarray, b: np.ndarray, data_range: float) -> float:
-    from skimage.metrics import peak_signal_noise_ratio  # lazy: scikit-image only when a metric is computed
+    from skimage.metrics import (
+        peak_signal_noise_ratio,
+    )  # lazy: scikit-image only when a metric is computed
 
     if np.array_equal(a, b):
         return float("inf")  # skimage would divide by zero (with a warning)
@@ -71,7 +73,9 @@ def ssim(real, test, window=LUNG_WINDOW) -> float:
     """Mean SSIM (skimage defaults: 7x7 uniform window, K1 0.01, K2 0.03) of 2-D images on HU
     clipped to `window`, data range = window width. Images narrower than 7 pixels use the
     largest odd window that fits; below 3 pixels SSIM is undefined (NaN)."""
-    from skimage.metrics import structural_similarity  # lazy: scikit-image only when a metric is computed
+    from skimage.metrics import (
+        structural_similarity,
+    )  # lazy: scikit-image only when a metric is computed
 
     a, b = _pair(real, test)
     if a.ndim != 2:
@@ -105,7 +109,13 @@ def perturbation_stats(protected, original, chunk: int = 16) -> dict:
 # ----------------------------------------------------------------------------------------------
 # torchvision's AlexNet `features` convolutions used by LPIPS (index: (out, in, kernel)); the
 # ReLU after each is one LPIPS layer ("relu1".."relu5").
-ALEX_CONVS = {0: (64, 3, 11), 3: (192, 64, 5), 6: (384, 192, 3), 8: (256, 384, 3), 10: (256, 256, 3)}
+ALEX_CONVS = {
+    0: (64, 3, 11),
+    3: (192, 64, 5),
+    6: (384, 192, 3),
+    8: (256, 384, 3),
+    10: (256, 256, 3),
+}
 LPIPS_CHANNELS = (64, 192, 384, 256, 256)
 LPIPS_MIN_SIDE = 32   # smaller images are upsampled (bilinear): AlexNet's pools need >= 31 px
 
@@ -123,7 +133,11 @@ Other keys (classifier.*, scaling_layer.*) are ignored."""
 def _lpips_state(path: Path) -> dict:
     from utils.checkpoint import torch_load_weights  # lazy: torch only when LPIPS is loaded
 
-    files = sorted(q for q in path.iterdir() if q.suffix in (".pth", ".pt")) if path.is_dir() else [path]
+    files = (
+        sorted(q for q in path.iterdir() if q.suffix in (".pth", ".pt"))
+        if path.is_dir()
+        else [path]
+    )
     if not files:
         raise ModelFileError(f"{path}: no .pth/.pt files in this folder")
     merged = {}

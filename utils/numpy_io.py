@@ -38,7 +38,9 @@ def save_numpy(scan: Scan, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, arr)
-    atomic_write_text(path.with_suffix(".json"), json.dumps(_geometry_json(scan, arr.dtype), indent=2) + "\n")
+    atomic_write_text(
+        path.with_suffix(".json"), json.dumps(_geometry_json(scan, arr.dtype), indent=2) + "\n"
+    )
     return path
 
 
@@ -47,9 +49,21 @@ def _numbers(side: Path, geo: dict, key: str, shape: tuple, default):
     if key not in geo:
         return default
     v = geo[key]
-    flat = v if shape == (3,) else (sum(v, []) if isinstance(v, list) and all(isinstance(r, list) for r in v) else None)
-    ok = (isinstance(v, list) and len(v) == shape[0] and isinstance(flat, list) and len(flat) == math.prod(shape)
-          and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in flat))
+    flat = (
+        v
+        if shape == (3,)
+        else (sum(v, []) if isinstance(v, list) and all(isinstance(r, list) for r in v) else None)
+    )
+    ok = (
+        isinstance(v, list)
+        and len(v) == shape[0]
+        and isinstance(flat, list)
+        and len(flat) == math.prod(shape)
+        and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+            for x in flat
+        )
+    )
     if not ok:
         want = "three numbers" if shape == (3,) else "3 rows of 3 numbers"
         raise ScanFormatError(f"{side}: '{key}' must be {want}, got {json.dumps(v)[:80]}")
@@ -60,11 +74,17 @@ def _read_sidecar(side: Path, shape: tuple) -> dict:
     try:
         geo = json.loads(side.read_text())
     except (ValueError, OSError) as e:
-        raise ScanFormatError(f"{side}: bad geometry sidecar ({str(e).splitlines()[0][:200]})") from None
+        raise ScanFormatError(
+            f"{side}: bad geometry sidecar ({str(e).splitlines()[0][:200]})"
+        ) from None
     if not isinstance(geo, dict):
-        raise ScanFormatError(f"{side}: bad geometry sidecar (a JSON object is needed, got {type(geo).__name__})")
+        raise ScanFormatError(
+            f"{side}: bad geometry sidecar (a JSON object is needed, got {type(geo).__name__})"
+        )
     if "shape_zyx" in geo and geo["shape_zyx"] != list(shape):
-        raise ScanFormatError(f"{side}: 'shape_zyx' {json.dumps(geo['shape_zyx'])[:80]} is not the array's {list(shape)}")
+        raise ScanFormatError(
+            f"{side}: 'shape_zyx' {json.dumps(geo['shape_zyx'])[:80]} is not the array's {list(shape)}"
+        )
     return {
         "spacing": _numbers(side, geo, "spacing_zyx", (3,), (1.0, 1.0, 1.0)),
         "origin": _numbers(side, geo, "origin_zyx", (3,), (0.0, 0.0, 0.0)),
@@ -83,8 +103,14 @@ def load_numpy(path: str | os.PathLike) -> Scan:
     try:
         arr = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        raise ScanFormatError(f"{path}: not a NumPy array file ({str(e).splitlines()[0]})") from None
-    scan = Scan(hu=arr, source_path=str(path), **({"spacing": (1.0, 1.0, 1.0), "origin": (0.0, 0.0, 0.0)} | geo))
+        raise ScanFormatError(
+            f"{path}: not a NumPy array file ({str(e).splitlines()[0]})"
+        ) from None
+    scan = Scan(
+        hu=arr,
+        source_path=str(path),
+        **({"spacing": (1.0, 1.0, 1.0), "origin": (0.0, 0.0, 0.0)} | geo),
+    )
     check_scan(scan, path, side if side.exists() else path)
     scan.hu = hu_array(arr)
     return scan

@@ -1,4 +1,5 @@
 """Resampling of cubes between scan spacing and CT-GAN's 1 mm grid (docs/attack.md#exact-resampling)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +8,9 @@ import scipy.ndimage
 
 def scaled_shape(shape, factor) -> np.ndarray:
     """CT-GAN's get_scaled_shape: round(shape * factor) per axis (ints)."""
-    return np.round(np.asarray(shape, dtype=np.float64) * np.asarray(factor, dtype=np.float64)).astype(np.int64)
+    return np.round(
+        np.asarray(shape, dtype=np.float64) * np.asarray(factor, dtype=np.float64)
+    ).astype(np.int64)
 
 
 def scale_published(cube: np.ndarray, factor) -> np.ndarray:

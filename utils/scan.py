@@ -115,7 +115,8 @@ def check_hu_range(hu: np.ndarray, path) -> None:
     if lo < HU_RANGE[0] or hi > HU_RANGE[1]:
         raise ScanFormatError(
             f"{path}: values {lo:.6g} to {hi:.6g} are not CT Hounsfield units (CT spans about -1024 to "
-            f"+30000 HU); is the voxel type or the rescale in the header right?")
+            f"+30000 HU); is the voxel type or the rescale in the header right?"
+        )
 
 
 def check_not_a_mask(hu: np.ndarray, path) -> None:
@@ -135,7 +136,9 @@ def check_geometry(spacing, origin, direction, path) -> None:
     og = np.asarray(origin, dtype=np.float64).reshape(-1)
     d = np.asarray(direction, dtype=np.float64).reshape(3, 3)
     if sp.shape != (3,) or not np.isfinite(sp).all() or (sp <= 0).any():
-        raise ScanFormatError(f"{path}: spacing {sp.tolist()} mm; each value must be a positive number")
+        raise ScanFormatError(
+            f"{path}: spacing {sp.tolist()} mm; each value must be a positive number"
+        )
     if (sp < SPACING_MM[0]).any() or (sp > SPACING_MM[1]).any():
         shown = [float(f"{v:.6g}") for v in sp]
         lo, hi = SPACING_MM
@@ -186,8 +189,10 @@ def check_memory(n_voxels: int, bytes_per_voxel: int, path) -> None:
     need = int(n_voxels) * (int(bytes_per_voxel) + 4)
     avail = available_memory()
     if avail is not None and need > avail:
-        raise ScanFormatError(f"{path}: declares {int(n_voxels):,} voxels, which need about "
-                              f"{need / 2**30:.1f} GiB; only {avail / 2**30:.1f} GiB of memory is available")
+        raise ScanFormatError(
+            f"{path}: declares {int(n_voxels):,} voxels, which need about "
+            f"{need / 2**30:.1f} GiB; only {avail / 2**30:.1f} GiB of memory is available"
+        )
 
 
 def disk_array(hu: np.ndarray) -> np.ndarray:

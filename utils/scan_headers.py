@@ -18,7 +18,13 @@ import numpy as np
 
 from utils.errors import InputFileError, ScanFormatError
 from utils.scan import check_memory
-from utils.scan_paths import data_file_beside, mhd_data_name, nrrd_data_name, read_mhd_header, read_nrrd_header
+from utils.scan_paths import (
+    data_file_beside,
+    mhd_data_name,
+    nrrd_data_name,
+    read_mhd_header,
+    read_nrrd_header,
+)
 
 _CHUNK = 1 << 20
 
@@ -29,12 +35,20 @@ MET_SIZES = {
 }
 # NRRD type names (NRRD0005 specification) -> bytes per value.
 _NRRD_SIZES = {}
-for _size, _names in ((1, "signed char|int8|int8_t|uchar|unsigned char|uint8|uint8_t"),
-                      (2, "short|short int|signed short|signed short int|int16|int16_t|ushort|unsigned short|"
-                          "unsigned short int|uint16|uint16_t"),
-                      (4, "int|signed int|int32|int32_t|uint|unsigned int|uint32|uint32_t|float"),
-                      (8, "longlong|long long|long long int|signed long long|signed long long int|int64|int64_t|"
-                          "ulonglong|unsigned long long|unsigned long long int|uint64|uint64_t|double")):
+for _size, _names in (
+    (1, "signed char|int8|int8_t|uchar|unsigned char|uint8|uint8_t"),
+    (
+        2,
+        "short|short int|signed short|signed short int|int16|int16_t|ushort|unsigned short|"
+        "unsigned short int|uint16|uint16_t",
+    ),
+    (4, "int|signed int|int32|int32_t|uint|unsigned int|uint32|uint32_t|float"),
+    (
+        8,
+        "longlong|long long|long long int|signed long long|signed long long int|int64|int64_t|"
+        "ulonglong|unsigned long long|unsigned long long int|uint64|uint64_t|double",
+    ),
+):
     _NRRD_SIZES.update(dict.fromkeys(_names.split("|"), _size))
 
 
@@ -84,16 +98,22 @@ def inflated_size(path: Path, offset: int, stop_after: int, *, gzip_ok: bool = F
     return total
 
 
-def _size_mismatch(path: Path, data: Path, have: int, want: int, what: str, *, exact: bool = True) -> None:
+def _size_mismatch(
+    path: Path, data: Path, have: int, want: int, what: str, *, exact: bool = True
+) -> None:
     """The data must be what the header describes: fewer bytes is a truncated file (the readers
     zero-fill or fail with a misleading message), more bytes a header that lies about the size
     or the voxel type (the readers silently return garbage)."""
     if have < want:
-        raise ScanFormatError(f"{path}: data {data.name} is truncated or the header lies about the size "
-                              f"({have} bytes, {what} needs {want})")
+        raise ScanFormatError(
+            f"{path}: data {data.name} is truncated or the header lies about the size "
+            f"({have} bytes, {what} needs {want})"
+        )
     if exact and have > want:
-        raise ScanFormatError(f"{path}: the header lies about the size or voxel type: data {data.name} "
-                              f"has {have} bytes, {what} describes {want}")
+        raise ScanFormatError(
+            f"{path}: the header lies about the size or voxel type: data {data.name} "
+            f"has {have} bytes, {what} describes {want}"
+        )
 
 
 def _dims(path: Path, text: str, what: str) -> list[int]:
@@ -147,8 +167,10 @@ def _finite(path: Path, fields: dict[str, str], keys) -> None:
 
 def _data_file(path: Path, name: str, kind: str) -> Path:
     if name.upper() == "LIST" or "%" in name or len(name.split()) > 1:
-        raise ScanFormatError(f"{path}: names a list or pattern of {kind} data files; only one data file "
-                              f"beside the header is supported")
+        raise ScanFormatError(
+            f"{path}: names a list or pattern of {kind} data files; only one data file "
+            f"beside the header is supported"
+        )
     raw = data_file_beside(path, name)
     if not raw.exists():
         raise InputFileError(f"{path}: its data file {raw} does not exist")
@@ -161,7 +183,9 @@ def precheck_mhd(path: Path) -> None:
     """A MetaImage (.mhd/.mha) header against its data file and the memory available."""
     h, local_offset = _read_header(read_mhd_header, path)
     if "DimSize" not in h or "ElementType" not in h or "ElementDataFile" not in h:
-        raise ScanFormatError(f"{path}: not a MetaImage header (DimSize/ElementType/ElementDataFile missing)")
+        raise ScanFormatError(
+            f"{path}: not a MetaImage header (DimSize/ElementType/ElementDataFile missing)"
+        )
     dims = _dims(path, h["DimSize"], "DimSize")
     _positive(path, h, "ElementSpacing")
     _finite(path, h, _MHD_GEOMETRY)
@@ -203,7 +227,9 @@ def precheck_nrrd(path: Path) -> None:
     name = nrrd_data_name(fields)
     if name is None:
         if end is None:
-            raise ScanFormatError(f"{path}: NRRD header has no end (blank line) and names no data file")
+            raise ScanFormatError(
+                f"{path}: NRRD header has no end (blank line) and names no data file"
+            )
         data, offset = path, end
     else:
         data, offset = _data_file(path, name, "NRRD"), 0
@@ -292,11 +318,15 @@ def precheck_npy(path: Path) -> tuple[np.dtype, tuple[int, ...], bool]:
     except OSError as e:
         raise InputFileError(f"{path}: cannot read ({e.strerror})") from None
     except (ValueError, EOFError, SyntaxError, TypeError) as e:
-        raise ScanFormatError(f"{path}: not a NumPy array file ({str(e).splitlines()[0][:200]})") from None
+        raise ScanFormatError(
+            f"{path}: not a NumPy array file ({str(e).splitlines()[0][:200]})"
+        ) from None
     if dtype.fields is not None or dtype.subdtype is not None or dtype.kind not in "biuf":
         raise ScanFormatError(f"{path}: holds {dtype} values; a CT scan is numbers (int or float)")
     if len(shape) != 3:
-        raise ScanFormatError(f"{path}: is a {len(shape)}-D array of shape {shape}, a 3-D CT volume is needed")
+        raise ScanFormatError(
+            f"{path}: is a {len(shape)}-D array of shape {shape}, a 3-D CT volume is needed"
+        )
     n = int(np.prod(shape, dtype=np.int64))
     if n == 0:
         raise ScanFormatError(f"{path}: empty array of shape {shape}")

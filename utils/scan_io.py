@@ -72,6 +72,8 @@ def _read(p: Path, series_uid: str | None) -> Scan:
     if is_dicom_file(p):
         return load_dicom(p, series_uid)
     if name.endswith((".raw", ".zraw")) and p.with_suffix(".mhd").exists():
-        raise ScanFormatError(f"{p}: is the data half of a MetaImage; pass {p.with_suffix('.mhd').name}")
+        raise ScanFormatError(
+            f"{p}: is the data half of a MetaImage; pass {p.with_suffix('.mhd').name}"
+        )
     names = ", ".join(SCAN_SUFFIXES)
     raise ScanFormatError(f"{p}: unknown scan format (expected {names} or a DICOM folder)")

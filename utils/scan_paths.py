@@ -84,8 +84,10 @@ def data_file_beside(header: Path, name: str) -> Path:
                               f"a header may only name a file in its own folder")
     data = header.parent / name
     if os.path.realpath(data.parent) != os.path.dirname(os.path.realpath(data)):
-        raise ScanFormatError(f"{header}: its data file {name} is a link out of the header's folder; "
-                              f"a header may only name a file in its own folder")
+        raise ScanFormatError(
+            f"{header}: its data file {name} is a link out of the header's folder; "
+            f"a header may only name a file in its own folder"
+        )
     return data
 
 
@@ -166,4 +168,6 @@ def refuse_overwrite(target: str | os.PathLike, source: str | os.PathLike | None
         real_t = os.path.realpath(t)
         for f in inputs:
             if _inside(os.path.realpath(f), real_t):
-                raise OutputError(f"cannot write {t}: the input {f} is inside it (refusing to overwrite)")
+                raise OutputError(
+                    f"cannot write {t}: the input {f} is inside it (refusing to overwrite)"
+                )

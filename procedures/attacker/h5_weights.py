@@ -55,16 +55,24 @@ def _assign(module: CTGANGeneratorTorch, layers: list[tuple[str, dict]], source:
             # Keras (kd, kh, kw, in, out) -> torch (out, in, kd, kh, kw)
             conv.weight.copy_(torch.from_numpy(np.ascontiguousarray(k.transpose(4, 3, 0, 1, 2))))
             b = w.get("bias")
-            conv.bias.copy_(torch.from_numpy(np.asarray(b)) if b is not None else torch.zeros(conv.out_channels))
+            conv.bias.copy_(
+                torch.from_numpy(np.asarray(b)) if b is not None else torch.zeros(conv.out_channels)
+            )
         for tname, (kname, w) in zip(BN_NAMES, bns):
             bn = getattr(module, tname)
             n = bn.num_features
             vals = {key: np.asarray(w[key]) if key in w else None for key in _BN_KEYS}
             for key, v in vals.items():
                 if v is not None and v.shape != (n,):
-                    raise ModelFileError(f"{source}: layer {kname} {key} {v.shape}, expected ({n},)")
-            bn.weight.copy_(torch.from_numpy(vals["gamma"]) if vals["gamma"] is not None else torch.ones(n))
-            bn.bias.copy_(torch.from_numpy(vals["beta"]) if vals["beta"] is not None else torch.zeros(n))
+                    raise ModelFileError(
+                        f"{source}: layer {kname} {key} {v.shape}, expected ({n},)"
+                    )
+            bn.weight.copy_(
+                torch.from_numpy(vals["gamma"]) if vals["gamma"] is not None else torch.ones(n)
+            )
+            bn.bias.copy_(
+                torch.from_numpy(vals["beta"]) if vals["beta"] is not None else torch.zeros(n)
+            )
             bn.running_mean.copy_(torch.from_numpy(vals["moving_mean"]))
             bn.running_var.copy_(torch.from_numpy(vals["moving_variance"]))
             if bn_eps and kname in bn_eps:
@@ -170,8 +178,12 @@ def from_keras_h5(path, device=None) -> CTGANGeneratorTorch:
         except Exception as e:  # noqa: BLE001 - any Keras failure is a model-file problem
             msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             if "safe_mode" in str(e) or "Lambda" in str(e):
-                raise UnsafeFileError(f"{path}: refused, the model asks to run code ({msg})") from None
-            raise ModelFileError(f"{path}: cannot load Keras model ({type(e).__name__}: {msg})") from None
+                raise UnsafeFileError(
+                    f"{path}: refused, the model asks to run code ({msg})"
+                ) from None
+            raise ModelFileError(
+                f"{path}: cannot load Keras model ({type(e).__name__}: {msg})"
+            ) from None
         gf = int(km.layers[1].get_weights()[0].shape[-1])
         module = load_keras_generator_weights(CTGANGeneratorTorch(gf), km)
     else:
@@ -179,6 +191,8 @@ def from_keras_h5(path, device=None) -> CTGANGeneratorTorch:
         first = next((w for _, w in layers if "kernel" in w), None)
         if first is None or first["kernel"].ndim != 5 or first["kernel"].shape[3] != 1:
             raise ModelFileError(f"{path}: not a CT-GAN 3-D generator (no Conv3D on 1 channel)")
-        module = _assign(CTGANGeneratorTorch(int(first["kernel"].shape[-1])), layers, str(path), eps)
+        module = _assign(
+            CTGANGeneratorTorch(int(first["kernel"].shape[-1])), layers, str(path), eps
+        )
     module.eval()
     return module.to(device) if device is not None else module

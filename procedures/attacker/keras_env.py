@@ -54,7 +54,9 @@ def get_keras(backend: str | None = None):
     try:
         import keras
     except ImportError as e:
-        raise UsageError(f"Keras 3 is not installed ({e}): pip install -r requirements.txt") from None
+        raise UsageError(
+            f"Keras 3 is not installed ({e}): pip install -r requirements.txt"
+        ) from None
     return keras
 
 

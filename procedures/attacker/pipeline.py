@@ -42,8 +42,14 @@ from procedures.attacker.touchups import (KERNEL_SIGMA, REF_SCALE, blend,  # noq
                                           kern01, noise_block_center, noise_from_block)
 from utils.cubes import cube_bounds, cut_cube, paste_cube
 from utils.equalizer import HistEqualizer
-from utils.errors import (CoordinateError, MitsError, ModelFileError, ScanFormatError, UnsafeFileError,
-                          UsageError)
+from utils.errors import (
+    CoordinateError,
+    MitsError,
+    ModelFileError,
+    ScanFormatError,
+    UnsafeFileError,
+    UsageError,
+)
 from utils.resample import resample_exact, scale_published, scaled_shape
 from utils.scan import check_coord, check_min_size
 
@@ -112,8 +118,10 @@ def published_shape_error(spacing) -> str | None:
         if got[ax] != CUBE[ax]:
             s = spacing[ax]
             what = "slices" if ax == 0 else f"pixels (axis {'zyx'[ax]})"
-            return (f"round(round(32/{_fmt(s)})*{_fmt(s)})={got[ax]} != 32: the published attack cannot "
-                    f"tamper {_fmt(s)} mm {what}; use exact resampling or data/z2.5")
+            return (
+                f"round(round(32/{_fmt(s)})*{_fmt(s)})={got[ax]} != 32: the published attack cannot "
+                f"tamper {_fmt(s)} mm {what}; use exact resampling or data/z2.5"
+            )
     return None
 
 
@@ -144,13 +152,19 @@ class CTGANModel:
         self.available = True
 
     @classmethod
-    def shared(cls, folder, *, backend: str | None = None, missing_ok: bool = False) -> "CTGANModel":
+    def shared(
+        cls, folder, *, backend: str | None = None, missing_ok: bool = False
+    ) -> "CTGANModel":
         """Like the constructor, but reuses a model already loaded from the same unchanged files
         while anything still holds it (inference is stateless; loading + tracing costs ~1 s)."""
         folder = Path(folder)
         files = sorted(folder.glob("*")) if folder.is_dir() else []
-        key = (os.path.realpath(folder), backend, missing_ok,  # realpath: no RuntimeError on a link loop
-               tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.is_file()))
+        key = (
+            os.path.realpath(folder),
+            backend,
+            missing_ok,  # realpath: no RuntimeError on a link loop
+            tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.is_file()),
+        )
         model = _SHARED.get(key)
         if model is None:
             model = cls(folder, backend=backend, missing_ok=missing_ok)
@@ -163,8 +177,12 @@ class CTGANModel:
         except Exception as e:  # h5py/keras raise many types; one line, no traceback
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             if "safe_mode" in str(e) or "Lambda" in str(e):
-                raise UnsafeFileError(f"{path}: refused, the model asks to run code ({msg[:200]})") from None
-            raise ModelFileError(f"{path}: cannot load the Keras generator ({type(e).__name__}: {msg[:200]})") from None
+                raise UnsafeFileError(
+                    f"{path}: refused, the model asks to run code ({msg[:200]})"
+                ) from None
+            raise ModelFileError(
+                f"{path}: cannot load the Keras generator ({type(e).__name__}: {msg[:200]})"
+            ) from None
         shape_in = tuple(model.inputs[0].shape[1:]) if getattr(model, "inputs", None) else None
         if shape_in != (32, 32, 32, 1):
             raise ModelFileError(f"{path}: generator input is {shape_in}, expected (32, 32, 32, 1)")
@@ -204,11 +222,15 @@ class ScanManipulator:
                  cut_pad_value: float = 0.0, seed: int | None = None, published: bool = False,
                  borders: str | None = None, missing_model: str | None = None):
         if noise not in NOISE_MODES:
-            raise UsageError(f"unknown noise mode {noise!r}; choose one of {', '.join(NOISE_MODES)}")
+            raise UsageError(
+                f"unknown noise mode {noise!r}; choose one of {', '.join(NOISE_MODES)}"
+            )
         self.borders = borders or ("published" if published else "pad")
         self.missing_model = missing_model or ("unchanged" if published else "error")
         if self.borders not in BORDERS or self.missing_model not in MISSING_MODEL:
-            raise UsageError(f"borders must be one of {BORDERS}, missing_model one of {MISSING_MODEL}")
+            raise UsageError(
+                f"borders must be one of {BORDERS}, missing_model one of {MISSING_MODEL}"
+            )
         self.model_dir = Path(model_dir)
         self.backend = backend
         self.exact_resample = (not published) if exact_resample is None else bool(exact_resample)
@@ -218,14 +240,19 @@ class ScanManipulator:
         self._models: dict[str, CTGANModel] = {}
         self.scan = None
         self.last_scan_shape: tuple | None = None  # scan shape after the last tamper's paste
-        self.timings: collections.deque[float] = collections.deque(maxlen=1000)  # s per tamper_volume
+        self.timings: collections.deque[float] = collections.deque(
+            maxlen=1000
+        )  # s per tamper_volume
 
     # --- models -------------------------------------------------------------------------------
     def model(self, action: str) -> CTGANModel:
         _check_action(action)
         if action not in self._models:
-            self._models[action] = CTGANModel.shared(self.model_dir / SUBDIR[action], backend=self.backend,
-                                                     missing_ok=self.missing_model == "unchanged")
+            self._models[action] = CTGANModel.shared(
+                self.model_dir / SUBDIR[action],
+                backend=self.backend,
+                missing_ok=self.missing_model == "unchanged",
+            )
         return self._models[action]
 
     @property
@@ -248,7 +275,9 @@ class ScanManipulator:
             raise UsageError("cannot tamper: set a scan first (set_scan)")
         coord = np.asarray(coord, dtype=np.float64).reshape(-1)
         if coord.shape != (3,) or not np.all(np.isfinite(coord)):
-            raise CoordinateError(f"coordinate must be 3 finite numbers z,y,x, got {coord.tolist()}")
+            raise CoordinateError(
+                f"coordinate must be 3 finite numbers z,y,x, got {coord.tolist()}"
+            )
         vox = coord if isVox else self.scan.world2vox(coord)
         return self.tamper_volume(self.scan.hu, self.scan.spacing, vox, action, self.rng)
 
@@ -282,7 +311,9 @@ class ScanManipulator:
         sdim = int(np.max(cube_shape) * REF_SCALE)
         ref_shape = (sdim, sdim, sdim)
         grown = tuple(int(n) for n in vol.shape)
-        if self.borders == "published":  # fail where the published code fails, before touching `vol`
+        if (
+            self.borders == "published"
+        ):  # fail where the published code fails, before touching `vol`
             grown = published_paste_shape(vol.shape, center, cube_shape)
             _published_border_check(grown, center, sdim)
         clean_unscaled = cut_cube(vol, center, cube_shape, pad).astype(np.float64)
@@ -309,7 +340,9 @@ class ScanManipulator:
     def _cube_shape(self, spacing) -> np.ndarray:
         cube_shape = scaled_shape(CUBE, 1.0 / spacing)
         if np.any(cube_shape < 1):
-            raise AttackShapeError(f"voxel spacing {spacing.tolist()} mm is too coarse for a 32 mm cube")
+            raise AttackShapeError(
+                f"voxel spacing {spacing.tolist()} mm is too coarse for a 32 mm cube"
+            )
         if not self.exact_resample:
             msg = published_shape_error(spacing)
             if msg:
@@ -383,12 +416,16 @@ def _published_border_check(vol_shape, center, sdim):
     """Raise AttackBorderError where a published touch-up cut (reference cube at `center`,
     copy-noise block at the scan's middle) would need padding, on a scan of `vol_shape`."""
     shape = np.asarray(vol_shape[:3])
-    for name, c in (("reference cube", center), ("copy-noise block", noise_block_center(vol_shape))):
+    for name, c in (
+        ("reference cube", center),
+        ("copy-noise block", noise_block_center(vol_shape)),
+    ):
         if published_cut_pads(shape, c, sdim):
             raise AttackBorderError(
                 f"the {name} of side {sdim} at (z,y,x)={tuple(int(v) for v in c)} leaves the scan of "
                 f"shape {tuple(int(v) for v in shape)}: the published attack fails there (ValueError in "
-                f"cutCube); use the default attack, which pads")
+                f"cutCube); use the default attack, which pads"
+            )
 
 
 def copy_noise(vol: np.ndarray, ref_shape, pad: float = 0.0) -> np.ndarray:
@@ -417,7 +454,9 @@ def gaussian_noise(local_sample: np.ndarray, ref_shape, action: str,
     field = rng.standard_normal(n) * sd
     zoomed = scipy.ndimage.zoom(field, rf, mode="nearest")
     if any(z < s for z, s in zip(zoomed.shape, ref_shape)):  # rounding guard
-        zoomed = np.pad(zoomed, [(0, max(0, s - z)) for z, s in zip(zoomed.shape, ref_shape)], mode="edge")
+        zoomed = np.pad(
+            zoomed, [(0, max(0, s - z)) for z, s in zip(zoomed.shape, ref_shape)], mode="edge"
+        )
     return zoomed[: ref_shape[0], : ref_shape[1], : ref_shape[2]]
 
 

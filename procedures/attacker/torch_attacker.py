@@ -62,7 +62,9 @@ class TorchScanManipulator(ScanManipulator):
     def model(self, action: str) -> DifferentiableTamper:
         _check_action(action)
         if action not in self._models:
-            self._models[action] = load_tamper_core(self.model_dir / SUBDIR[action], action, self.device)
+            self._models[action] = load_tamper_core(
+                self.model_dir / SUBDIR[action], action, self.device
+            )
         return self._models[action]
 
     @torch.inference_mode()
@@ -76,21 +78,29 @@ class TorchScanManipulator(ScanManipulator):
         if not np.all(spacing > 0):
             raise ScanFormatError(f"invalid voxel spacing {spacing.tolist()} mm")
         check_cube_fits(tuple(vol.shape), spacing)
-        is_float = vol.dtype.is_floating_point if isinstance(vol, torch.Tensor) else np.issubdtype(vol.dtype, np.floating)
+        is_float = (
+            vol.dtype.is_floating_point
+            if isinstance(vol, torch.Tensor)
+            else np.issubdtype(vol.dtype, np.floating)
+        )
         if not is_float:  # pasting blends into ints would truncate
             raise UsageError(f"tamper_volume needs a float HU volume, got {vol.dtype}")
         core = self.model(action)
         cube_shape = scaled_shape(CUBE, 1.0 / spacing)
         if np.any(cube_shape < 1):
-            raise AttackShapeError(f"voxel spacing {spacing.tolist()} mm is too coarse for a 32 mm cube")
+            raise AttackShapeError(
+                f"voxel spacing {spacing.tolist()} mm is too coarse for a 32 mm cube"
+            )
         if not self.exact_resample and published_shape_error(spacing):
             raise AttackShapeError(published_shape_error(spacing))
         sdim = int(np.max(cube_shape) * REF_SCALE)
         ref_start = cube_bounds(center, (sdim,) * 3, vol.shape)[0]
         cube_start = cube_bounds(center, cube_shape, vol.shape)[0]
         if np.any(cube_start < ref_start) or np.any(cube_start + cube_shape > ref_start + sdim):
-            raise AttackShapeError(f"voxel spacing {spacing.tolist()} mm: the cube is not inside the "
-                                   f"reference cube; use procedures.attacker.pipeline.ScanManipulator")
+            raise AttackShapeError(
+                f"voxel spacing {spacing.tolist()} mm: the cube is not inside the "
+                f"reference cube; use procedures.attacker.pipeline.ScanManipulator"
+            )
         ben_ext = self._cut(vol, ref_start, sdim)
         # steps 1-7 on the reference block (it holds the whole cube, padded where the scan ends)
         part, sl = core.footprints(ben_ext, spacing, center - ref_start, action)[0]
@@ -113,7 +123,9 @@ class TorchScanManipulator(ScanManipulator):
         if np.all(b > a):
             src = vol[a[0]:b[0], a[1]:b[1], a[2]:b[2]]
             src = torch.as_tensor(np.ascontiguousarray(src)) if isinstance(src, np.ndarray) else src
-            out[tuple(slice(int(p - s), int(q - s)) for p, q, s in zip(a, b, start))] = src.to(self.device, torch.float64)
+            out[tuple(slice(int(p - s), int(q - s)) for p, q, s in zip(a, b, start))] = src.to(
+                self.device, torch.float64
+            )
         return out
 
     def _paste(self, vol, block: torch.Tensor, start):
@@ -143,8 +155,10 @@ def blackbox_attacker(cfg) -> ScanManipulator:
     published border and missing-model behaviours) or TorchScanManipulator on the device."""
     if attacker_impl(cfg) == "torch":
         if cfg.attack_borders != "pad" or cfg.missing_model != "error":
-            raise UsageError("--attacker_impl torch has only --attack_borders pad and --missing_model "
-                             "error (the published behaviours are Keras'); use --attacker_impl keras")
+            raise UsageError(
+                "--attacker_impl torch has only --attack_borders pad and --missing_model "
+                "error (the published behaviours are Keras'); use --attacker_impl keras"
+            )
         return TorchScanManipulator(cfg.models_dir, device=pick_device(cfg.device),
                                     exact_resample=cfg.exact_resample)
     return ScanManipulator(cfg.models_dir, backend=cfg.keras_backend or None,

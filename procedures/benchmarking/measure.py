@@ -64,12 +64,17 @@ class Memory:
         self._thread.join()
         self._peak = max(self._peak, _rss_bytes() or 0)
         mb = 2.0 ** 20
-        self.result = {"cpu_s": round(_cpu_seconds() - self._cpu0, 2), "load_avg_1min": load_average(),
-                       "rss_peak_mb": round(self._peak / mb, 1),
-                       "rss_growth_mb": round((self._peak - self._base) / mb, 1),
-                       "python_numpy_peak_mb": round(py_peak / mb, 1)}
+        self.result = {
+            "cpu_s": round(_cpu_seconds() - self._cpu0, 2),
+            "load_avg_1min": load_average(),
+            "rss_peak_mb": round(self._peak / mb, 1),
+            "rss_growth_mb": round((self._peak - self._base) / mb, 1),
+            "python_numpy_peak_mb": round(py_peak / mb, 1),
+        }
         if self.device.type == "cuda":
-            self.result["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated(self.device) / mb, 1)
+            self.result["cuda_peak_mb"] = round(
+                torch.cuda.max_memory_allocated(self.device) / mb, 1
+            )
             self.result["cuda_peak_over_start_mb"] = round(
                 (torch.cuda.max_memory_allocated(self.device) - self._base_cuda) / mb, 1)
         return False
@@ -85,7 +90,11 @@ def peak_flops(device) -> dict:
     res = {}
     kinds = [("fp32", torch.float32, False)]
     if device.type == "cuda":
-        kinds = [("bf16", torch.bfloat16, False), ("tf32", torch.float32, True), ("fp32", torch.float32, False)]
+        kinds = [
+            ("bf16", torch.bfloat16, False),
+            ("tf32", torch.float32, True),
+            ("fp32", torch.float32, False),
+        ]
     n = 8192 if device.type == "cuda" else 2048
     for name, dt, tf32 in kinds:
         old = torch.backends.cuda.matmul.allow_tf32

@@ -71,12 +71,16 @@ def extract_cube(hu: np.ndarray, spacing, center_vox, exact_resample: bool = Tru
     which gives e.g. 39 slices at 3 mm. Float32, or with `integer_hu` int16 as published
     when the cut needed no padding (the published padded cut is float64).
     """
-    from procedures.attacker.pipeline import published_cut_pads  # lazy: it pulls scipy.stats (ctgan_train --help)
+    from procedures.attacker.pipeline import (
+        published_cut_pads,
+    )  # lazy: it pulls scipy.stats (ctgan_train --help)
 
     spacing = np.asarray(spacing, dtype=np.float64)
     size = np.round((CUBE + MARGIN) / spacing).astype(np.int64)
     dtype = np.float32
-    if integer_hu and not published_cut_pads(hu.shape, np.asarray(center_vox).astype(np.int64), size):
+    if integer_hu and not published_cut_pads(
+        hu.shape, np.asarray(center_vox).astype(np.int64), size
+    ):
         dtype = np.int16
     cube = cut_cube(hu, center_vox, size, pad_value=PAD_HU).astype(dtype)
     if exact_resample:
@@ -105,7 +109,9 @@ def augment(x0: np.ndarray) -> np.ndarray:
     # (16 spline taps per voxel instead of 64): ~0.45 s per 40^3 cube.
     base = 4 + len(SHIFTS)
     for i, ang in enumerate(ANGLES):
-        scipy.ndimage.rotate(x0, ang, axes=(1, 2), reshape=False, mode="reflect", output=out[base + i])
+        scipy.ndimage.rotate(
+            x0, ang, axes=(1, 2), reshape=False, mode="reflect", output=out[base + i]
+        )
     return out
 
 

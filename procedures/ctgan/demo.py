@@ -47,7 +47,9 @@ def build_parser() -> CliParser:
 @cli_main(build_parser)
 def main(args) -> int:
 
-    from procedures.attacker.pipeline import ScanManipulator  # lazy: SciPy/Keras plumbing after --help
+    from procedures.attacker.pipeline import (
+        ScanManipulator,
+    )  # lazy: SciPy/Keras plumbing after --help
 
     data, out = Path(args.data), Path(args.out)
     nodules = read_locations(data / "nodules.csv")
@@ -58,7 +60,9 @@ def main(args) -> int:
     for name in sorted(nodules):
         scan = load_scan(data / name)
         vol = scan.hu.astype(np.float32)
-        jobs = [("remove", nodules[name][0])] + [("inject", healthy[name][0])] * bool(healthy.get(name))
+        jobs = [("remove", nodules[name][0])] + [("inject", healthy[name][0])] * bool(
+            healthy.get(name)
+        )
         for action, coord in jobs:
             before = vol[coord[0]].copy()
             t0 = time.perf_counter()

@@ -4,6 +4,7 @@ Layer names are fixed so that the PyTorch port (procedures/attacker/port.py) can
 a G_model.h5 saved here reloads anywhere. `keras` is passed in (see procedures.attacker.keras_env) so
 that importing this module never imports TensorFlow.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,7 +29,9 @@ def build_generator(keras, gf: int = 100, img_shape=CUBE):
 
     def up(x, skip, filters, name):
         x = L.UpSampling3D(2, name=f"{name}_up")(x)
-        x = L.Conv3D(filters, 4, strides=1, padding="same", activation="relu", name=f"{name}_conv")(x)
+        x = L.Conv3D(filters, 4, strides=1, padding="same", activation="relu", name=f"{name}_conv")(
+            x
+        )
         x = L.Dropout(0.5, name=f"{name}_drop")(x)
         x = L.BatchNormalization(momentum=0.8, name=f"{name}_bn")(x)
         return L.Concatenate(name=f"{name}_cat")([x, skip])
@@ -100,7 +103,11 @@ def call_frozen_batch_stats(keras, D, img, cond):
     x = cat([img, cond])
     chain = D.layers[D.layers.index(cat) + 1:]   # a linear chain after the concatenation
     for layer in chain:
-        x = BatchStatsNorm(layer)(x) if isinstance(layer, keras.layers.BatchNormalization) else layer(x)
+        x = (
+            BatchStatsNorm(layer)(x)
+            if isinstance(layer, keras.layers.BatchNormalization)
+            else layer(x)
+        )
     return keras.layers.Identity(name=D.name)(x)  # the loss keeps D's name: discriminator_loss
 
 
@@ -110,7 +117,9 @@ def write_untrained_model_dir(folder, gf: int, keras, sample_hu, seed: int = 0):
     equalization.npz, normalization.npy = [mean, min, max] of the equalised sample, as
     procedures.ctgan.dataset saves them. For timing the attacker (bench.py) and tests, where the
     trained weights are absent: the arithmetic is CT-GAN's, the tampering is not realistic."""
-    from procedures.ctgan.dataset import save_preprocessing  # lazy: it pulls SciPy; this module stays import-light
+    from procedures.ctgan.dataset import (
+        save_preprocessing,
+    )  # lazy: it pulls SciPy; this module stays import-light
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ float HU, not integer HU (`integer_hu`); cubes are resampled to exactly 40^3
 at the start of every epoch after the first, never saving the last epoch's weights
 (`published_save_schedule`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,19 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from procedures.ctgan.dataset import MASK, N_AUG, TrainingSet, build_training_set, save_preprocessing
-from procedures.ctgan.models import CUBE, build_discriminator, build_generator, call_frozen_batch_stats
+from procedures.ctgan.dataset import (
+    MASK,
+    N_AUG,
+    TrainingSet,
+    build_training_set,
+    save_preprocessing,
+)
+from procedures.ctgan.models import (
+    CUBE,
+    build_discriminator,
+    build_generator,
+    call_frozen_batch_stats,
+)
 from procedures.attacker.keras_env import get_keras
 from utils.cli import cli_main
 from utils.errors import CliParser, OutputError, UsageError, run_cli
@@ -167,7 +179,11 @@ def build_models(keras, cfg: CTGANTrainConfig):
     D.trainable = False
     # Keras 2 ran a frozen D's BatchNorm on batch statistics in training; Keras 3 on its
     # moving averages (docs/fidelity.md, CT-GAN trainer).
-    valid = call_frozen_batch_stats(keras, D, fake, img_b) if cfg.frozen_d_batch_stats else D([fake, img_b])
+    valid = (
+        call_frozen_batch_stats(keras, D, fake, img_b)
+        if cfg.frozen_d_batch_stats
+        else D([fake, img_b])
+    )
     combined = keras.Model([img_a, img_b], [valid, fake], name="combined")
     combined.compile(loss=["mse", "mae"], loss_weights=[1.0, cfg.l1_weight],
                      optimizer=keras.optimizers.Adam(cfg.g_lr, beta_1=cfg.beta1),
@@ -231,7 +247,9 @@ def _progress_indices(n: int, k: int) -> np.ndarray:
 
 def save_progress_image(G, cubes: np.ndarray, path: Path, title: str) -> None:
     """Middle axial slice of condition / generated / original for a few cubes (PNG)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: matplotlib only when a figure is drawn
+    from matplotlib.backends.backend_agg import (
+        FigureCanvasAgg,
+    )  # lazy: matplotlib only when a figure is drawn
     from matplotlib.figure import Figure
 
     cond = make_condition(cubes)
@@ -357,8 +375,12 @@ def _fit(keras, data: TrainingSet, out_dir: Path, cfg: CTGANTrainConfig, progres
         rec = _run_epoch((G, D, combined), x, batches, desc, progress)
         rec["epoch"] = epoch + 1
         result.history.append(rec)
-        save_progress_image(G, show, out_dir / "progress" / f"epoch_{epoch + 1:03d}.png",
-                            f"{cfg.model} epoch {epoch + 1}: D {rec['d_loss']:.4f}  G {rec['g_loss']:.3f}")
+        save_progress_image(
+            G,
+            show,
+            out_dir / "progress" / f"epoch_{epoch + 1:03d}.png",
+            f"{cfg.model} epoch {epoch + 1}: D {rec['d_loss']:.4f}  G {rec['g_loss']:.3f}",
+        )
         if (epoch, "end") in saves:
             save_generator(G, out_dir)
             result.saved_epochs = epoch + 1
@@ -377,14 +399,20 @@ def train_from_csv(csv_path, out_dir, cfg: CTGANTrainConfig, progress: bool = Tr
 # --- CLI ----------------------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
-    p = CliParser(prog="python -m procedures.ctgan.train",
-                description="Train CT-GAN's injector (nodule locations) or remover (healthy locations).")
+    p = CliParser(
+        prog="python -m procedures.ctgan.train",
+        description="Train CT-GAN's injector (nodule locations) or remover (healthy locations).",
+    )
     p.add_argument("--model", required=True, choices=MODELS)
     p.add_argument("--csv", required=True, help="locations CSV: filename,z,y,x[,coord]")
     p.add_argument("--out", required=True, help="model folder, e.g. models/INJ")
-    p.add_argument("--preset", default="paper", choices=sorted(PRESETS),
-                   help="paper: published settings (GPU, days); reference: also the published "
-                        "loader, integer-HU samples, zoom and save schedule; demo: minutes on a CPU")
+    p.add_argument(
+        "--preset",
+        default="paper",
+        choices=sorted(PRESETS),
+        help="paper: published settings (GPU, days); reference: also the published "
+        "loader, integer-HU samples, zoom and save schedule; demo: minutes on a CPU",
+    )
     p.add_argument("--epochs", type=int)
     p.add_argument("--gf", type=int)
     p.add_argument("--df", type=int)
@@ -393,43 +421,67 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--backend", choices=("tensorflow", "torch"),
                    help="Keras backend (default: torch when installed: faster on CPU)")
-    p.add_argument("--published-resample", action="store_true",
-                   help="CT-GAN's zoom instead of an exact 40^3 resample (5 mm scans then give 30/42 mm)")
+    p.add_argument(
+        "--published-resample",
+        action="store_true",
+        help="CT-GAN's zoom instead of an exact 40^3 resample (5 mm scans then give 30/42 mm)",
+    )
     p.add_argument("--published-save-schedule", action="store_true",
                    help="save G only at the start of epochs 2.. (the last epoch is never saved)")
-    p.add_argument("--published-batching", action="store_true",
-                   help="shuffle once at load and run n_batches - 1 batches per epoch, as published")
+    p.add_argument(
+        "--published-batching",
+        action="store_true",
+        help="shuffle once at load and run n_batches - 1 batches per epoch, as published",
+    )
     p.add_argument("--integer-hu", action="store_true",
                    help="keep the samples integer HU (int16 through SciPy), as published")
     p.add_argument("--keras3-frozen-d", action="store_true",
                    help="the frozen D inside the combined model uses its moving averages (Keras 3) "
                         "instead of the published batch statistics (Keras 2)")
-    p.add_argument("--eager", action="store_true",
-                   help="run Keras eagerly (TensorFlow: skips ~30 s of graph tracing; for very short runs)")
+    p.add_argument(
+        "--eager",
+        action="store_true",
+        help="run Keras eagerly (TensorFlow: skips ~30 s of graph tracing; for very short runs)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
 @cli_main(_parser)
 def main(a) -> int:
-    cfg = make_config(a.preset, model=a.model, epochs=a.epochs, gf=a.gf, df=a.df, batch=a.batch,
-                      max_steps_per_epoch=a.max_steps_per_epoch, seed=a.seed,
-                      backend=resolve_backend(a.backend, prefer_torch=True),
-                      exact_resample=False if a.published_resample else None,
-                      published_save_schedule=a.published_save_schedule or None, run_eagerly=a.eager or None,
-                      published_batching=a.published_batching or None, integer_hu=a.integer_hu or None,
-                      frozen_d_batch_stats=False if a.keras3_frozen_d else None)
+    cfg = make_config(
+        a.preset,
+        model=a.model,
+        epochs=a.epochs,
+        gf=a.gf,
+        df=a.df,
+        batch=a.batch,
+        max_steps_per_epoch=a.max_steps_per_epoch,
+        seed=a.seed,
+        backend=resolve_backend(a.backend, prefer_torch=True),
+        exact_resample=False if a.published_resample else None,
+        published_save_schedule=a.published_save_schedule or None,
+        run_eagerly=a.eager or None,
+        published_batching=a.published_batching or None,
+        integer_hu=a.integer_hu or None,
+        frozen_d_batch_stats=False if a.keras3_frozen_d else None,
+    )
     res = train_from_csv(a.csv, a.out, cfg, progress=not a.quiet)
     last = res.history[-1]
-    print(f"trained {cfg.model} ({cfg.preset}: gf={cfg.gf} df={cfg.df} batch={cfg.batch} "
-          f"epochs={cfg.epochs}, {res.n_samples} samples, backend {res.backend}) in {res.wall_s:.1f} s; "
-          f"last epoch D {last['d_loss']:.4f} G {last['g_loss']:.4f} (adv {last['g_adv']:.4f}, "
-          f"L1 {last['g_l1']:.4f})")
+    print(
+        f"trained {cfg.model} ({cfg.preset}: gf={cfg.gf} df={cfg.df} batch={cfg.batch} "
+        f"epochs={cfg.epochs}, {res.n_samples} samples, backend {res.backend}) in {res.wall_s:.1f} s; "
+        f"last epoch D {last['d_loss']:.4f} G {last['g_loss']:.4f} (adv {last['g_adv']:.4f}, "
+        f"L1 {last['g_l1']:.4f})"
+    )
     if res.saved_epochs:
         print(f"wrote {res.out_dir / 'G_model.h5'} (weights after epoch {res.saved_epochs})")
     else:
-        print(f"warning: no G_model.h5 written: the published save schedule saves only at the start "
-              f"of epochs 2..{cfg.epochs}", file=sys.stderr)
+        print(
+            f"warning: no G_model.h5 written: the published save schedule saves only at the start "
+            f"of epochs 2..{cfg.epochs}",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -56,7 +56,9 @@ def _csv_locations(item: VolumeItem, path: Path) -> list[tuple[int, int, int]]:
 EVAL_STREAM = 0x4D455641
 
 
-def target_locations(item: VolumeItem, rows, n: int, rng, actions, radius: int = 2) -> list[Location]:
+def target_locations(
+    item: VolumeItem, rows, n: int, rng, actions, radius: int = 2
+) -> list[Location]:
     """Held-out cube centres around the targets: n offsets per target within +-radius voxels,
     drawn without replacement from the offsets of odd parity ((oz + oy + ox) odd), which the
     targeted protection under evaluation never optimises for (it uses the even ones)."""

@@ -14,7 +14,12 @@ from typing import Callable
 import numpy as np
 
 from procedures.protection.apply import protect_hu
-from procedures.protection.targeted import TargetSettings, background, protect_targets, targets_for_scan
+from procedures.protection.targeted import (
+    TargetSettings,
+    background,
+    protect_targets,
+    targets_for_scan,
+)
 from scanDataset import VolumeItem
 from utils import metrics as M
 from utils.stored import stored_as
@@ -25,7 +30,7 @@ class ProtectionMethod:
     name: str                                        # short key: mitsgan, noise, tafim, ...
     label: str                                       # column label in the tables
     protect: Callable[[VolumeItem], np.ndarray]      # protected HU, shape of item.scan.hu
-    stored: bool = True                              # False: evaluated in float, not rounded to int16
+    stored: bool = True  # False: evaluated in float, not rounded to int16
 
     def __post_init__(self):
         self.protect = _last_item_cache(self.protect)
@@ -56,8 +61,19 @@ def as_stored(hu: np.ndarray, like: np.ndarray) -> np.ndarray:
     return stored_as(hu, like.dtype).astype(np.float32, copy=False)
 
 
-def mitsgan_method(G, cfg, device, dtype, *, seed: int = 0, batch: int = 4, progress=None,
-                   label: str = "MITS-GAN", name: str = "mitsgan", stored: bool = True) -> ProtectionMethod:
+def mitsgan_method(
+    G,
+    cfg,
+    device,
+    dtype,
+    *,
+    seed: int = 0,
+    batch: int = 4,
+    progress=None,
+    label: str = "MITS-GAN",
+    name: str = "mitsgan",
+    stored: bool = True,
+) -> ProtectionMethod:
     """Protection with a trained MITS-GAN generator (procedures.protection.apply.protect_hu).
     stored=False keeps the float32 output (what the network made, before int16 storage rounds
     it): the float-vs-stored comparison (docs/results.md)."""
@@ -146,7 +162,9 @@ def targeted_method(attacker, rows, settings, *, label: str | None = None, name:
 def matched_rms(method: ProtectionMethod) -> Callable[[VolumeItem], float]:
     """The RMS (HU) of `method`'s perturbation of an item, as stored."""
     def rms(item: VolumeItem) -> float:
-        return M.perturbation_stats(as_stored(method.protect(item), item.scan.hu), item.scan.hu)["rms_hu"]
+        return M.perturbation_stats(as_stored(method.protect(item), item.scan.hu), item.scan.hu)[
+            "rms_hu"
+        ]
 
     return rms
 

@@ -11,6 +11,7 @@ where the generator runs, so the protected scan does not depend on the batch siz
 On a GPU the scan crosses the bus once each way in its own dtype (int16), and normalisation,
 noise and the mapping back to HU run on the GPU (docs/performance.md; bench.py measures it). Exported scans keep the source geometry and, for DICOM sources, metadata.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -131,10 +132,15 @@ def _noise_torch(keys: np.ndarray, n: int, device) -> torch.Tensor:
 def slab_noise(seed: int, starts, shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
     """Uniform [0, 1) noise delta (len(starts), *shape) for the slabs starting at `starts`: voxel i
     of slab s gets the top 24 bits (as torch.rand's float32) of a 32-bit hash of (i, key(seed, s)),
-    computed on `device`. Depends only on (seed, s, i): not on the batch, the device or other slabs."""
+    computed on `device`. Depends only on (seed, s, i): not on the batch, the device or other slabs.
+    """
     device = torch.device(device)
     keys, n = _slab_keys(seed, starts), int(np.prod(shape))
-    u = torch.from_numpy(_noise_numpy(keys, n)) if device.type == "cpu" else _noise_torch(keys, n, device)
+    u = (
+        torch.from_numpy(_noise_numpy(keys, n))
+        if device.type == "cpu"
+        else _noise_torch(keys, n, device)
+    )
     return u.to(dtype).reshape(len(starts), *shape)
 
 
@@ -275,13 +281,19 @@ def load_generator(path, device="cpu"):
     own = G.state_dict()
     missing = [k for k in own if k not in weights]
     extra = [k for k in weights if k not in own]
-    bad = [k for k in own if k in weights and tuple(getattr(weights[k], "shape", ())) != tuple(own[k].shape)]
+    bad = [
+        k
+        for k in own
+        if k in weights and tuple(getattr(weights[k], "shape", ())) != tuple(own[k].shape)
+    ]
     if missing or extra or bad:
         what = (f"{len(missing)} missing, {len(extra)} unexpected, {len(bad)} of another shape"
                 + (f" (e.g. {bad[0]}: {tuple(getattr(weights[bad[0]], 'shape', ()))} vs "
                    f"{tuple(own[bad[0]].shape)})" if bad else f" (e.g. {(missing or extra)[0]})"))
-        raise ModelFileError(f"{path}: generator weights do not match a '{cfg.generator}' generator "
-                             f"with g_width={cfg.g_width}, slab={cfg.slab}: {what}")
+        raise ModelFileError(
+            f"{path}: generator weights do not match a '{cfg.generator}' generator "
+            f"with g_width={cfg.g_width}, slab={cfg.slab}: {what}"
+        )
     G.load_state_dict(weights)
     G.to(device=device, dtype=dtype).eval()
     return G, cfg, dtype

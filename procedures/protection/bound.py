@@ -11,6 +11,7 @@ backward of CT-GAN per step) and location-specific: a yardstick, not a protectio
 
     python -m procedures.protection.bound --scan data/z2.5/lung1.mhd --models models --eps 10 -n 3
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,11 +60,16 @@ def bound_at(dt, hu: np.ndarray, spacing, center, action: str, *, eps: float, st
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = CliParser(prog="python -m procedures.protection.bound", description=__doc__.split("\n\n")[0],
-          formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser(
+        prog="python -m procedures.protection.bound",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--scan", required=True, help="a scan (.mhd, .nrrd, .nii, DICOM folder)")
     p.add_argument("--models", default="models", help="folder with INJ/ and REM/ CT-GAN models")
-    p.add_argument("--eps", type=float, default=10.0, help="bound in HU on every voxel (default 10)")
+    p.add_argument(
+        "--eps", type=float, default=10.0, help="bound in HU on every voxel (default 10)"
+    )
     p.add_argument("--steps", type=int, default=40, help="Adam steps per location (default 40)")
     p.add_argument("--lr", type=float, default=0.1, help="Adam learning rate on w (default 0.1)")
     p.add_argument("-n", "--n-locations", type=int, default=3, help="in-lung locations (default 3)")
@@ -80,7 +86,9 @@ def main(args) -> int:
     actions = [a.strip() for a in args.actions.split(",") if a.strip()]
     if not actions or any(a not in ("inject", "remove") for a in actions):
         raise UsageError(f"--actions: inject and/or remove, not {args.actions!r}")
-    from procedures.evaluation.locations import sample_locations  # lazy: evaluation pulls SciPy (keeps --help light)
+    from procedures.evaluation.locations import (
+        sample_locations,
+    )  # lazy: evaluation pulls SciPy (keeps --help light)
 
     scan = load_scan(args.scan)
     models = Path(args.models)
@@ -93,17 +101,27 @@ def main(args) -> int:
         r = bound_at(dt, scan.hu, scan.spacing, loc.vox, loc.action, eps=args.eps, steps=args.steps,
                      lr=args.lr, seed=args.seed * 1000 + i)
         rows.append(r)
-        print(f"{loc.action:6s} at {loc.vox}: disruption {r['disruption_rmse_hu']:.1f} HU with "
-              f"{r['perturbation_rms_cube_hu']:.2f} HU RMS (amplification {r['amplification']:.1f}); "
-              f"noise of that RMS {r['noise_disruption_rmse_hu']:.1f} HU; attack {r['attack_rmse_hu']:.1f} HU "
-              f"({time.perf_counter() - t0:.1f} s)", flush=True)
-    keys = ("disruption_rmse_hu", "perturbation_rms_cube_hu", "amplification", "noise_disruption_rmse_hu",
-            "attack_rmse_hu")
+        print(
+            f"{loc.action:6s} at {loc.vox}: disruption {r['disruption_rmse_hu']:.1f} HU with "
+            f"{r['perturbation_rms_cube_hu']:.2f} HU RMS (amplification {r['amplification']:.1f}); "
+            f"noise of that RMS {r['noise_disruption_rmse_hu']:.1f} HU; attack {r['attack_rmse_hu']:.1f} HU "
+            f"({time.perf_counter() - t0:.1f} s)",
+            flush=True,
+        )
+    keys = (
+        "disruption_rmse_hu",
+        "perturbation_rms_cube_hu",
+        "amplification",
+        "noise_disruption_rmse_hu",
+        "attack_rmse_hu",
+    )
     means = {k: float(np.mean([r[k] for r in rows])) for k in keys}
     print("mean: " + ", ".join(f"{k} {v:.2f}" for k, v in means.items()))
     if args.out:
-        atomic_write_text(Path(args.out), json.dumps({"args": vars(args), "rows": rows, "mean": means},
-                                                     indent=1) + "\n")
+        atomic_write_text(
+            Path(args.out),
+            json.dumps({"args": vars(args), "rows": rows, "mean": means}, indent=1) + "\n",
+        )
     return 0
 
 

@@ -100,7 +100,10 @@ class DisruptionTarget:
     def __init__(self, cfg, attacker: Attacker | None = None):
         self.cfg = cfg
         if attacker is None:  # Keras, or its torch equal on the device (cfg.attacker_impl)
-            from procedures.attacker.torch_attacker import blackbox_attacker  # lazy: the attackers pull scipy.stats
+            from procedures.attacker.torch_attacker import (
+                blackbox_attacker,
+            )  # lazy: the attackers pull scipy.stats
+
             attacker = blackbox_attacker(cfg)
         self.attacker = attacker
         # Load the attacker now: a model file that asks to run code stops the run before
@@ -120,7 +123,9 @@ class DisruptionTarget:
     def loss(self, sl: Slab) -> torch.Tensor | None:
         """MSE(x_p, T) for the slab, T a constant (no gradient through CT-GAN, as published), or
         None. T is kept on the slab for the sample grid."""
-        sl.tampered = self.target(sl.item, sl.s, sl.x_p.detach()[0].double().cpu().numpy(), sl.k, sl.rng)
+        sl.tampered = self.target(
+            sl.item, sl.s, sl.x_p.detach()[0].double().cpu().numpy(), sl.k, sl.rng
+        )
         if sl.tampered is None:
             return None
         x_p = sl.x_p if sl.x_p.dtype == torch.float64 else sl.x_p.float()  # bf16 under --amp
@@ -183,7 +188,9 @@ class DisruptionTarget:
             return None
         self.stats.computed += 1
         if cfg.hu_mapping == "published":
-            return _minmax(t_hu, -1.0, 1.0, cfg.span_guard)  # one joint min-max of the tampered slices
+            return _minmax(
+                t_hu, -1.0, 1.0, cfg.span_guard
+            )  # one joint min-max of the tampered slices
         return to_net(t_hu, item.hu_min, item.hu_max)
 
 

@@ -56,8 +56,10 @@ def attacker_dirs(cfg) -> list[Path]:
 class WhiteboxDisruption:
     def __init__(self, cfg, device):
         self.cfg = cfg
-        self.attackers = [load_attacker_pair(d, device, touchups=getattr(cfg, "wb_touchups", "none"))
-                          for d in attacker_dirs(cfg)]
+        self.attackers = [
+            load_attacker_pair(d, device, touchups=getattr(cfg, "wb_touchups", "none"))
+            for d in attacker_dirs(cfg)
+        ]
         self.dt = self.attackers[0]
         # Location sampling and counters as in the black-box mode.
         self.locator = Locator(cfg)
@@ -135,7 +137,9 @@ class WhiteboxDisruption:
         """Mean over the centres (scan voxels) of RMSE(CT-GAN(sub), CT-GAN(real)) / 100 HU in
         each cube: one batched CT-GAN call for all centres (the volume is expanded, not copied);
         `sub` holds the scan's slices from z0 on."""
-        real = torch.from_numpy(item.scan.hu[z0:z0 + sub.shape[0]].astype(np.float32)).to(sub.device)
+        real = torch.from_numpy(item.scan.hu[z0 : z0 + sub.shape[0]].astype(np.float32)).to(
+            sub.device
+        )
         n = len(centres)
         frame, sp = ((z0, 0, 0), item.scan.hu.shape), item.scan.spacing
         with torch.no_grad():
