@@ -30,9 +30,7 @@ def real_data_dir() -> Path:
     return d
 
 
-def build_tiny_ctgan_models(
-    root: Path, gf: int = 2, seed: int = 0, g_name: str = "G_model.h5"
-) -> Path:
+def build_tiny_ctgan_models(root: Path, gf: int = 2, seed: int = 0, g_name: str = "G_model.h5") -> Path:
     """Write INJ/ and REM/ model folders under `root`: a random gf-wide generator, an equaliser
     fitted on phantom cubes and its [mean, min, max] (as CT-GAN's trainer saves them)."""
     from procedures.ctgan.models import build_generator

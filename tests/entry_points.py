@@ -34,9 +34,7 @@ def _edit_header(p: Path, key: str, value: str) -> Path:
     return p
 
 
-def _series(
-    d: Path, name: str, seed: int = 0, desc: str = "source", **kw
-) -> tuple[Path, list[Path]]:
+def _series(d: Path, name: str, seed: int = 0, desc: str = "source", **kw) -> tuple[Path, list[Path]]:
     p = d / name
     save_dicom_series(phantom_scan(seed, **kw), p, series_description=desc)
     return p, sorted(p.iterdir())
@@ -64,32 +62,11 @@ def _gui(scan, out, c):
 
 
 def _evaluate(data, out, c, *extra):
-    return [
-        "--methods",
-        "noise",
-        "--noise-rms",
-        "5",
-        "--actions",
-        "inject",
-        "--data",
-        data,
-        "--models",
-        c.models,
-        "--out",
-        out,
-        "--no-progress",
-        "--no-figures",
-        "--device",
-        "cpu",
-        *extra,
-    ]
+    return ["--methods", "noise", "--noise-rms", "5", "--actions", "inject", "--data", data,
+            "--models", c.models, "--out", out, "--no-progress", "--no-figures", "--device", "cpu", *extra]
 
 
-FILE_ENTRIES = {
-    "protect": (protect.main, _protect),
-    "tamper": (tamper.main, _tamper),
-    "GUI": (GUI.main, _gui),
-}
+FILE_ENTRIES = {"protect": (protect.main, _protect), "tamper": (tamper.main, _tamper), "GUI": (GUI.main, _gui)}
 FOLDER_ENTRIES = {"train": (train.main, _train), "evaluate": (evaluate.main, _evaluate)}
 
 

@@ -64,22 +64,12 @@ def call(main: Callable, argv, capfd) -> Result:
         except BaseException as e:  # noqa: BLE001 - a traceback is what we are looking for
             exc = e
     out, err = capfd.readouterr()
-    shown = [
-        f"{x.category.__name__}: {x.message}"
-        for x in w
-        if not issubclass(x.category, _QUIET_WARNINGS)
-    ]
+    shown = [f"{x.category.__name__}: {x.message}" for x in w if not issubclass(x.category, _QUIET_WARNINGS)]
     return Result(rc, out, err, shown, exc)
 
 
-def assert_refused(
-    res: Result,
-    code: int,
-    mention: tuple[str, ...],
-    root: Path,
-    before: dict[str, str],
-    entry: str = "",
-):
+def assert_refused(res: Result, code: int, mention: tuple[str, ...], root: Path, before: dict[str, str],
+                   entry: str = ""):
     """One 'error:' line naming one of `mention`, exit `code`, nothing new or changed under root."""
     assert res.exc is None, f"uncaught {type(res.exc).__name__}: {res.exc}"
     lines = res.err.strip().splitlines()
@@ -105,29 +95,10 @@ class Ctx:
 
 # argv for train.py: the smallest demo run, the CT-GAN folder of `c` (empty: no attacker).
 def train_argv(data, out, c, *extra):
-    return [
-        "--preset",
-        "demo",
-        "--data_dir",
-        data,
-        "--models_dir",
-        c.empty_models,
-        "--out_dir",
-        out,
-        "--g_width",
-        "4",
-        "--d_width",
-        "4",
-        "--progress",
-        "false",
-        "--sample_every",
-        "0",
-        "--max_steps",
-        "1",
-        "--save_img_result",
-        "false",
-        *extra,
-    ]
+    return ["--preset", "demo", "--data_dir", data, "--models_dir", c.empty_models, "--out_dir", out,
+            "--g_width", "4", "--d_width", "4", "--progress", "false", "--sample_every", "0",
+            "--max_steps", "1", "--save_img_result", "false", *extra]
+
 
 
 # --- a real MITS-GAN checkpoint, fake LPIPS weights ---------------------------------------------
@@ -140,44 +111,16 @@ def make_tiny_checkpoint(root: Path, models: Path | None = None) -> Path:
     data = root / "scans"
     data.mkdir(parents=True, exist_ok=True)
     for i in range(2):
-        save_mhd(
-            Scan(make_phantom((24, 48, 48), seed=i), SPACING, (-40.0 * i, 10.0, -20.0)),
-            data / f"vol{i}.mhd",
-        )
+        save_mhd(Scan(make_phantom((24, 48, 48), seed=i), SPACING, (-40.0 * i, 10.0, -20.0)), data / f"vol{i}.mhd")
     if models is None:
         models = root / "no_models"
         for sub in ("INJ", "REM"):
             (models / sub).mkdir(parents=True, exist_ok=True)
     out = root / "run"
-    assert (
-        train.main(
-            [
-                "--preset",
-                "demo",
-                "--data_dir",
-                str(data),
-                "--models_dir",
-                str(models),
-                "--out_dir",
-                str(out),
-                "--g_width",
-                "4",
-                "--d_width",
-                "4",
-                "--progress",
-                "false",
-                "--lr_g",
-                "0.01",
-                "--sample_every",
-                "0",
-                "--max_steps",
-                "1",
-                "--save_img_result",
-                "false",
-            ]
-        )
-        == 0
-    )
+    assert train.main(["--preset", "demo", "--data_dir", str(data), "--models_dir", str(models),
+                       "--out_dir", str(out), "--g_width", "4", "--d_width", "4", "--progress", "false",
+                       "--lr_g", "0.01", "--sample_every", "0", "--max_steps", "1",
+                       "--save_img_result", "false"]) == 0
     return out / "checkpoint.pt"
 
 

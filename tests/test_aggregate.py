@@ -42,9 +42,7 @@ def _doc(mits, signs, rms, unseen_mits=None, settings=None, methods=METHODS, max
 def test_mean_and_range_of_each_figure_and_signs_ratio_per_run():
     # run 1: 20 / 10 = 2.0x signs; run 2: 30 / 30 = 1.0x. The ratio of the means (50 / 40)
     # would be 1.25: each run's ratio is taken first, against its own signs.
-    agg = A.aggregate(
-        [_doc(20.0, 10.0, 30.0, unseen_mits=8.0), _doc(30.0, 30.0, 60.0, unseen_mits=12.0)]
-    )
+    agg = A.aggregate([_doc(20.0, 10.0, 30.0, unseen_mits=8.0), _doc(30.0, 30.0, 60.0, unseen_mits=12.0)])
     m = agg["methods"]["mitsgan"]
     assert agg["runs"] == 2 and agg["attackers"] == ["seen", "unseen"]
     assert m["label"] == "MITS-GAN (demo, unet)"
@@ -62,9 +60,7 @@ def test_markdown_shows_mean_and_range_and_a_single_value_plainly():
     agg = A.aggregate([_doc(20.0, 10.0, 30.0), _doc(30.0, 30.0, 60.0)])
     text = A.markdown(agg, ["a.json", "b.json"])
     row = next(line for line in text.splitlines() if line.startswith("| MITS-GAN"))
-    assert (
-        "45.00 [30.00, 60.00]" in row and "25.0 [20.0, 30.0]" in row and "1.50 [1.00, 2.00]" in row
-    )
+    assert "45.00 [30.00, 60.00]" in row and "25.0 [20.0, 30.0]" in row and "1.50 [1.00, 2.00]" in row
     signs = next(line for line in text.splitlines() if line.startswith("| random signs"))
     assert "| 10.00 |" in signs            # equal in every run: no range
     assert "`a.json`" in text and "over 2 runs" in text
@@ -72,9 +68,7 @@ def test_markdown_shows_mean_and_range_and_a_single_value_plainly():
 
 def test_methods_or_attackers_missing_in_one_run_are_left_out():
     two = [m for m in METHODS if m[0] != "noise"]
-    agg = A.aggregate(
-        [_doc(20.0, 10.0, 30.0, unseen_mits=8.0), _doc(30.0, 30.0, 60.0, methods=two)]
-    )
+    agg = A.aggregate([_doc(20.0, 10.0, 30.0, unseen_mits=8.0), _doc(30.0, 30.0, 60.0, methods=two)])
     assert set(agg["methods"]) == {"mitsgan", "signs"}
     assert agg["attackers"] == ["seen"]
 

@@ -9,17 +9,8 @@ import pytest
 from conftest import build_tiny_ctgan_models as make_tiny_ctgan
 from conftest import make_phantom
 from test_equalizer import _reference_dir
-from procedures.attacker.pipeline import (
-    AttackBorderError,
-    AttackShapeError,
-    CTGANModel,
-    ScanManipulator,
-    check_coord,
-    copy_noise,
-    fix_overflow,
-    kern01,
-    published_shape_error,
-)
+from procedures.attacker.pipeline import (AttackBorderError, AttackShapeError, CTGANModel, ScanManipulator,
+                                        check_coord, copy_noise, fix_overflow, kern01, published_shape_error)
 from utils.cubes import cut_cube
 from utils.errors import CoordinateError, ModelFileError, UnsafeFileError
 from utils.scan_io import Scan
@@ -79,9 +70,7 @@ def test_kern01_is_a_01_gaussian():
     assert kern01(41, 0.1).mean() > kern01(41, 3.0).mean()  # removal blends almost everywhere
 
 
-@pytest.mark.parametrize(
-    "s, ok", [(5.0, False), (2.5, True), (1.8, True), (1.25, True), (1.0, True)]
-)
+@pytest.mark.parametrize("s, ok", [(5.0, False), (2.5, True), (1.8, True), (1.25, True), (1.0, True)])
 def test_published_zoom_reaches_32_except_5mm(s, ok):
     msg = published_shape_error((s, 0.7, 0.7))
     assert (msg is None) == ok
@@ -94,15 +83,11 @@ def test_copy_noise_is_zero_mean_and_deterministic():
     n1, n2 = copy_noise(vol, (41, 41, 41)), copy_noise(vol, (41, 41, 41))
     assert n1.shape == (41, 41, 41) and abs(n1.mean()) < 1e-9
     np.testing.assert_array_equal(n1, n2)
-    assert not np.any(
-        copy_noise(np.zeros((10, 20, 20), np.float32), (5, 5, 5))
-    )  # no lung: no noise
+    assert not np.any(copy_noise(np.zeros((10, 20, 20), np.float32), (5, 5, 5)))  # no lung: no noise
 
 
 def test_coordinates_outside_the_scan():
-    with pytest.raises(
-        CoordinateError, match=r"outside the scan of shape \(z,y,x\)=\(60, 96, 96\)"
-    ):
+    with pytest.raises(CoordinateError, match=r"outside the scan of shape \(z,y,x\)=\(60, 96, 96\)"):
         check_coord((60, 10, 10), (60, 96, 96))
     with pytest.raises(CoordinateError, match="outside"):
         check_coord((-0.5, 10, 10), (60, 96, 96))
@@ -126,9 +111,7 @@ def test_missing_model_folder_is_an_error(tmp_path):
 def test_published_preset_leaves_scan_unchanged_without_model(tmp_path, capsys):
     vol = big_phantom()
     before = vol.copy()
-    sl = ScanManipulator(tmp_path, missing_model="unchanged").tamper_volume(
-        vol, (2.5, 0.7, 0.7), (30, 48, 60), "inject"
-    )
+    sl = ScanManipulator(tmp_path, missing_model="unchanged").tamper_volume(vol, (2.5, 0.7, 0.7), (30, 48, 60), "inject")
     np.testing.assert_array_equal(vol, before)
     assert vol[sl].size == 0 and "unchanged" in capsys.readouterr().err
 
@@ -143,11 +126,7 @@ def test_tamper_changes_only_the_reference_cube_footprint(man, action):
     before = vol.copy()
     spacing, coord = (1.25, 1.0, 1.0), (30, 48, 60)   # cube (26, 32, 32), reference side 41
     sl = man.tamper_volume(vol, spacing, coord, action)
-    assert (
-        sl
-        == man.footprint(vol.shape, spacing, coord)
-        == (slice(10, 51), slice(28, 69), slice(40, 81))
-    )
+    assert sl == man.footprint(vol.shape, spacing, coord) == (slice(10, 51), slice(28, 69), slice(40, 81))
     changed = vol != before
     inside = np.zeros(vol.shape, bool)
     inside[sl] = True
@@ -172,9 +151,7 @@ def test_remove_keeps_values_in_range(man):
 def test_fixed_seed_is_reproducible(man, models):
     def run(seed, noise):
         vol = big_phantom()
-        ScanManipulator(models, noise=noise, seed=seed).tamper_volume(
-            vol, (1.25, 1.0, 1.0), (30, 48, 60), "inject"
-        )
+        ScanManipulator(models, noise=noise, seed=seed).tamper_volume(vol, (1.25, 1.0, 1.0), (30, 48, 60), "inject")
         return vol
 
     np.testing.assert_array_equal(run(3, "gaussian"), run(3, "gaussian"))
@@ -201,14 +178,10 @@ def test_5mm_slices_exact_resampling_vs_published(man, models):
 def test_published_preset_fails_where_the_reference_cube_leaves_the_scan(man, models):
     vol = big_phantom()
     with pytest.raises(AttackBorderError, match="leaves the scan"):
-        ScanManipulator(models, published=True).tamper_volume(
-            vol, (1.25, 1.0, 1.0), (5, 48, 60), "inject"
-        )
+        ScanManipulator(models, published=True).tamper_volume(vol, (1.25, 1.0, 1.0), (5, 48, 60), "inject")
     np.testing.assert_array_equal(vol, big_phantom())   # failed before touching the volume
     vol2 = vol.copy()
-    ScanManipulator(models).tamper_volume(
-        vol2, (1.25, 1.0, 1.0), (5, 48, 60), "inject"
-    )  # default pads
+    ScanManipulator(models).tamper_volume(vol2, (1.25, 1.0, 1.0), (5, 48, 60), "inject")  # default pads
     assert (vol2 != vol).any()
 
 
@@ -283,6 +256,4 @@ def test_real_scan_inject_at_its_nodule(man, models, real_data_dir):
     assert changed[sl].any() and not changed[outside].any()
     assert np.isfinite(m.scan.hu).all()
     with pytest.raises(AttackShapeError, match="5.0 mm"):   # 5 mm: the published zoom cannot
-        ScanManipulator(models, exact_resample=False).tamper_volume(
-            before.copy(), scan.spacing, coord, "inject"
-        )
+        ScanManipulator(models, exact_resample=False).tamper_volume(before.copy(), scan.spacing, coord, "inject")

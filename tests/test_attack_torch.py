@@ -1,6 +1,5 @@
 """procedures.attacker.torch_attacker: CT-GAN's black-box attacker in torch equals the Keras/NumPy pipeline
 (procedures.attacker.pipeline) with tiny random generators, on the CPU."""
-
 from __future__ import annotations
 
 import numpy as np
@@ -10,11 +9,7 @@ import torch
 import config as config_mod
 from conftest import make_phantom
 from procedures.attacker.pipeline import AttackShapeError, ScanManipulator
-from procedures.attacker.torch_attacker import (
-    TorchScanManipulator,
-    attacker_impl,
-    blackbox_attacker,
-)
+from procedures.attacker.torch_attacker import TorchScanManipulator, attacker_impl, blackbox_attacker
 from procedures.protection.disruption import DisruptionTarget
 from utils.errors import ModelFileError, UsageError
 
@@ -52,10 +47,7 @@ def test_equals_the_keras_pipeline(pair, action, center):
     changed = a != hu
     assert changed.sum() > 1000                      # a real tamper to compare
     diff = np.abs(a.astype(np.float64) - b)
-    assert diff.max() <= MAX_HU and np.quantile(diff[sa], 0.999) <= Q999_HU, (
-        diff.max(),
-        np.quantile(diff[sa], 0.999),
-    )
+    assert diff.max() <= MAX_HU and np.quantile(diff[sa], 0.999) <= Q999_HU, (diff.max(), np.quantile(diff[sa], 0.999))
 
 
 def _mask(shape, sl):
@@ -110,16 +102,14 @@ def test_disruption_target_is_the_same_with_either_attacker(tiny_ctgan_models):
     d.mkdir(exist_ok=True)
     save_mhd(Scan(make_phantom((72, 96, 96), seed=3), SPACING, (0.0, 0.0, 0.0)), d / "v.mhd")
     item = ScanDataset(d)[0]
-    x_p = np.clip(
-        (item.scan.hu[36:40] - item.hu_min) / (item.hu_max - item.hu_min) * 2 - 1 + 0.01, -1, 1
-    )
+    x_p = np.clip((item.scan.hu[36:40] - item.hu_min) / (item.hu_max - item.hu_min) * 2 - 1 + 0.01, -1, 1)
     T = {}
     for impl in ("keras", "torch"):
         cfg = config_mod.make_config("paper", models_dir=str(tiny_ctgan_models), device="cpu",
                                      attacker_impl=impl)
         T[impl] = DisruptionTarget(cfg).target(item, 36, x_p, 0, np.random.default_rng(5))
     assert T["keras"] is not None and T["torch"] is not None
-    span = item.hu_max - item.hu_min  # T is in [-1, 1] by one min-max of the slab: HU / span * 2
+    span = item.hu_max - item.hu_min        # T is in [-1, 1] by one min-max of the slab: HU / span * 2
     assert np.abs(T["keras"] - T["torch"]).max() * span / 2 <= MAX_HU
 
 
@@ -136,48 +126,15 @@ def test_tamper_cli_torch_path_equals_keras(tiny_ctgan_models, tmp_path, capsys)
     save_mhd(Scan(hu, SPACING, (0.0, 0.0, 0.0)), src)
     got = {}
     for impl in ("keras", "torch"):
-        argv = [
-            "-t",
-            str(src),
-            "-d",
-            str(tmp_path / impl),
-            "-a",
-            "remove",
-            "-c",
-            "30,48,66",
-            "-c",
-            "20,40,30",
-            "--models",
-            str(tiny_ctgan_models),
-            "--impl",
-            impl,
-            "--device",
-            "cpu",
-        ]
+        argv = ["-t", str(src), "-d", str(tmp_path / impl), "-a", "remove", "-c", "30,48,66", "-c", "20,40,30",
+                "--models", str(tiny_ctgan_models), "--impl", impl, "--device", "cpu"]
         assert run_cli(tamper.main, argv) == 0
         got[impl] = load_scan(tmp_path / impl / "chest_tampered.mhd").hu
     capsys.readouterr()
     assert np.sum(got["keras"] != hu) > 1000
     assert np.abs(got["keras"].astype(np.int32) - got["torch"]).max() <= MAX_HU + 1
-    rc = run_cli(
-        tamper.main,
-        [
-            "-t",
-            str(src),
-            "-d",
-            str(tmp_path / "g"),
-            "-a",
-            "inject",
-            "-c",
-            "30,48,66",
-            "--models",
-            str(tiny_ctgan_models),
-            "--impl",
-            "torch",
-            "--noise",
-            "gaussian",
-        ],
-    )
+    rc = run_cli(tamper.main, ["-t", str(src), "-d", str(tmp_path / "g"), "-a", "inject", "-c", "30,48,66",
+                               "--models", str(tiny_ctgan_models), "--impl", "torch", "--noise", "gaussian"])
     assert rc != 0 and "copy-noise" in capsys.readouterr().err
 
 

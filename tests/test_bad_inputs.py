@@ -9,7 +9,6 @@ main(argv) through utils.errors.run_cli. Each run must end with:
   - no new file anywhere under the test's folder (no output, no temporary left behind), and
     every input byte-for-byte unchanged.
 """
-
 from __future__ import annotations
 
 import os
@@ -35,25 +34,13 @@ from helpers import SHAPE, Ctx, assert_refused, call, phantom_scan, tree  # noqa
 from helpers import train_argv as _train  # noqa: E402
 from procedures.data import prepare as prepare_data  # noqa: E402
 from utils.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from utils.errors import (
-    CoordinateError,
-    DataFetchError,
-    InputFileError,
-    ModelFileError,  # noqa: E402
-    OutputError,
-    UsageError,
-)
+from utils.errors import (CoordinateError, DataFetchError, InputFileError, ModelFileError,  # noqa: E402
+                          OutputError, UsageError)
 from utils.scan_io import save_mhd  # noqa: E402
-from entry_points import (
-    FILE_ENTRIES,
-    FOLDER_ENTRIES,
-    _ctx,
-    _edit_dicom,
-    _edit_header,  # noqa: E402
-    _entry_param,
-    _mhd,
-    _series,
-)
+from entry_points import (FILE_ENTRIES, FOLDER_ENTRIES, _ctx, _edit_dicom, _edit_header,  # noqa: E402
+                          _entry_param, _mhd, _series)
+
+
 
 # ==============================================================================================
 # the corpus: builders write one bad input into `d` and return its path
@@ -320,9 +307,7 @@ def test_bad_scan_in_a_data_folder(entry, case, request, tmp_path, capfd):
     assert_refused(res, SCANS[case][2], (bad.name, data.name), tmp_path, before, entry)
 
 
-@pytest.mark.parametrize(
-    "entry,case", [_entry_param(e, c) for e in FOLDER_ENTRIES for c in FOLDER_PATHS]
-)
+@pytest.mark.parametrize("entry,case", [_entry_param(e, c) for e in FOLDER_ENTRIES for c in FOLDER_PATHS])
 def test_bad_data_folder_path(entry, case, request, tmp_path, capfd):
     main, argv = FOLDER_ENTRIES[entry]
     c = _ctx(request, tmp_path, entry)
@@ -394,16 +379,7 @@ def checkpoint_argv(entry: str, bad_ckpt: Path, tmp_path: Path, c: Ctx) -> tuple
     if entry == "protect":
         return protect.main, [scan, "-c", bad_ckpt, "-o", out, "--no-progress"]
     if entry == "GUI":
-        return GUI.main, [
-            "--scan",
-            scan,
-            "--checkpoint",
-            bad_ckpt,
-            "--models",
-            c.empty_models,
-            "--out",
-            out,
-        ]
+        return GUI.main, ["--scan", scan, "--checkpoint", bad_ckpt, "--models", c.empty_models, "--out", out]
     if entry == "evaluate":
         return evaluate.main, ["--methods", "mitsgan", "--checkpoint", bad_ckpt, "--data", inputs,
                                "--models", c.empty_models, "--out", out, "--device", "cpu"]
@@ -468,9 +444,7 @@ def test_gui_actions_that_fail_keep_the_viewer_running(empty_models, tmp_path, c
     try:
         v.on_key(SimpleNamespace(key="s"))
         err = capfd.readouterr().err
-        assert (
-            err.count("\n") == 1 and err.startswith("error: cannot write") and "a_file" in err
-        ), err
+        assert err.count("\n") == 1 and err.startswith("error: cannot write") and "a_file" in err, err
         assert v.status.startswith("error: ") and v.saved == []
         v.on_click(SimpleNamespace(inaxes=v.ax, button=1, xdata=20.0, ydata=20.0))
         err = capfd.readouterr().err
@@ -526,14 +500,8 @@ def _sd_empty(d):
     return p
 
 
-SDISTS = {
-    "missing": missing_file,
-    "folder": folder_named_like_a_file,
-    "through_regular_file": through_regular_file,
-    "dangling_symlink": dangling_symlink,
-    "garbage": _sd_garbage,
-    "empty": _sd_empty,
-}
+SDISTS = {"missing": missing_file, "folder": folder_named_like_a_file, "through_regular_file": through_regular_file,
+          "dangling_symlink": dangling_symlink, "garbage": _sd_garbage, "empty": _sd_empty}
 
 
 @pytest.mark.parametrize("case", list(SDISTS))
@@ -560,9 +528,7 @@ def test_prepare_data_output_folder_through_a_file(tmp_path, capfd):
         pytest.skip("source package not cached (make data)")
     (tmp_path / "a_file").write_text("x")
     before = tree(tmp_path)
-    res = call(
-        prepare_data.main, ["--data-dir", tmp_path / "a_file" / "data", "--cache", cache], capfd
-    )
+    res = call(prepare_data.main, ["--data-dir", tmp_path / "a_file" / "data", "--cache", cache], capfd)
     assert_refused(res, OutputError.exit_code, ("a_file",), tmp_path, before)
 
 
@@ -578,51 +544,16 @@ def test_scripts_in_subprocesses(ckpt, empty_models, tmp_path):
     series = dicom_missing_slice(inputs)
     py = sys.executable
     runs = {
-        "protect": (
-            [py, "protect.py", str(trunc), "-c", str(ckpt), "-o", str(tmp_path / "o1")],
-            4,
-            trunc.name,
-        ),
-        "GUI": (
-            [py, "GUI.py", "--scan", str(series), "--models", str(empty_models)],
-            4,
-            series.name,
-        ),
-        "train": (
-            [
-                py,
-                "train.py",
-                *map(
-                    str,
-                    _train(
-                        tmp_path / "nope", tmp_path / "o2", Ctx(tmp_path, empty_models=empty_models)
-                    ),
-                ),
-            ],
-            3,
-            "nope",
-        ),
-        "prepare_data": (
-            [
-                py,
-                "-m",
-                "procedures.data.prepare",
-                "--data-dir",
-                str(tmp_path / "o4"),
-                "--sdist",
-                str(inputs / "gone.tar.gz"),
-            ],
-            9,
-            "gone.tar.gz",
-        ),
+        "protect": ([py, "protect.py", str(trunc), "-c", str(ckpt), "-o", str(tmp_path / "o1")], 4, trunc.name),
+        "GUI": ([py, "GUI.py", "--scan", str(series), "--models", str(empty_models)], 4, series.name),
+        "train": ([py, "train.py", *map(str, _train(tmp_path / "nope", tmp_path / "o2", Ctx(tmp_path,
+                   empty_models=empty_models)))], 3, "nope"),
+        "prepare_data": ([py, "-m", "procedures.data.prepare", "--data-dir", str(tmp_path / "o4"),
+                          "--sdist", str(inputs / "gone.tar.gz")], 9, "gone.tar.gz"),
     }
     env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONWARNINGS": "default"}
-    procs = {
-        k: subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        for k, (cmd, _, _) in runs.items()
-    }
+    procs = {k: subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for k, (cmd, _, _) in runs.items()}
     for k, p in procs.items():
         out, err = p.communicate(timeout=300)
         _, code, name = runs[k]

@@ -14,9 +14,7 @@ def test_eligible_subbatches_follow_the_published_near_end_rule():
     # 32 < s and s + 32 < depth, s = 4k: the first eligible s is 36 (docs/training.md#near-end-rule).
     assert benchmark.eligible_subbatches(68, 4) == []
     assert benchmark.eligible_subbatches(69, 4) == [9]
-    assert benchmark.eligible_subbatches(95, 4) == list(
-        range(9, 16)
-    )  # lung1 at 2.5 mm: 7 sub-batches
+    assert benchmark.eligible_subbatches(95, 4) == list(range(9, 16))   # lung1 at 2.5 mm: 7 sub-batches
     assert benchmark.eligible_subbatches(121, 4) == list(range(9, 23))  # lung2: 14
 
 
@@ -64,34 +62,12 @@ def test_tiny_benchmark_without_tensorflow(tiny_ctgan_models, tmp_path):
 def test_tiny_benchmark_end_to_end(tiny_ctgan_models, tmp_path):
     """Every section, the reference preset (Keras attacker, float64, re-read) included (~1 min)."""
     out = tmp_path / "bench"
-    rc = bench.main(
-        [
-            "--size",
-            "64",
-            "--depth",
-            "72",
-            "--protect_slices",
-            "8",
-            "--device",
-            "cpu",
-            "--models_dir",
-            str(tiny_ctgan_models),
-            "--steps",
-            "1",
-            "--warmup",
-            "1",
-            "--tamper_reps",
-            "1",
-            "--out",
-            str(out),
-            "--train",
-            "paper:g_width=4:g_blocks=1,paper:g_width=4:g_blocks=1:attacker_impl=torch",
-            "--reference",
-            "reference:g_width=4:g_blocks=1",
-            "--protect",
-            "demo:g_width=4:batch=2,demo:g_width=4:batch=2:channels_last=true:slices=4",
-        ]
-    )
+    rc = bench.main(["--size", "64", "--depth", "72", "--protect_slices", "8", "--device", "cpu",
+                     "--models_dir", str(tiny_ctgan_models), "--steps", "1", "--warmup", "1",
+                     "--tamper_reps", "1", "--out", str(out),
+                     "--train", "paper:g_width=4:g_blocks=1,paper:g_width=4:g_blocks=1:attacker_impl=torch",
+                     "--reference", "reference:g_width=4:g_blocks=1",
+                     "--protect", "demo:g_width=4:batch=2,demo:g_width=4:batch=2:channels_last=true:slices=4"])
     assert rc == 0
     res = json.loads((out / "bench.json").read_text())
     ref, ours, ours_torch = res["train"]
@@ -110,11 +86,7 @@ def test_tiny_benchmark_end_to_end(tiny_ctgan_models, tmp_path):
     assert full["voxels_changed"] > 0.5            # a real (random) perturbation was applied
     keras_row, torch_man_row, torch_row = res["tamper"]
     assert "error" not in keras_row and "error" not in torch_man_row and "error" not in torch_row
-    assert (
-        keras_row["inject_ms"] > 0
-        and torch_man_row["remove_ms"] > 0
-        and torch_row["remove_fwd_bwd_ms"] > 0
-    )
+    assert keras_row["inject_ms"] > 0 and torch_man_row["remove_ms"] > 0 and torch_row["remove_fwd_bwd_ms"] > 0
     assert keras_row["generator_ms"] > 0 and torch_man_row["generator_ms"] > 0
     md = (out / "bench.md").read_text()
     assert "speed-up vs reference" in md and "(reference)" in md and "GFLOP/slice" in md

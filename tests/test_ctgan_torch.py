@@ -3,7 +3,6 @@
 Keras comparisons (marked `tf`) randomise biases and BatchNorm gamma/beta/moving statistics
 first, so a wrong kernel layout, padding or BatchNorm mapping cannot pass.
 """
-
 from __future__ import annotations
 
 
@@ -16,14 +15,8 @@ from hypothesis import strategies as st
 
 from procedures.attacker.h5_weights import from_keras_h5, load_keras_generator_weights
 from procedures.attacker.model_dir import load_differentiable
-from procedures.attacker.port import (
-    BN_NAMES,
-    CONV_NAMES,
-    CTGANGeneratorTorch,
-    DifferentiableTamper,
-    tf_same_pads,
-    torch_interp,
-)
+from procedures.attacker.port import (BN_NAMES, CONV_NAMES, CTGANGeneratorTorch, DifferentiableTamper,
+                                    tf_same_pads, torch_interp)
 from tests.conftest import make_phantom
 from utils.cubes import cut_cube
 from utils.equalizer import HistEqualizer
@@ -129,12 +122,8 @@ def scan() -> np.ndarray:
 def preprocessing(scan):
     """Equaliser and [mean, min, max] fitted as CT-GAN does, on phantom cubes."""
     rng = np.random.default_rng(0)
-    cubes = np.stack(
-        [
-            cut_cube(scan, (24, rng.integers(20, 60), rng.integers(20, 60)), (32,) * 3, -1000.0)
-            for _ in range(8)
-        ]
-    )
+    cubes = np.stack([cut_cube(scan, (24, rng.integers(20, 60), rng.integers(20, 60)), (32,) * 3, -1000.0)
+                      for _ in range(8)])
     eq = HistEqualizer.fit(cubes)
     e = eq.equalize(cubes)
     return eq, np.array([e.mean(), e.min(), e.max()])
@@ -143,9 +132,7 @@ def preprocessing(scan):
 @pytest.fixture(scope="module")
 def tamper(preprocessing):
     eq, norm = preprocessing
-    return DifferentiableTamper(
-        random_torch_generator(2, 0), random_torch_generator(2, 1), eq, eq, norm, norm
-    )
+    return DifferentiableTamper(random_torch_generator(2, 0), random_torch_generator(2, 1), eq, eq, norm, norm)
 
 
 def numpy_cube_reference(vol, spacing, center, gen_np, eq, norm):
@@ -164,16 +151,8 @@ def numpy_cube_reference(vol, spacing, center, gen_np, eq, norm):
 # --------------------------------------------------------------------------------------------
 # generator: structure and padding (no TensorFlow)
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "size,k,s,want",
-    [
-        (32, 4, 2, (1, 1)),
-        (32, 4, 1, (1, 2)),
-        (2, 4, 2, (1, 1)),
-        (5, 4, 2, (1, 2)),
-        (7, 3, 1, (1, 1)),
-    ],
-)
+@pytest.mark.parametrize("size,k,s,want", [(32, 4, 2, (1, 1)), (32, 4, 1, (1, 2)), (2, 4, 2, (1, 1)),
+                                           (5, 4, 2, (1, 2)), (7, 3, 1, (1, 1))])
 def test_tf_same_pads(size, k, s, want):
     assert tf_same_pads(size, k, s) == want
 
@@ -370,20 +349,9 @@ def test_tamper_resampling_vs_numpy_steps(tamper, scan, preprocessing, spacing, 
 
 def test_spline_resample_matches_scipy():
     rng = np.random.default_rng(0)
-    t = DifferentiableTamper(
-        random_torch_generator(2, 0),
-        None,
-        (np.arange(3.0), np.arange(3.0)),
-        None,
-        [0, 0, 1],
-        None,
-        resample="spline",
-    )
-    for src, dst in [
-        ((13, 46, 46), (32, 32, 32)),
-        ((32, 32, 32), (6, 53, 53)),
-        ((32, 32, 32), (32, 40, 40)),
-    ]:
+    t = DifferentiableTamper(random_torch_generator(2, 0), None, (np.arange(3.0), np.arange(3.0)), None,
+                             [0, 0, 1], None, resample="spline")
+    for src, dst in [((13, 46, 46), (32, 32, 32)), ((32, 32, 32), (6, 53, 53)), ((32, 32, 32), (32, 40, 40))]:
         x = rng.normal(size=src) * 300
         got = t.resample(torch.from_numpy(x)[None], dst)[0].numpy()
         np.testing.assert_allclose(got, resample_exact(x, dst), rtol=0, atol=1e-8)
@@ -432,12 +400,8 @@ def test_tamper_directional_derivative(preprocessing, scan):
     (_, sl), = t.footprints(base, spacing, CENTER, "inject")
     d = torch.zeros_like(base)
     w = torch.zeros_like(base)
-    d[sl] = torch.randn(
-        d[sl].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
-    )
-    w[sl] = torch.randn(
-        w[sl].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2)
-    )
+    d[sl] = torch.randn(d[sl].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    w[sl] = torch.randn(w[sl].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
 
     def f(v):
         return (t(v, spacing, CENTER, "inject") * w).sum()
@@ -457,9 +421,7 @@ def test_tamper_straight_through_clamp(preprocessing):
     eq, norm = preprocessing
     y = torch.tensor([-0.9, -0.2, 0.3, 0.7], dtype=torch.float64, requires_grad=True)
     for mode, want_grad in (("plain", [0.0, 1.0, 1.0, 0.0]), ("straight_through", [1.0] * 4)):
-        t = DifferentiableTamper(
-            random_torch_generator(2, 0), None, eq, None, norm, None, clamp=mode
-        )
+        t = DifferentiableTamper(random_torch_generator(2, 0), None, eq, None, norm, None, clamp=mode)
         y.grad = None
         out = t.clamp_output(y)
         out.sum().backward()
@@ -532,9 +494,7 @@ def test_tamper_matches_attack_pipeline(model_dir, scan, action, spacing):
     sm = ScanManipulator(model_dir, backend="tensorflow", exact_resample=True)
     m = sm.model(action)
     shape = scaled_shape((32,) * 3, 1 / np.asarray(spacing))
-    clean = resample_exact(
-        cut_cube(scan, CENTER, shape, sm.cut_pad_value).astype(np.float64), (32,) * 3
-    )
+    clean = resample_exact(cut_cube(scan, CENTER, shape, sm.cut_pad_value).astype(np.float64), (32,) * 3)
     x = m.to_net(clean)
     x[6:26, 6:26, 6:26] = 0
     y = m.from_net(m.generate(x.reshape(1, 32, 32, 32, 1).astype(np.float32)).reshape((32,) * 3))

@@ -1,5 +1,4 @@
 """CT-GAN training set (procedures.ctgan.dataset) and trainer (procedures.ctgan.train), docs/ctgan-training.md."""
-
 from __future__ import annotations
 
 import json
@@ -141,9 +140,7 @@ def test_save_preprocessing_writes_npz_and_npy(tmp_path, scan_dir):
     t = ds.build_training_set(scan_dir / "loc.csv", progress=False)
     ds.save_preprocessing(tmp_path, t.equalizer, t.normalization)
     from utils.equalizer import HistEqualizer
-    np.testing.assert_array_equal(
-        HistEqualizer.load(tmp_path / "equalization.npz").cdf, t.equalizer.cdf
-    )
+    np.testing.assert_array_equal(HistEqualizer.load(tmp_path / "equalization.npz").cdf, t.equalizer.cdf)
     np.testing.assert_array_equal(np.load(tmp_path / "normalization.npy"), t.normalization)
 
 
@@ -188,9 +185,7 @@ def test_presets_and_config():
 
 
 def test_cli_rejects_unknown_flags_and_missing_csv(tmp_path, capsys):
-    assert (
-        run_cli(main, ["--model", "inj", "--csv", "a.csv", "--out", str(tmp_path), "--bogus"]) == 2
-    )
+    assert run_cli(main, ["--model", "inj", "--csv", "a.csv", "--out", str(tmp_path), "--bogus"]) == 2
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
     assert run_cli(main, ["--model", "xx", "--csv", "a.csv", "--out", str(tmp_path)]) == 2
     assert run_cli(main, ["--model", "inj", "--csv", str(tmp_path / "none.csv"), "--out",
@@ -212,10 +207,7 @@ def _g_weights(path):
     out = {}
     with h5py.File(path, "r") as f:
         f["model_weights"].visititems(
-            lambda name, obj: (
-                out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None
-            )
-        )
+            lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
     return out
 
 
@@ -243,11 +235,7 @@ def test_reference_preset_is_the_published_trainer():
     assert (ref.published_batching, ref.integer_hu, ref.frozen_d_batch_stats, ref.exact_resample,
             ref.published_save_schedule) == (True, True, True, False, True)
     paper = make_config("paper")
-    assert (paper.published_batching, paper.integer_hu, paper.frozen_d_batch_stats) == (
-        False,
-        False,
-        True,
-    )
+    assert (paper.published_batching, paper.integer_hu, paper.frozen_d_batch_stats) == (False, False, True)
 
 
 @pytest.mark.tf
@@ -262,9 +250,7 @@ def test_frozen_discriminator_in_the_combined_model_uses_batch_statistics():
     a = rng.uniform(-0.5, 0.5, (4, 32, 32, 32, 1)).astype(np.float32)
     b = make_condition(a)
     for published in (True, False):
-        G, D, combined = build_models(
-            keras, make_config("demo", gf=2, df=2, frozen_d_batch_stats=published)
-        )
+        G, D, combined = build_models(keras, make_config("demo", gf=2, df=2, frozen_d_batch_stats=published))
         moving = [np.asarray(w).copy() for w in D.non_trainable_weights]
         valid, fake = (np.asarray(t) for t in combined([a, b], training=True))
         for w, m in zip(D.non_trainable_weights, moving, strict=True):   # nothing updated
@@ -285,41 +271,19 @@ def test_frozen_discriminator_in_the_combined_model_uses_batch_statistics():
 
 
 @pytest.mark.tf
-def test_tiny_training_via_cli_writes_the_model_folder_and_is_reproducible(
-    tmp_path, scan_dir, capsys
-):
+def test_tiny_training_via_cli_writes_the_model_folder_and_is_reproducible(tmp_path, scan_dir, capsys):
     """One eager step of gf=df=2 (TensorFlow's graph tracing alone would take ~30 s here)."""
     from procedures.attacker.keras_env import get_keras
     keras = get_keras(_backend())
     out = tmp_path / "REM"
     args = dict(epochs=1, gf=2, df=2, batch=4, max_steps_per_epoch=1, seed=3)
-    rc = main(
-        [
-            "--model",
-            "rem",
-            "--csv",
-            str(scan_dir / "loc.csv"),
-            "--out",
-            str(out),
-            "--preset",
-            "demo",
-            "--backend",
-            _backend(),
-            "--eager",
-            "--quiet",
-        ]
-        + [f"--{k.replace('_', '-')}={v}" for k, v in args.items()]
-    )
+    rc = main(["--model", "rem", "--csv", str(scan_dir / "loc.csv"), "--out", str(out), "--preset", "demo",
+               "--backend", _backend(), "--eager", "--quiet"]
+              + [f"--{k.replace('_', '-')}={v}" for k, v in args.items()])
     assert rc == 0
     assert "trained rem" in capsys.readouterr().out
-    for name in (
-        "G_model.h5",
-        "equalization.npz",
-        "normalization.npy",
-        "config.json",
-        "history.json",
-        "progress/epoch_001.png",
-    ):
+    for name in ("G_model.h5", "equalization.npz", "normalization.npy", "config.json", "history.json",
+                 "progress/epoch_001.png"):
         assert (out / name).is_file(), name
     assert not list(out.glob("*.tmp*"))
     cfg = json.loads((out / "config.json").read_text())

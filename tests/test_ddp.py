@@ -6,7 +6,6 @@ float64: in float32 the runs agree to ~1e-5, not better, because Adam turns the 
 gradients that are exactly zero in exact arithmetic (conv biases right before a GroupNorm of one
 channel per group or a BatchNorm) into steps of up to lr; in float64 that noise stays far below
 Adam's eps, so the comparison can be tight."""
-
 import os
 import socket
 import subprocess
@@ -30,54 +29,14 @@ def _free_port() -> int:
 
 
 def torchrun(nproc: int, data: Path, models: Path, out: Path, *extra) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes",
-        "1",
-        "--nproc_per_node",
-        str(nproc),
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        "train.py",
-        "--preset",
-        "whitebox",
-        "--data_dir",
-        str(data),
-        "--models_dir",
-        str(models),
-        "--out_dir",
-        str(out),
-        "--g_width",
-        "4",
-        "--d_width",
-        "4",
-        "--lr_g",
-        "0.01",
-        "--epochs",
-        "1",
-        "--device",
-        "cpu",
-        "--progress",
-        "false",
-        "--sample_every",
-        "0",
-        "--save_img_result",
-        "false",
-        "--dtype",
-        "float64",
-        *extra,
-    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "train.py",
+           "--preset", "whitebox", "--data_dir", str(data), "--models_dir", str(models), "--out_dir", str(out),
+           "--g_width", "4", "--d_width", "4", "--lr_g", "0.01", "--epochs", "1", "--device", "cpu",
+           "--progress", "false", "--sample_every", "0", "--save_img_result", "false", "--dtype", "float64",
+           *extra]
     # Same threading in every run: float sums must not depend on the number of threads.
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "GLOO_SOCKET_IFNAME": "lo",
-        "PYTHONPATH": str(ROOT),
-    }
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(ROOT)}
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     return load_checkpoint(out / "checkpoint.pt")
@@ -93,31 +52,19 @@ def weights(state: dict) -> dict:
 def volumes(tmp_path_factory):
     d = tmp_path_factory.mktemp("ddp_scans")
     for i in range(5):  # --batch 4: stream 0 owns volumes 0 and 4, streams 1-3 one volume each
-        save_mhd(
-            Scan(make_phantom((16, 32, 32), seed=i), (2.5, 1.0, 1.0), (0.0, 0.0, 0.0)),
-            d / f"v{i}.mhd",
-        )
+        save_mhd(Scan(make_phantom((16, 32, 32), seed=i), (2.5, 1.0, 1.0), (0.0, 0.0, 0.0)), d / f"v{i}.mhd")
     return d
 
 
 @pytest.mark.slow
 def test_two_ranks_equal_one_rank_with_the_same_global_batch(volumes, tiny_ctgan_models, tmp_path):
     # Each rank runs two slabs a step (two forwards of G and four of D before one backward).
-    one = torchrun(
-        1, volumes, tiny_ctgan_models, tmp_path / "one", "--batch", "4", "--max_steps", "3"
-    )
-    two = torchrun(
-        2, volumes, tiny_ctgan_models, tmp_path / "two", "--batch", "4", "--max_steps", "3"
-    )
+    one = torchrun(1, volumes, tiny_ctgan_models, tmp_path / "one", "--batch", "4", "--max_steps", "3")
+    two = torchrun(2, volumes, tiny_ctgan_models, tmp_path / "two", "--batch", "4", "--max_steps", "3")
     assert one["step"] == two["step"] == 3
     # All 4 slabs of the 3 steps got the white-box term, counted over both ranks.
     for state in (one, two):
-        assert state["disruption"] == {
-            **state["disruption"],
-            "sub_batches": 12,
-            "computed": 12,
-            "errors": {},
-        }
+        assert state["disruption"] == {**state["disruption"], "sub_batches": 12, "computed": 12, "errors": {}}
     a, b = weights(one), weights(two)
     assert a.keys() == b.keys()
     for k in a:

@@ -39,9 +39,7 @@ def test_fit_matches_spec_on_hand_example():
     np.testing.assert_allclose(eq.cdf, [0.5, 1.5, 1.5, 2.0])
     np.testing.assert_allclose(eq.centres, [0.375, 1.125, 1.875, 2.625])
     # equalise = interp(v, centres, cdf), clamped at both ends
-    np.testing.assert_allclose(
-        eq.equalize(np.array([0.375, 0.75, -5.0, 9.0])), [0.5, 1.0, 0.5, 2.0]
-    )
+    np.testing.assert_allclose(eq.equalize(np.array([0.375, 0.75, -5.0, 9.0])), [0.5, 1.0, 0.5, 2.0])
 
 
 def test_default_fit_has_10000_bins_and_cdf_ends_at_voxels_per_cube(dense_eq):

@@ -33,26 +33,9 @@ def test_every_column_on_a_phantom_with_two_locations(setup, tmp_path, capsys):
     from conftest import build_tiny_ctgan_models
 
     holdout = build_tiny_ctgan_models(tmp_path / "holdout", seed=5)
-    rc = run_cli(
-        evaluate.main,
-        [
-            "--data",
-            str(data),
-            "--checkpoint",
-            str(ckpt),
-            "--models",
-            str(models),
-            "--holdout-models",
-            str(holdout),
-            "--out",
-            str(out),
-            "-n",
-            "2",
-            "--max-scans",
-            "1",
-            "--no-progress",
-        ],
-    )
+    rc = run_cli(evaluate.main, ["--data", str(data), "--checkpoint", str(ckpt), "--models", str(models),
+                                 "--holdout-models", str(holdout), "--out", str(out), "-n", "2",
+                                 "--max-scans", "1", "--no-progress"])
     assert rc == 0, capsys.readouterr().err
     md = (out / "results.md").read_text()
     for col in ("protected MITS-GAN", "protected noise", "tampered MITS-GAN", "tampered noise",
@@ -89,10 +72,7 @@ def test_every_column_on_a_phantom_with_two_locations(setup, tmp_path, capsys):
         assert d["amplification"] > 0 and d["disruption_rmse_hu"] > 0
         assert -1 <= d["ssim_tampered_vs_unprotected"] <= 1
     # The two attackers really differ (another seed), on the same locations.
-    by = {
-        (d["loc"], d["action"], d["method"], d["attacker"]): d["disruption_rmse_hu"]
-        for d in doc["disruption"]
-    }
+    by = {(d["loc"], d["action"], d["method"], d["attacker"]): d["disruption_rmse_hu"] for d in doc["disruption"]}
     assert any(by[k[:3] + ("seen",)] != by[k[:3] + ("unseen",)] for k in by)
     # The report ends with the held-out table: both attackers side by side, ratios to signs.
     tail = md[md.index("## Held-out protection (seen, unseen attackers)"):]
@@ -117,14 +97,8 @@ def test_an_extra_method_is_one_entry_and_lpips_plumbing(setup, tmp_path):
     lp = M.load_lpips(tmp_path / "fake_lpips.pt")
     plus10 = ProtectionMethod("plus10", "+10 HU", lambda item: item.scan.hu.astype(np.float32) + 10)
     items = [ScanDataset(data)[1]]
-    res = run_evaluation(
-        items,
-        [plus10],
-        ScanManipulator(models),
-        EvalSettings(n_locations=1, actions=("inject",)),
-        tmp_path,
-        lpips_model=lp,
-    )
+    res = run_evaluation(items, [plus10], ScanManipulator(models), EvalSettings(n_locations=1, actions=("inject",)),
+                     tmp_path, lpips_model=lp)
     prot = [r for r in res.rows if r["kind"] == "protected"]
     assert {r["region"] for r in prot} == {"slice", "square"}
     for r in prot:
@@ -152,9 +126,7 @@ def test_locations_inside_the_lungs_and_from_csv(tmp_path):
     assert locs == sample_locations(item, 3, seed=1)       # seeded
     assert locs != sample_locations(item, 3, seed=2)
     # CSV mode: inject at healthy.csv, remove at nodules.csv; world coordinates converted.
-    (tmp_path / "healthy.csv").write_text(
-        "filename,z,y,x,coord\na.mhd,10,20,12,vox\nb.mhd,1,1,1,vox\n"
-    )
+    (tmp_path / "healthy.csv").write_text("filename,z,y,x,coord\na.mhd,10,20,12,vox\nb.mhd,1,1,1,vox\n")
     (tmp_path / "nodules.csv").write_text("filename,z,y,x,coord\na.mhd,25.0,14.1,21.1,world\n")
     locs = sample_locations(item, 5, mode="csv")
     assert [(l.action, l.vox) for l in locs] == [("inject", (10, 20, 12)), ("remove", (10, 20, 30))]
@@ -179,25 +151,10 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     from conftest import make_phantom
     from utils.scan_io import Scan, save_mhd
     save_mhd(Scan(make_phantom((8, 32, 32)), (2.5, 1, 1), (0, 0, 0)), tmp_path / "scans" / "s.mhd")
-    rc = run_cli(
-        evaluate.main,
-        [
-            "--methods",
-            "noise",
-            "--noise-rms",
-            "5",
-            "--data",
-            str(tmp_path / "scans"),
-            "--models",
-            str(tmp_path / "none"),
-            "--out",
-            str(tmp_path / "o"),
-        ],
-    )
+    rc = run_cli(evaluate.main, ["--methods", "noise", "--noise-rms", "5", "--data", str(tmp_path / "scans"),
+                                 "--models", str(tmp_path / "none"), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert (
-        rc == ModelFileError.exit_code and err.count("\n") == 1 and "model folder not found" in err
-    )
+    assert rc == ModelFileError.exit_code and err.count("\n") == 1 and "model folder not found" in err
     assert not (tmp_path / "o").exists()
 
 
@@ -205,29 +162,9 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 def test_a_second_mitsgan_checkpoint_gets_its_own_columns(setup, tmp_path, capsys):
     data, ckpt, models = setup
     out = tmp_path / "eval2"
-    rc = run_cli(
-        evaluate.main,
-        [
-            "--data",
-            str(data),
-            "--checkpoint",
-            str(ckpt),
-            "--checkpoint2",
-            str(ckpt),
-            "--methods",
-            "mitsgan,mitsgan2,mitsgan2_float",
-            "--models",
-            str(models),
-            "--out",
-            str(out),
-            "-n",
-            "1",
-            "--max-scans",
-            "1",
-            "--no-progress",
-            "--no-figures",
-        ],
-    )
+    rc = run_cli(evaluate.main, ["--data", str(data), "--checkpoint", str(ckpt), "--checkpoint2", str(ckpt),
+                                 "--methods", "mitsgan,mitsgan2,mitsgan2_float", "--models", str(models),
+                                 "--out", str(out), "-n", "1", "--max-scans", "1", "--no-progress", "--no-figures"])
     assert rc == 0, capsys.readouterr().err
     doc = json.loads((out / "results.json").read_text())
     pert = {p["method"]: p["rms_hu"] for p in doc["perturbation"]}
@@ -247,38 +184,12 @@ def test_a_second_mitsgan_checkpoint_gets_its_own_columns(setup, tmp_path, capsy
     assert np.abs(stored.astype(np.float64) - flt).max() <= 0.5 + 1e-3
     assert not np.array_equal(stored, flt)
     # The float column needs its stored column first.
-    rc = run_cli(
-        evaluate.main,
-        [
-            "--data",
-            str(data),
-            "--checkpoint2",
-            str(ckpt),
-            "--methods",
-            "mitsgan2_float",
-            "--models",
-            str(models),
-            "--out",
-            str(tmp_path / "e4"),
-            "--no-progress",
-        ],
-    )
+    rc = run_cli(evaluate.main, ["--data", str(data), "--checkpoint2", str(ckpt), "--methods", "mitsgan2_float",
+                                 "--models", str(models), "--out", str(tmp_path / "e4"), "--no-progress"])
     assert rc == UsageError.exit_code
     # Without --checkpoint2 the method is a one-line usage error.
-    rc = run_cli(
-        evaluate.main,
-        [
-            "--data",
-            str(data),
-            "--methods",
-            "mitsgan2",
-            "--models",
-            str(models),
-            "--out",
-            str(tmp_path / "e3"),
-            "--no-progress",
-        ],
-    )
+    rc = run_cli(evaluate.main, ["--data", str(data), "--methods", "mitsgan2", "--models", str(models),
+                                 "--out", str(tmp_path / "e3"), "--no-progress"])
     assert rc == UsageError.exit_code
 
 
@@ -300,10 +211,7 @@ def test_held_out_locations_around_targets_and_baselines(tmp_path):
     from procedures.protection.targeted import read_target_rows
     from utils.scan_io import Scan, save_mhd
 
-    save_mhd(
-        Scan(make_phantom((30, 48, 48), seed=0), (2.5, 0.7, 0.7), (0.0, 0.0, 0.0)),
-        tmp_path / "a.mhd",
-    )
+    save_mhd(Scan(make_phantom((30, 48, 48), seed=0), (2.5, 0.7, 0.7), (0.0, 0.0, 0.0)), tmp_path / "a.mhd")
     item = ScanDataset(tmp_path)[0]
     (tmp_path / "t.csv").write_text("filename,z,y,x\na.mhd,15,20,30\nb.mhd,1,1,1\n")
     rows = read_target_rows(tmp_path / "t.csv")
@@ -317,38 +225,17 @@ def test_held_out_locations_around_targets_and_baselines(tmp_path):
     hu = item.scan.hu
     signs = random_signs_method(7).protect(item) - hu
     assert set(np.unique(signs)) == {-7.0, 7.0}
-    plus = ProtectionMethod(
-        "g", "g", lambda it: it.scan.hu.astype(np.float32) + np.float32(4.0), stored=False
-    )
+    plus = ProtectionMethod("g", "g", lambda it: it.scan.hu.astype(np.float32) + np.float32(4.0), stored=False)
     half = eps_scaled_method(plus, 5, 10, name="g", label="g at 5").protect(item) - hu
     clip = eps_scaled_method(plus, 3, 0, name="g", label="g at 3").protect(item) - hu
     assert np.allclose(half, 2.0) and np.allclose(clip, 3.0)   # bounded: scaled; unbounded: clipped
 
 
 def test_curve_report_draws_one_panel_per_attacker(tmp_path):
-    curve = {
-        a: {
-            "signs": {
-                "label": "s",
-                "eps": [5.0, 10.0],
-                "disruption": [10.0, 20.0],
-                "ssim": [0.9, 0.8],
-                "n": [4, 4],
-            },
-            "targeted": {
-                "label": "t",
-                "eps": [5.0, 10.0],
-                "disruption": [30.0, 60.0],
-                "ssim": [0.7, 0.5],
-                "n": [4, 4],
-            },
-        }
-        for a in ("seen", "unseen")
-    }
+    curve = {a: {"signs": {"label": "s", "eps": [5.0, 10.0], "disruption": [10.0, 20.0], "ssim": [0.9, 0.8], "n": [4, 4]},
+                 "targeted": {"label": "t", "eps": [5.0, 10.0], "disruption": [30.0, 60.0], "ssim": [0.7, 0.5], "n": [4, 4]}}
+             for a in ("seen", "unseen")}
     lines = curve_report(curve, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
     md = "\n".join(lines)
-    assert (
-        "| seen attacker | eps 5 HU | eps 10 HU |" in md
-        and "| targeted | 30.0 (0.700) | 60.0 (0.500) |" in md
-    )
+    assert "| seen attacker | eps 5 HU | eps 10 HU |" in md and "| targeted | 30.0 (0.700) | 60.0 (0.500) |" in md

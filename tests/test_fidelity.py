@@ -53,9 +53,7 @@ def test_published_behaviours_are_fields_that_any_preset_can_take(tmp_path):
     man = _target(cfg).attacker
     assert (man.borders, man.missing_model) == ("published", "unchanged")
     d = build_discriminator(cfg, 512)
-    assert d.sigmoid_head and not any(
-        m.bias is not None for m in d.modules() if isinstance(m, torch.nn.Conv2d)
-    )
+    assert d.sigmoid_head and not any(m.bias is not None for m in d.modules() if isinstance(m, torch.nn.Conv2d))
     ref = _target(make_config("reference", models_dir=str(models))).attacker
     assert (ref.borders, ref.missing_model, ref.exact_resample) == ("published", "unchanged", False)
 
@@ -193,9 +191,7 @@ def test_reference_preset_forms_T_on_17_of_21_eligible_sub_batches(models, real_
 def _write_scan(tmp_path, depth=72):
     d = tmp_path / "scans"
     d.mkdir()
-    save_mhd(
-        Scan(make_phantom((depth, 128, 128), seed=5), (2.5, 1.0, 1.0), (0.0, 0.0, 0.0)), d / "a.mhd"
-    )
+    save_mhd(Scan(make_phantom((depth, 128, 128), seed=5), (2.5, 1.0, 1.0), (0.0, 0.0, 0.0)), d / "a.mhd")
     return d
 
 
@@ -231,9 +227,7 @@ def test_T_uses_one_joint_min_max_each_way(tmp_path, models):
     assert rec.seen[3].min() > orig.min() + 100          # not per slice
     # T: one min-max of the 4 tampered slices to [-1, 1] (so only the extreme slices reach +-1).
     assert T.shape == x_p.shape and T.min() == -1.0 and T.max() == 1.0
-    assert (
-        min(T[k].min() for k in range(4)) == -1.0 and sum(T[k].min() == -1.0 for k in range(4)) < 4
-    )
+    assert min(T[k].min() for k in range(4)) == -1.0 and sum(T[k].min() == -1.0 for k in range(4)) < 4
 
 
 @pytest.mark.tf
@@ -251,9 +245,7 @@ def test_constant_protected_slab_gives_the_published_nan(tmp_path, models):
 
 def test_failed_reread_gives_a_silent_zero_term(tmp_path, caplog):
     data = _write_scan(tmp_path)
-    cfg = make_config(
-        "reference", data_dir=str(data), models_dir=str(_empty_models(tmp_path / "m"))
-    )
+    cfg = make_config("reference", data_dir=str(data), models_dir=str(_empty_models(tmp_path / "m")))
     item = _items(data)[0]
     (data / "a.raw").unlink()            # the per-step re-read now fails
     t = _target(cfg)

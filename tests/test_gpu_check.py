@@ -1,5 +1,4 @@
 """procedures.benchmarking.gpu_check (`make gpu-check`): its steps, its loud failures, and a CPU dry run."""
-
 from __future__ import annotations
 
 import sys
@@ -21,21 +20,13 @@ def npy_data(tmp_path):
     d = tmp_path / "scans"
     d.mkdir()
     for i in range(2):
-        save_numpy(
-            Scan(make_phantom((72, 64, 64), seed=i), SPACING, (0.0, 0.0, 0.0)), d / f"s{i}.npy"
-        )
+        save_numpy(Scan(make_phantom((72, 64, 64), seed=i), SPACING, (0.0, 0.0, 0.0)), d / f"s{i}.npy")
     return d
 
 
 def test_plan_runs_every_step_on_the_device_with_keras_on_torch(npy_data, tmp_path):
-    args = SimpleNamespace(
-        device="cuda",
-        data=str(npy_data),
-        models="models",
-        out=str(tmp_path / "o"),
-        train_steps=300,
-        quick=False,
-    )
+    args = SimpleNamespace(device="cuda", data=str(npy_data), models="models", out=str(tmp_path / "o"),
+                           train_steps=300, quick=False)
     steps = gpu_check.plan(args, (72, 64, 64))
     assert [s.name for s in steps] == ["bench", "train", "evaluate", "protect", "tamper"]
     for s in steps:
@@ -49,9 +40,7 @@ def test_plan_runs_every_step_on_the_device_with_keras_on_torch(npy_data, tmp_pa
 
 
 def test_a_failing_step_stops_the_check_loudly(tmp_path, capsys):
-    step = gpu_check.Step(
-        "boom", [sys.executable, "-c", "print('partial'); raise SystemExit(3)"], 60
-    )
+    step = gpu_check.Step("boom", [sys.executable, "-c", "print('partial'); raise SystemExit(3)"], 60)
     with pytest.raises(gpu_check.StepFailed, match=r"'boom' FAILED \(exit 3[\s\S]*partial"):
         gpu_check.run_step(step, tmp_path)
     slow = gpu_check.Step("slow", [sys.executable, "-c", "import time; time.sleep(30)"], 1)
@@ -82,7 +71,5 @@ def test_cpu_dry_run_of_every_step(npy_data, tiny_ctgan_models, tmp_path):
     assert gpu_check.main(["--device", "cpu", "--quick", "--data", str(npy_data),
                            "--models", str(tiny_ctgan_models), "--out", str(out)]) == 0
     assert (out / "bench" / "bench.json").is_file() and (out / "train" / "checkpoint.pt").is_file()
-    assert (out / "eval" / "results.md").is_file() and (
-        out / "protect" / "s0_protected.mhd"
-    ).is_file()  # .npy stem
+    assert (out / "eval" / "results.md").is_file() and (out / "protect" / "s0_protected.mhd").is_file()  # .npy stem
     assert (out / "tamper" / "s0_tampered.npy").is_file()

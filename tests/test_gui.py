@@ -32,11 +32,7 @@ def viewer(tmp_path, tiny_ctgan_models):
 
 
 def click(v, y, x, ax=None, button=1):
-    v.on_click(
-        SimpleNamespace(
-            inaxes=v.ax if ax is None else ax, button=button, xdata=float(x), ydata=float(y)
-        )
-    )
+    v.on_click(SimpleNamespace(inaxes=v.ax if ax is None else ax, button=button, xdata=float(x), ydata=float(y)))
 
 
 def test_click_tampers_only_inside_the_footprint(viewer):
@@ -120,21 +116,8 @@ def test_main_with_a_checkpoint_runs_headless(tmp_path, tiny_ctgan_models, monke
     shown = []
     monkeypatch.setattr("matplotlib.pyplot.show", lambda *a, **k: shown.append(True))
     scan = tmp_path / "ck" / "scans" / "vol0.mhd"
-    assert (
-        GUI.main(
-            [
-                "--scan",
-                str(scan),
-                "--checkpoint",
-                str(ckpt),
-                "--models",
-                str(tiny_ctgan_models),
-                "--out",
-                str(tmp_path / "o"),
-            ]
-        )
-        == 0
-    )
+    assert GUI.main(["--scan", str(scan), "--checkpoint", str(ckpt), "--models", str(tiny_ctgan_models),
+                     "--out", str(tmp_path / "o")]) == 0
     assert shown == [True]
 
 

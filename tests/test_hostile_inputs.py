@@ -33,25 +33,11 @@ import train  # noqa: E402
 from conftest import ROOT, make_phantom  # noqa: E402
 from helpers import SHAPE, Ctx, assert_refused, call, phantom_scan, tree  # noqa: E402
 from scanDataset import SCAN_SUFFIXES  # noqa: E402
-from entry_points import (
-    FILE_ENTRIES,
-    FOLDER_ENTRIES,
-    _ctx,
-    _edit_dicom,
-    _edit_header,  # noqa: E402
-    _entry_param,
-    _mhd,
-    _series,
-)
+from entry_points import (FILE_ENTRIES, FOLDER_ENTRIES, _ctx, _edit_dicom, _edit_header,  # noqa: E402
+                          _entry_param, _mhd, _series)
 from utils.errors import OutputError, ScanFormatError  # noqa: E402
-from utils.scan_io import (
-    Scan,
-    load_scan,
-    refuse_overwrite,
-    save_dicom_series,
-    save_mhd,
-    validate_dicom,
-)  # noqa: E402
+from utils.scan_io import Scan, load_scan, refuse_overwrite, save_dicom_series, save_mhd, validate_dicom  # noqa: E402
+
 
 # ==============================================================================================
 # the corpus: builders write one hostile input into `d` and return its path
@@ -103,9 +89,7 @@ def nrrd_gzip_short(d):
 
     p = d / "short_gz.nrrd"
     body = gzip.compress(b"\0" * 1000)
-    p.write_bytes(
-        _nrrd_text("64 64 40").replace("encoding: raw", "encoding: gzip").encode() + b"\n" + body
-    )
+    p.write_bytes(_nrrd_text("64 64 40").replace("encoding: raw", "encoding: gzip").encode() + b"\n" + body)
     return p
 
 
@@ -204,9 +188,7 @@ def _dicom_raw_value(tag: str, keyword: str, value: bytes):
         t = tag_for_keyword(keyword)
         for f in files:
             ds = pydicom.dcmread(f)
-            ds[t] = RawDataElement(
-                pydicom.tag.Tag(t), dictionary_VR(t), len(value), value, 0, False, True
-            )
+            ds[t] = RawDataElement(pydicom.tag.Tag(t), dictionary_VR(t), len(value), value, 0, False, True)
             ds.save_as(f, enforce_file_format=True)
         return p
     return build
@@ -273,10 +255,7 @@ HOSTILE: dict[str, tuple[Callable, int]] = {
     "dicom_frames_text": (_dicom_raw_value("frames_x", "NumberOfFrames", b"x "), 4),
     "dicom_spacing_zero": (_dicom_edit("psp_zero", PixelSpacing=[0, 0]), 4),
     "dicom_spacing_negative": (_dicom_edit("psp_neg", PixelSpacing=[-0.7, -0.7]), 4),
-    "dicom_orientation_not_unit": (
-        _dicom_edit("iop", ImageOrientationPatient=[2, 0, 0, 0, 0.5, 0]),
-        4,
-    ),
+    "dicom_orientation_not_unit": (_dicom_edit("iop", ImageOrientationPatient=[2, 0, 0, 0, 0.5, 0]), 4),
     "dicom_huge_rows": (_dicom_edit("rows", Rows=60000, Columns=60000), 4),
     "symlink_loop": (symlink_loop, 3),
     # geometry a CT cannot have (docs/safety.md#geometry-and-content), content that is not HU
@@ -309,17 +288,13 @@ def _run_hostile(entry, case, request, tmp_path, capfd, folder: bool):
     before = tree(tmp_path)
     res = call(main, argv(inputs if folder else bad, out, c), capfd)
     code = _folder_code(bad, code) if folder else code
-    assert_refused(
-        res, code, (bad.stem, inputs.name) if folder else (bad.stem,), tmp_path, before, entry
-    )
+    assert_refused(res, code, (bad.stem, inputs.name) if folder else (bad.stem,), tmp_path, before, entry)
 
 
 _CHEAP = ("tamper", "GUI")  # they read the scan before loading any model
 
 
-@pytest.mark.parametrize(
-    "entry,case", [pytest.param(e, c, id=f"{e}-{c}") for e in _CHEAP for c in HOSTILE]
-)
+@pytest.mark.parametrize("entry,case", [pytest.param(e, c, id=f"{e}-{c}") for e in _CHEAP for c in HOSTILE])
 def test_hostile_scan(entry, case, request, tmp_path, capfd):
     _run_hostile(entry, case, request, tmp_path, capfd, folder=False)
 
@@ -331,9 +306,7 @@ def test_hostile_scan_protect(entry, case, request, tmp_path, capfd):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "entry,case", [_entry_param(e, c) for e in FOLDER_ENTRIES for c in HOSTILE]
-)
+@pytest.mark.parametrize("entry,case", [_entry_param(e, c) for e in FOLDER_ENTRIES for c in HOSTILE])
 def test_hostile_scan_in_a_data_folder(entry, case, request, tmp_path, capfd):
     _run_hostile(entry, case, request, tmp_path, capfd, folder=True)
 
@@ -352,15 +325,11 @@ def test_nothing_of_a_named_file_reaches_an_output(tmp_path, capfd, empty_models
 def test_bomb_refused_before_any_allocation(tmp_path):
     """The 4 KB NRRD claiming 4.5 GB fails in a fresh process that grows by less than 50 MB."""
     bad = nrrd_bomb(tmp_path)
-    code = (
-        "import resource, sys\nfrom utils.scan_io import load_scan\nfrom utils.errors import MitsError\n"
-        "import SimpleITK, pydicom\nrss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        f"before = rss()\ntry:\n    load_scan({str(bad)!r})\nexcept MitsError as e:\n    print('refused', e)\n"
-        "print(rss() - before)\n"
-    )
-    r = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
+    code = ("import resource, sys\nfrom utils.scan_io import load_scan\nfrom utils.errors import MitsError\n"
+            "import SimpleITK, pydicom\nrss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            f"before = rss()\ntry:\n    load_scan({str(bad)!r})\nexcept MitsError as e:\n    print('refused', e)\n"
+            "print(rss() - before)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     lines = r.stdout.strip().splitlines()
     assert r.returncode == 0 and lines[0].startswith("refused"), r.stdout + r.stderr
     assert int(lines[-1]) < 50_000, f"peak RSS grew by {lines[-1]} kB"
@@ -413,22 +382,8 @@ def test_tamper_refuses_the_data_file_and_the_input_folder(empty_models, tmp_pat
     series, _ = _series(tmp_path, "series")
     for target in (scan, series):
         before = tree(tmp_path)
-        res = call(
-            tamper.main,
-            [
-                "-t",
-                target,
-                "-d",
-                target.parent if target == scan else target,
-                "-a",
-                "inject",
-                "-c",
-                "6,20,20",
-                "--models",
-                empty_models,
-            ],
-            capfd,
-        )
+        res = call(tamper.main, ["-t", target, "-d", target.parent if target == scan else target, "-a", "inject",
+                                 "-c", "6,20,20", "--models", empty_models], capfd)
         assert_refused(res, OutputError.exit_code, ("refusing to overwrite",), tmp_path, before)
 
 
@@ -535,9 +490,7 @@ def test_failed_run_leaves_no_figure(tmp_path):
     assert (tmp_path / "qualitative_ok.png").exists()
 
 
-@pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root to switch user"
-)
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root to switch user")
 @pytest.mark.parametrize("entry", ["tamper", "train"])
 def test_unreadable_folder_as_another_user(entry):
     """Mode 000 stops everyone but root: run the entry point as 'nobody' on a locked series
@@ -549,36 +502,12 @@ def test_unreadable_folder_as_another_user(entry):
         base.chmod(0o777)
         series, _ = _series(base, "series")
         series.chmod(0)
-        argv = (
-            ["-t", str(series), "-d", str(base / "out"), "-a", "inject", "-c", "1,1,1"]
-            if entry == "tamper"
-            else [
-                "--preset",
-                "demo",
-                "--data_dir",
-                str(base),
-                "--out_dir",
-                str(base / "run"),
-                "--progress",
-                "false",
-            ]
-        )
+        argv = (["-t", str(series), "-d", str(base / "out"), "-a", "inject", "-c", "1,1,1"] if entry == "tamper" else
+                ["--preset", "demo", "--data_dir", str(base), "--out_dir", str(base / "run"), "--progress", "false"])
         code = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\nfrom utils.errors import run_cli\n"
                 f"import {entry}\nsys.exit(run_cli({entry}.main, {argv!r}))\n")
-        r = subprocess.run(
-            [
-                "setpriv",
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                sys.executable,
-                "-c",
-                code,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
+                           capture_output=True, text=True, timeout=300)
         if "error:" not in r.stderr and "Permission denied" in r.stderr:
             pytest.skip("the interpreter or the repository is not readable by 'nobody' here")
         assert r.returncode == 3, r.stderr
@@ -625,9 +554,7 @@ def test_jpeg_lossless_series_real_file(tmp_path):
     ref = pydicom.dcmread(get_testdata_file("JPEG-LL.dcm"))
     assert ref.file_meta.TransferSyntaxUID == pydicom.uid.JPEGLosslessSV1
     scan = load_scan(series)
-    expected = ref.pixel_array.astype(np.int64) * int(ref.get("RescaleSlope", 1)) + int(
-        ref.get("RescaleIntercept", 0)
-    )
+    expected = ref.pixel_array.astype(np.int64) * int(ref.get("RescaleSlope", 1)) + int(ref.get("RescaleIntercept", 0))
     assert scan.hu.shape == (3, *ref.pixel_array.shape)
     # The range pylibjpeg decodes too (a second decoder, checked when this test was written).
     assert (int(scan.hu.min()), int(scan.hu.max())) == (0, 278)
@@ -688,41 +615,17 @@ def test_failed_evaluation_leaves_no_figure(held_ctgan_models, tmp_path, capfd, 
     from utils.errors import MitsError
 
     def fail(res, out, **kw):
-        assert list(
-            Path(out).glob("qualitative_*.png")
-        ), "the figure should exist before the failure"
+        assert list(Path(out).glob("qualitative_*.png")), "the figure should exist before the failure"
         raise MitsError("reports failed")
 
     monkeypatch.setattr(E, "write_reports", fail)
     data = tmp_path / "data"
     data.mkdir()
-    save_mhd(
-        Scan(make_phantom((30, 48, 48), seed=0), (2.5, 0.7, 0.7), (0.0, 0.0, 0.0)), data / "a.mhd"
-    )
+    save_mhd(Scan(make_phantom((30, 48, 48), seed=0), (2.5, 0.7, 0.7), (0.0, 0.0, 0.0)), data / "a.mhd")
     out = tmp_path / "out"
-    res = call(
-        evaluate.main,
-        [
-            "--methods",
-            "noise",
-            "--noise-rms",
-            "5",
-            "--actions",
-            "inject",
-            "--data",
-            data,
-            "--models",
-            held_ctgan_models,
-            "--out",
-            out,
-            "--no-progress",
-            "--device",
-            "cpu",
-            "--n-locations",
-            "1",
-        ],
-        capfd,
-    )
+    res = call(evaluate.main, ["--methods", "noise", "--noise-rms", "5", "--actions", "inject", "--data", data,
+                               "--models", held_ctgan_models, "--out", out, "--no-progress", "--device", "cpu",
+                               "--n-locations", "1"], capfd)
     assert res.rc == 2 and res.err.strip() == "error: reports failed", res.err
     assert not list(out.glob("qualitative_*.png"))
 
@@ -744,10 +647,7 @@ def test_enhanced_ct_broken_or_mixed(tmp_path):
         load_scan(broken)
     series, _ = _series(tmp_path, "series")
     shutil.copy(src, series / "eCT.dcm")
-    _edit_dicom(
-        series / "eCT.dcm",
-        SeriesInstanceUID=pydicom.dcmread(sorted(series.iterdir())[0]).SeriesInstanceUID,
-    )
+    _edit_dicom(series / "eCT.dcm", SeriesInstanceUID=pydicom.dcmread(sorted(series.iterdir())[0]).SeriesInstanceUID)
     with pytest.raises(ScanFormatError, match="eCT.dcm: slice size|several frames"):
         load_scan(series)
     (series / "eCT.dcm").unlink()

@@ -23,18 +23,14 @@ pytestmark = pytest.mark.tf
 def item(tmp_path_factory):
     from scanDataset import ScanDataset
     d = tmp_path_factory.mktemp("lever_scans")
-    save_mhd(
-        Scan(make_phantom((24, 48, 48), seed=3), (2.5, 0.7, 0.7), (0.0, 0.0, 0.0)), d / "v.mhd"
-    )
+    save_mhd(Scan(make_phantom((24, 48, 48), seed=3), (2.5, 0.7, 0.7), (0.0, 0.0, 0.0)), d / "v.mhd")
     return ScanDataset(d)[0]
 
 
 def _setup(models, **kw):
     from generator import UNetGenerator
     from procedures.protection.whitebox import WhiteboxDisruption
-    cfg = config_mod.make_config(
-        "whitebox", models_dir=str(models), eps_hu=50.0, whitebox_cube=False, **kw
-    )
+    cfg = config_mod.make_config("whitebox", models_dir=str(models), eps_hu=50.0, whitebox_cube=False, **kw)
     torch.manual_seed(0)
     G = UNetGenerator(slab=4, width=4, depth=2, out_init_std=0.1)
     return cfg, G, WhiteboxDisruption(cfg, torch.device("cpu"))
@@ -43,16 +39,7 @@ def _setup(models, **kw):
 def _slab(cfg, G, item, s=8, seed=0):
     x = item.volume[s:s + 4].unsqueeze(0)
     delta = torch.full_like(x, 0.5)  # fixed noise: the same x_p at every call
-    return Slab(
-        0,
-        item,
-        0,
-        s,
-        np.random.default_rng(seed),
-        x,
-        delta,
-        G(x, delta, scale=eps_scale(cfg, item)),
-    )
+    return Slab(0, item, 0, s, np.random.default_rng(seed), x, delta, G(x, delta, scale=eps_scale(cfg, item)))
 
 
 def test_locations_are_batched_and_averaged(item, tiny_ctgan_models):
@@ -94,9 +81,7 @@ def test_ensemble_loss_is_the_mean_over_attackers(item, tiny_ctgan_models, tmp_p
 def test_cube_slabs_in_one_batched_call_equal_one_call_each(item, tiny_ctgan_models):
     """The U-Net (GroupNorm: per sample) protects the cube's other slabs in one call; the result
     equals protecting each on its own with the same noise draws."""
-    cfg = config_mod.make_config(
-        "whitebox", models_dir=str(tiny_ctgan_models), g_width=4, d_width=4
-    )
+    cfg = config_mod.make_config("whitebox", models_dir=str(tiny_ctgan_models), g_width=4, d_width=4)
     run = step.build_run(cfg, 48, torch.device("cpu"), torch.float32)
     assert step._per_sample_norms(run.G_raw)
     run.G.train()
@@ -112,9 +97,7 @@ def test_cube_slabs_in_one_batched_call_equal_one_call_each(item, tiny_ctgan_mod
         torch.testing.assert_close(batched[i:i + 1], one, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(
-    "argv", [["--wb_locations", "2"], ["--wb_shift", "1"], ["--ensemble_models", "m2"]]
-)
+@pytest.mark.parametrize("argv", [["--wb_locations", "2"], ["--wb_shift", "1"], ["--ensemble_models", "m2"]])
 def test_levers_need_whitebox(argv):
     with pytest.raises(UsageError, match="need --attack_mode whitebox") as e:
         config_mod.parse_args(["--preset", "paper", *argv])

@@ -36,13 +36,8 @@ def test_seed_n_trains_both_pairs_and_the_model_with_its_own_seeds_and_folders()
     assert "--models models/seed3 " in ev and "--holdout-models models/seed3/holdout" in ev
     assert "--checkpoint runs/seed3/demo/checkpoint.pt" in ev and "--out runs/seed3/demo/eval" in ev
     # nothing of seed 3 reads or writes the default models or runs
-    assert not any(
-        " models/INJ" in c
-        or " models/REM" in c
-        or "models/holdout" in c.replace("models/seed3/holdout", "")
-        or "runs/demo" in c.replace("runs/seed3/demo", "")
-        for c in cmds
-    )
+    assert not any(" models/INJ" in c or " models/REM" in c or "models/holdout" in c.replace(
+        "models/seed3/holdout", "") or "runs/demo" in c.replace("runs/seed3/demo", "") for c in cmds)
     # every step runs with the fixed thread count
     assert all("OMP_NUM_THREADS=2" in c for c in ctgan + [train, ev])
 

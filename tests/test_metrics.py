@@ -50,9 +50,7 @@ def test_ssim_matches_skimage_on_clipped_hu():
     rng = np.random.default_rng(1)
     real = rng.uniform(-1200, 800, (32, 32))
     test = real + rng.normal(0, 50, real.shape)
-    want = structural_similarity(
-        np.clip(real, -1000, 400), np.clip(test, -1000, 400), data_range=1400
-    )
+    want = structural_similarity(np.clip(real, -1000, 400), np.clip(test, -1000, 400), data_range=1400)
     assert M.ssim(real, test) == pytest.approx(want)
     assert M.ssim(real, real) == pytest.approx(1.0)
     assert M.ssim(real[:5, :5], test[:5, :5]) <= 1.0      # small images: smaller odd window
@@ -88,9 +86,7 @@ def test_lpips_plumbing_with_fake_weights(fake_lpips_file):
     assert d > 0 and math.isfinite(d)
     assert M.lpips_hu(model, b, a) == pytest.approx(d, rel=1e-5)        # symmetric
     # Outside the window both clip to the same value: distance 0.
-    assert M.lpips_hu(model, np.full((40, 40), 800.0), np.full((40, 40), 2000.0)) == pytest.approx(
-        0, abs=1e-7
-    )
+    assert M.lpips_hu(model, np.full((40, 40), 800.0), np.full((40, 40), 2000.0)) == pytest.approx(0, abs=1e-7)
     # Squares smaller than AlexNet's minimum are upsampled rather than failing.
     assert M.lpips_hu(model, a[:20, :20], b[:20, :20]) > 0
 
@@ -103,25 +99,15 @@ def test_lpips_loads_lpips_module_keys_and_split_folder(tmp_path, fake_lpips_fil
     want = M.lpips_hu(ref, a, b)
     # the state dict of an lpips.LPIPS(net="alex") module
     slices = {0: 1, 3: 2, 6: 3, 8: 4, 10: 5}
-    mod = {
-        (
-            f"net.slice{slices[int(k.split('.')[1])]}.{k.split('.', 1)[1]}"
-            if k.startswith("features.")
-            else k
-        ): v
-        for k, v in sd.items()
-    }
+    mod = {(f"net.slice{slices[int(k.split('.')[1])]}.{k.split('.', 1)[1]}" if k.startswith("features.") else k): v
+           for k, v in sd.items()}
     mod["scaling_layer.shift"] = torch.zeros(1, 3, 1, 1)
     torch.save(mod, tmp_path / "lpips_module.pt")
-    assert M.lpips_hu(M.load_lpips(tmp_path / "lpips_module.pt"), a, b) == pytest.approx(
-        want, rel=1e-6
-    )
+    assert M.lpips_hu(M.load_lpips(tmp_path / "lpips_module.pt"), a, b) == pytest.approx(want, rel=1e-6)
     # a folder holding a torchvision AlexNet file and lpips' alex.pth
     d = tmp_path / "split"
     d.mkdir()
-    torch.save(
-        {k: v for k, v in sd.items() if not k.startswith("lin")}, d / "alexnet-owt-7be5be79.pth"
-    )
+    torch.save({k: v for k, v in sd.items() if not k.startswith("lin")}, d / "alexnet-owt-7be5be79.pth")
     torch.save({k: v for k, v in sd.items() if k.startswith("lin")}, d / "alex.pth")
     assert M.lpips_hu(M.load_lpips(d), a, b) == pytest.approx(want, rel=1e-6)
 

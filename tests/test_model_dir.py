@@ -66,9 +66,7 @@ def test_every_attacker_implements_the_interface(tiny_ctgan_models):
     import config
 
     dt = load_differentiable(tiny_ctgan_models / "INJ", tiny_ctgan_models / "REM")
-    keras_one, torch_one = ScanManipulator(tiny_ctgan_models), TorchScanManipulator(
-        tiny_ctgan_models
-    )
+    keras_one, torch_one = ScanManipulator(tiny_ctgan_models), TorchScanManipulator(tiny_ctgan_models)
     for attacker in (keras_one, torch_one, dt):
         assert isinstance(attacker, Attacker)
     cfg = config.make_config("demo", models_dir=str(tiny_ctgan_models))

@@ -100,17 +100,11 @@ def test_protect_leaves_inputs_and_renames_outputs(ckpt, tmp_path, capfd, monkey
     with watch_renames(monkeypatch) as seen:
         res = call(protect.main, [scan, "-c", ckpt, "-o", tmp_path / "out", "--no-progress"], capfd)
         assert res.rc == 0, res.err
-        res = call(
-            protect.main, [series, "-c", ckpt, "-o", tmp_path / "out", "--no-progress"], capfd
-        )
+        res = call(protect.main, [series, "-c", ckpt, "-o", tmp_path / "out", "--no-progress"], capfd)
         assert res.rc == 0, res.err
     assert {"scan": tree(scan.parent), "ckpt": tree(ckpt.parent)} == inputs
     out = tmp_path / "out"
-    assert sorted(os.listdir(out)) == [
-        "chest_protected.mhd",
-        "chest_protected.raw",
-        "series_protected",
-    ]
+    assert sorted(os.listdir(out)) == ["chest_protected.mhd", "chest_protected.raw", "series_protected"]
     for f in ("chest_protected.mhd", "chest_protected.raw", "series_protected"):
         assert_published_by_rename(out / f, seen)
 
@@ -151,29 +145,9 @@ def test_tamper_gui_evaluate_leave_inputs(ckpt, tiny_ctgan_models, tmp_path, cap
         import matplotlib.pyplot as plt
         plt.close("all")
 
-        res = call(
-            evaluate.main,
-            [
-                "--methods",
-                "noise",
-                "--noise-rms",
-                "5",
-                "-n",
-                "1",
-                "--actions",
-                "inject",
-                "--data",
-                scan.parent,
-                "--models",
-                tiny_ctgan_models,
-                "--out",
-                tmp_path / "e",
-                "--no-progress",
-                "--device",
-                "cpu",
-            ],
-            capfd,
-        )
+        res = call(evaluate.main, ["--methods", "noise", "--noise-rms", "5", "-n", "1", "--actions", "inject",
+                                   "--data", scan.parent, "--models", tiny_ctgan_models, "--out", tmp_path / "e",
+                                   "--no-progress", "--device", "cpu"], capfd)
         assert res.rc == 0, res.err
         for f in ("results.md", "results.csv", "results.json"):
             assert_published_by_rename(tmp_path / "e" / f, seen)
@@ -185,9 +159,7 @@ def test_train_leaves_inputs_and_renames_checkpoints(ckpt, tmp_path, capfd, monk
     data = tmp_path / "data"
     data.mkdir()
     for i in range(2):
-        save_mhd(
-            Scan(make_phantom((12, 32, 32), seed=i), SPACING, (0.0, 0.0, 0.0)), data / f"v{i}.mhd"
-        )
+        save_mhd(Scan(make_phantom((12, 32, 32), seed=i), SPACING, (0.0, 0.0, 0.0)), data / f"v{i}.mhd")
     models = tmp_path / "models"
     for sub in ("INJ", "REM"):
         (models / sub).mkdir(parents=True)
@@ -196,52 +168,13 @@ def test_train_leaves_inputs_and_renames_checkpoints(ckpt, tmp_path, capfd, monk
     before = (tree(data), tree(models), start.read_bytes())
     out = tmp_path / "run"
     with watch_renames(monkeypatch) as seen:
-        res = call(
-            train.main,
-            [
-                "--preset",
-                "demo",
-                "--data_dir",
-                data,
-                "--models_dir",
-                models,
-                "--out_dir",
-                out,
-                "--g_width",
-                "4",
-                "--d_width",
-                "4",
-                "--progress",
-                "false",
-                "--sample_every",
-                "1",
-                "--max_steps",
-                "2",
-                "--ckpt_every",
-                "1",
-                "--save_img_result",
-                "true",
-            ],
-            capfd,
-        )
+        res = call(train.main, ["--preset", "demo", "--data_dir", data, "--models_dir", models, "--out_dir", out,
+                                "--g_width", "4", "--d_width", "4", "--progress", "false", "--sample_every", "1",
+                                "--max_steps", "2", "--ckpt_every", "1", "--save_img_result", "true"], capfd)
         assert res.rc == 0, res.err
         # Resuming from a checkpoint elsewhere never writes to it.
-        res = call(
-            train.main,
-            [
-                "--resume",
-                start,
-                "--out_dir",
-                tmp_path / "run2",
-                "--max_steps",
-                "2",
-                "--progress",
-                "false",
-                "--save_img_result",
-                "false",
-            ],
-            capfd,
-        )
+        res = call(train.main, ["--resume", start, "--out_dir", tmp_path / "run2", "--max_steps", "2",
+                                "--progress", "false", "--save_img_result", "false"], capfd)
         assert res.rc == 0, res.err
     assert (tree(data), tree(models), start.read_bytes()) == before
     published = [out / "checkpoint.pt", out / "config.json", tmp_path / "run2" / "checkpoint.pt",
@@ -256,33 +189,10 @@ def test_train_leaves_inputs_and_renames_checkpoints(ckpt, tmp_path, capfd, monk
 # SIGKILL during training: resume from the last good checkpoint, same weights
 # ==============================================================================================
 def _train_cmd(data: Path, models: Path, out: Path, steps: int, *extra) -> list[str]:
-    return [
-        sys.executable,
-        str(ROOT / "train.py"),
-        "--preset",
-        "demo",
-        "--data_dir",
-        str(data),
-        "--models_dir",
-        str(models),
-        "--out_dir",
-        str(out),
-        "--g_width",
-        "4",
-        "--d_width",
-        "4",
-        "--progress",
-        "false",
-        "--sample_every",
-        "0",
-        "--ckpt_every",
-        "1",
-        "--max_steps",
-        str(steps),
-        "--save_img_result",
-        "false",
-        *extra,
-    ]
+    return [sys.executable, str(ROOT / "train.py"), "--preset", "demo", "--data_dir", str(data),
+            "--models_dir", str(models), "--out_dir", str(out), "--g_width", "4", "--d_width", "4",
+            "--progress", "false", "--sample_every", "0", "--ckpt_every", "1", "--max_steps", str(steps),
+            "--save_img_result", "false", *extra]
 
 
 def _popen(cmd, log: Path):
@@ -320,11 +230,7 @@ def _same_state(a: dict, b: dict):
     for opt in ("opt_G", "opt_D"):
         for pid, st in a[opt]["state"].items():
             for k, v in st.items():
-                assert torch.equal(torch.as_tensor(v), torch.as_tensor(b[opt]["state"][pid][k])), (
-                    opt,
-                    pid,
-                    k,
-                )
+                assert torch.equal(torch.as_tensor(v), torch.as_tensor(b[opt]["state"][pid][k])), (opt, pid, k)
 
 
 def _kill_and_resume(tmp_path: Path, models: Path, steps: int, kills, *extra):
@@ -334,25 +240,18 @@ def _kill_and_resume(tmp_path: Path, models: Path, steps: int, kills, *extra):
     data = tmp_path / "data"
     data.mkdir()
     for i in range(2):
-        save_mhd(
-            Scan(make_phantom((16, 40, 40), seed=i), SPACING, (-40.0 * i, 10.0, -20.0)),
-            data / f"vol{i}.mhd",
-        )
+        save_mhd(Scan(make_phantom((16, 40, 40), seed=i), SPACING, (-40.0 * i, 10.0, -20.0)), data / f"vol{i}.mhd")
     full_out, cut_out = tmp_path / "full", tmp_path / "cut"
     rng = np.random.default_rng(20260)  # fixed: a failure reruns with the same kill delays
     ckpt = cut_out / "checkpoint.pt"
     log = tmp_path / "cut.log"
     cut_steps = []
     for attempt, how in enumerate(kills):
-        cmd = _train_cmd(data, models, cut_out, steps, *extra) + (
-            ["--resume", "auto"] if attempt else []
-        )
+        cmd = _train_cmd(data, models, cut_out, steps, *extra) + (["--resume", "auto"] if attempt else [])
         p, f = _popen(cmd, log)
         with f:
             rc = _kill_when(p, ckpt, how, rng, min_step=(cut_steps[-1] + 1 if cut_steps else 1))
-        assert (
-            rc == -signal.SIGKILL
-        ), f"run {attempt} ended ({rc}) before it was killed: {log.read_text()[-2000:]}"
+        assert rc == -signal.SIGKILL, f"run {attempt} ended ({rc}) before it was killed: {log.read_text()[-2000:]}"
         state = load_checkpoint(ckpt)  # never partial: the last good checkpoint
         assert 1 <= state["step"] < steps
         cut_steps.append(state["step"])
@@ -382,14 +281,7 @@ def test_sigkill_twice_with_the_ctgan_attacker_in_the_loop(tmp_path):
     from conftest import build_tiny_ctgan_models
 
     models = build_tiny_ctgan_models(tmp_path / "models")
-    assert (
-        len(
-            _kill_and_resume(
-                tmp_path, models, 9, ["mid-write", "random"], "--attack_mode", "whitebox"
-            )
-        )
-        == 2
-    )
+    assert len(_kill_and_resume(tmp_path, models, 9, ["mid-write", "random"], "--attack_mode", "whitebox")) == 2
 
 
 # ==============================================================================================
@@ -399,9 +291,7 @@ def test_sigkill_twice_with_the_ctgan_attacker_in_the_loop(tmp_path):
 def tmpfs(path: Path, size: str = "64k", ro: bool = False):
     path.mkdir(parents=True, exist_ok=True)
     opts = f"size={size},mode=0755" + (",ro" if ro else "")
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True, text=True
-    )
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True, text=True)
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()[:80]}); test_scan_io covers the "
                     f"same failures with monkeypatched writes")
@@ -424,9 +314,7 @@ def test_full_disk_protect_leaves_no_partial_file(ckpt, tmp_path, capfd):
     with tmpfs(tmp_path / "full") as disk:
         res = call(protect.main, [scan, "-c", ckpt, "-o", disk, "--no-progress"], capfd)
         line = _one_line(res, OutputError.exit_code)
-        assert "chest_protected" in line and (
-            "no space" in line.lower() or "space left" in line.lower()
-        ), line
+        assert "chest_protected" in line and ("no space" in line.lower() or "space left" in line.lower()), line
         assert os.listdir(disk) == []
     assert tree(scan.parent) == before
 
@@ -440,9 +328,7 @@ def test_full_disk_mid_training_keeps_the_last_good_checkpoint(ckpt, tmp_path):
         state2 = dict(state, step=state["step"] + 1)
         with pytest.raises(OutputError) as e:              # the temporary second copy does not
             save_checkpoint(path, state2)
-        assert (
-            "\n" not in str(e.value) and "checkpoint.pt" in str(e.value) and "space" in str(e.value)
-        )
+        assert "\n" not in str(e.value) and "checkpoint.pt" in str(e.value) and "space" in str(e.value)
         assert sorted(os.listdir(disk)) == ["checkpoint.pt"]
         assert load_checkpoint(path)["step"] == state["step"]
 
@@ -455,30 +341,12 @@ def test_read_only_output_folder(entry, ckpt, tmp_path, capfd):
     before = tree(scan.parent)
     with tmpfs(tmp_path / "ro", ro=True) as ro:
         out = ro / "out"
-        argv = {
-            "protect": (protect.main, [scan, "-c", ckpt, "-o", out]),
-            "tamper": (
-                tamper.main,
-                ["-t", scan, "-d", out, "-a", "inject", "-c", "10,24,24", "--models", models],
-            ),
-            "GUI": (GUI.main, ["--scan", scan, "--models", models, "--out", out]),
-            "evaluate": (
-                evaluate.main,
-                [
-                    "--methods",
-                    "noise",
-                    "--noise-rms",
-                    "5",
-                    "--data",
-                    scan.parent,
-                    "--models",
-                    models,
-                    "--out",
-                    out,
-                ],
-            ),
-            "train": (train.main, _train(scan.parent, out, c)),
-        }[entry]
+        argv = {"protect": (protect.main, [scan, "-c", ckpt, "-o", out]),
+                "tamper": (tamper.main, ["-t", scan, "-d", out, "-a", "inject", "-c", "10,24,24", "--models", models]),
+                "GUI": (GUI.main, ["--scan", scan, "--models", models, "--out", out]),
+                "evaluate": (evaluate.main, ["--methods", "noise", "--noise-rms", "5", "--data", scan.parent,
+                                             "--models", models, "--out", out]),
+                "train": (train.main, _train(scan.parent, out, c))}[entry]
         res = call(*argv, capfd)
         line = _one_line(res, OutputError.exit_code)
         assert "read-only file system" in line and "out" in line, line
@@ -517,12 +385,8 @@ def _non_dicom_texts(root: Path) -> list[tuple[str, bytes]]:
 
 
 def assert_private(res, caplog, *roots: Path):
-    texts = [
-        ("stdout", res.out.encode()),
-        ("stderr", res.err.encode()),
-        ("log", caplog.text.encode()),
-        ("warnings", "\n".join(res.warned).encode()),
-    ]
+    texts = [("stdout", res.out.encode()), ("stderr", res.err.encode()), ("log", caplog.text.encode()),
+             ("warnings", "\n".join(res.warned).encode())]
     for r in roots:
         if r.exists():
             texts += _non_dicom_texts(r)
@@ -542,10 +406,7 @@ def assert_valid_derived_series(out: Path, src: Path):
     for d in ds:
         assert str(d.PatientName) == SECRET_NAME and d.PatientID == SECRET_ID
         assert d.PatientBirthDate == src_ds.PatientBirthDate
-        assert (
-            d.StudyInstanceUID == src_ds.StudyInstanceUID
-            and d.AccessionNumber == src_ds.AccessionNumber
-        )
+        assert d.StudyInstanceUID == src_ds.StudyInstanceUID and d.AccessionNumber == src_ds.AccessionNumber
         assert d.FrameOfReferenceUID == src_ds.FrameOfReferenceUID
         assert d.SeriesInstanceUID != src_ds.SeriesInstanceUID
         assert "DERIVED" in d.ImageType
@@ -571,9 +432,7 @@ def test_protect_dicom_valid_identity_kept_nothing_printed(ckpt, tmp_path, capfd
     assert tree(src) == before
     # An .mhd input written as DICOM (synthetic identity) is valid too.
     scan = _inputs(tmp_path)
-    res = call(
-        protect.main, [scan, "-c", ckpt, "-o", tmp_path / "out2", "--format", "dicom"], capfd
-    )
+    res = call(protect.main, [scan, "-c", ckpt, "-o", tmp_path / "out2", "--format", "dicom"], capfd)
     assert res.rc == 0, res.err
     assert validate_dicom(tmp_path / "out2" / "chest_protected") == []
 
@@ -590,33 +449,16 @@ def test_tamper_dicom_valid_identity_kept_nothing_printed(tiny_ctgan_models, tmp
     assert (load_scan(out).hu != load_scan(src).hu).any()
     assert_private(res, logs, tmp_path / "out")
     scan = _inputs(tmp_path)
-    res = call(
-        tamper.main,
-        [
-            "-t",
-            scan,
-            "-d",
-            tmp_path / "out2",
-            "-a",
-            "remove",
-            "-c",
-            "10,24,30",
-            "-f",
-            "dicom",
-            "--models",
-            tiny_ctgan_models,
-        ],
-        capfd,
-    )
+    res = call(tamper.main, ["-t", scan, "-d", tmp_path / "out2", "-a", "remove", "-c", "10,24,30", "-f", "dicom",
+                             "--models", tiny_ctgan_models], capfd)
     assert res.rc == 0, res.err
     assert validate_dicom(tmp_path / "out2" / "chest_tampered") == []
     assert tree(src) == before
 
 
 @pytest.mark.tf
-def test_gui_evaluate_train_never_print_patient_identity(
-    ckpt, tiny_ctgan_models, tmp_path, capfd, logs, monkeypatch
-):
+def test_gui_evaluate_train_never_print_patient_identity(ckpt, tiny_ctgan_models, tmp_path, capfd, logs,
+                                                         monkeypatch):
     data = tmp_path / "data"
     src = secret_series(data / "series")
     before = tree(data)
@@ -629,9 +471,7 @@ def test_gui_evaluate_train_never_print_patient_identity(
             return super().build(fig)
 
     monkeypatch.setattr(GUI, "Viewer", Recorder)
-    monkeypatch.setattr(
-        "matplotlib.pyplot.show", lambda *a, **k: (viewers[-1].tamper(24, 30), viewers[-1].save())
-    )
+    monkeypatch.setattr("matplotlib.pyplot.show", lambda *a, **k: (viewers[-1].tamper(24, 30), viewers[-1].save()))
     res = call(GUI.main, ["--scan", src, "--checkpoint", ckpt, "--models", tiny_ctgan_models,
                           "--out", tmp_path / "gui", "--format", "dicom"], capfd)
     assert res.rc == 0, res.err
@@ -640,61 +480,18 @@ def test_gui_evaluate_train_never_print_patient_identity(
     import matplotlib.pyplot as plt
     plt.close("all")
     # evaluate: reports and figures.
-    res = call(
-        evaluate.main,
-        [
-            "--methods",
-            "noise",
-            "--noise-rms",
-            "5",
-            "-n",
-            "1",
-            "--actions",
-            "remove",
-            "--data",
-            data,
-            "--models",
-            tiny_ctgan_models,
-            "--out",
-            tmp_path / "eval",
-            "--no-progress",
-            "--device",
-            "cpu",
-        ],
-        capfd,
-    )
+    res = call(evaluate.main, ["--methods", "noise", "--noise-rms", "5", "-n", "1", "--actions", "remove",
+                               "--data", data, "--models", tiny_ctgan_models, "--out", tmp_path / "eval",
+                               "--no-progress", "--device", "cpu"], capfd)
     assert res.rc == 0, res.err
     assert_private(res, logs, tmp_path / "eval")
     # train with exports (the exported DICOM keeps the identity; nothing else shows it).
     models = tmp_path / "no_models"
     for sub in ("INJ", "REM"):
         (models / sub).mkdir(parents=True)
-    res = call(
-        train.main,
-        [
-            "--preset",
-            "demo",
-            "--data_dir",
-            data,
-            "--models_dir",
-            models,
-            "--out_dir",
-            tmp_path / "run",
-            "--g_width",
-            "4",
-            "--d_width",
-            "4",
-            "--max_steps",
-            "2",
-            "--sample_every",
-            "1",
-            "--progress",
-            "true",
-            "--save_img_result",
-            "true",
-        ],
-        capfd,
-    )
+    res = call(train.main, ["--preset", "demo", "--data_dir", data, "--models_dir", models, "--out_dir",
+                            tmp_path / "run", "--g_width", "4", "--d_width", "4", "--max_steps", "2",
+                            "--sample_every", "1", "--progress", "true", "--save_img_result", "true"], capfd)
     assert res.rc == 0, res.err
     assert_valid_derived_series(tmp_path / "run" / "protected" / "series_protected_dicom", src)
     assert_private(res, logs, tmp_path / "run")
@@ -730,21 +527,14 @@ def test_errors_never_print_patient_identity(kind, ckpt, tmp_path, capfd, logs):
     for sub in ("INJ", "REM"):
         (models / sub).mkdir(parents=True)
     c = Ctx(tmp_path, ckpt=ckpt, empty_models=models)
-    runs = [
-        (protect.main, [src, "-c", ckpt, "-o", tmp_path / "o1"]),
-        (
-            tamper.main,
-            ["-t", src, "-d", tmp_path / "o2", "-a", "inject", "-c", "5,20,20", "--models", models],
-        ),
-        (GUI.main, ["--scan", src, "--models", models, "--out", tmp_path / "o3"]),
-        (train.main, _train(src.parent, tmp_path / "o4", c)),
-    ]
+    runs = [(protect.main, [src, "-c", ckpt, "-o", tmp_path / "o1"]),
+            (tamper.main, ["-t", src, "-d", tmp_path / "o2", "-a", "inject", "-c", "5,20,20", "--models", models]),
+            (GUI.main, ["--scan", src, "--models", models, "--out", tmp_path / "o3"]),
+            (train.main, _train(src.parent, tmp_path / "o4", c))]
     for main, argv in runs:
         res = call(main, argv, capfd)
         assert res.rc == 4 and res.err.startswith("error: "), res.err
-        assert_private(
-            res, logs, tmp_path / "o1", tmp_path / "o2", tmp_path / "o3", tmp_path / "o4"
-        )
+        assert_private(res, logs, tmp_path / "o1", tmp_path / "o2", tmp_path / "o3", tmp_path / "o4")
 
 
 def test_invalid_patient_values_are_not_echoed(ckpt, tmp_path, capfd, logs):

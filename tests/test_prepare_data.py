@@ -16,10 +16,7 @@ from utils.scan_io import Scan, load_scan, save_dicom_series, save_mhd, validate
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
 ARGS = ["--data-dir", str(DATA), "--cache", str(ROOT / ".cache")]
-NODULES_NATIVE = {
-    "lung1.mhd": (33, 359, 218),
-    "lung2.mhd": (21, 365, 356),
-}  # docs/data.md#the-two-real-scans
+NODULES_NATIVE = {"lung1.mhd": (33, 359, 218), "lung2.mhd": (21, 365, 356)}  # docs/data.md#the-two-real-scans
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +78,7 @@ def test_csvs(prepared, folder):
         world = np.array([float(r["world_z"]), float(r["world_y"]), float(r["world_x"])])
         np.testing.assert_allclose(s.vox2world(vox), world, atol=1e-2)
         spec_world = native[r["filename"]].vox2world(NODULES_NATIVE[r["filename"]])
-        assert (
-            np.linalg.norm(world - spec_world) < 4.0
-        )  # within a few voxels (mm) of the documented centre
+        assert np.linalg.norm(world - spec_world) < 4.0  # within a few voxels (mm) of the documented centre
         assert s.hu[tuple(vox)] > -500  # the nodule is solid tissue
     for name in scans:
         assert sum(r["filename"] == name for r in healthy) == pdata.N_HEALTHY
@@ -131,19 +126,11 @@ def test_real_scan_dicom_round_trip_and_dciodvfy(prepared, tmp_path):
 def test_offline_gives_one_line_fetch_error(tmp_path, monkeypatch):
     def fake_run(cmd, **kw):
         assert cmd[1:4] == ["-m", "pip", "download"] and "--no-deps" in cmd
-        return subprocess.CompletedProcess(
-            cmd,
-            1,
-            "",
-            "WARNING: Retrying...\nERROR: Could not find a version "
-            "that satisfies the requirement pyradiomics-bhklab==3.1.4\n",
-        )
+        return subprocess.CompletedProcess(cmd, 1, "", "WARNING: Retrying...\nERROR: Could not find a version "
+                                                        "that satisfies the requirement pyradiomics-bhklab==3.1.4\n")
 
     monkeypatch.setattr(pdata.subprocess, "run", fake_run)
-    with pytest.raises(
-        DataFetchError,
-        match=r"could not download pyradiomics-bhklab from PyPI: .* are you offline\?",
-    ) as e:
+    with pytest.raises(DataFetchError, match=r"could not download pyradiomics-bhklab from PyPI: .* are you offline\?") as e:
         pdata.main(["--data-dir", str(tmp_path / "d"), "--cache", str(tmp_path / "c")])
     assert "\n" not in str(e.value)
     assert not (tmp_path / "d" / "native").exists()
@@ -170,9 +157,7 @@ def test_resample_z_grid():
     assert np.array_equal(r.hu[::2], hu)
     assert r.hu.min() >= hu.min() and r.hu.max() <= hu.max()
     np.testing.assert_allclose(r.spacing, (2.5, 0.7, 0.7))
-    lab = pdata.resample_z(
-        Scan(hu=(hu > 0).astype(np.int16), spacing=s.spacing, origin=s.origin), 2.5, order=0
-    )
+    lab = pdata.resample_z(Scan(hu=(hu > 0).astype(np.int16), spacing=s.spacing, origin=s.origin), 2.5, order=0)
     assert set(np.unique(lab.hu)) <= {0, 1}
 
 

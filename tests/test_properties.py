@@ -124,9 +124,7 @@ def test_world2vox_inverts_vox2world(geo, shape, data):
     w = vox2world(vox, spacing, origin, direction)
     back = world2vox(w, spacing, origin, direction)
     np.testing.assert_allclose(back, vox, atol=1e-6 * max(shape))
-    np.testing.assert_allclose(
-        world2vox(w[0], spacing, origin, direction), vox[0], atol=1e-6 * max(shape)
-    )
+    np.testing.assert_allclose(world2vox(w[0], spacing, origin, direction), vox[0], atol=1e-6 * max(shape))
     # The voxel (0, 0, 0) is the origin; unit steps along an index axis have the length of its spacing.
     np.testing.assert_allclose(vox2world((0, 0, 0), spacing, origin, direction), origin, atol=1e-9)
     for ax in range(3):
@@ -137,19 +135,12 @@ def test_world2vox_inverts_vox2world(geo, shape, data):
 
 
 @SETTINGS
-@given(
-    geometries(),
-    st.lists(st.tuples(*(st.floats(-1000, 1000) for _ in range(3))), min_size=1, max_size=5),
-)
+@given(geometries(), st.lists(st.tuples(*(st.floats(-1000, 1000) for _ in range(3))), min_size=1, max_size=5))
 def test_vox2world_inverts_world2vox_and_scan_methods_agree(geo, worlds):
     spacing, origin, direction = geo
     w = np.array(worlds, dtype=np.float64)
     v = world2vox(w, spacing, origin, direction)
     np.testing.assert_allclose(vox2world(v, spacing, origin, direction), w, atol=1e-6)
-    scan = Scan(
-        hu=np.zeros((2, 2, 2), np.int16), spacing=spacing, origin=origin, direction=direction
-    )
+    scan = Scan(hu=np.zeros((2, 2, 2), np.int16), spacing=spacing, origin=origin, direction=direction)
     np.testing.assert_allclose(scan.world2vox(w), v, atol=1e-9)
-    np.testing.assert_allclose(
-        scan.vox2world(v), vox2world(v, spacing, origin, direction), atol=1e-9
-    )
+    np.testing.assert_allclose(scan.vox2world(v), vox2world(v, spacing, origin, direction), atol=1e-9)

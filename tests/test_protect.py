@@ -64,77 +64,28 @@ def test_real_scan_round_trip_keeps_geometry(ckpt, real_data_dir, tmp_path, caps
     assert rms == pytest.approx(np.sqrt(np.mean(diff ** 2)), abs=0.01)
     assert mx == pytest.approx(np.abs(diff).max(), abs=0.1)
     assert _digest(src, src.with_suffix(".raw")) == before  # input untouched
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "lung1_protected.mhd",
-        "lung1_protected.raw",
-    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lung1_protected.mhd", "lung1_protected.raw"]
 
 
 def test_dicom_output_and_batch_size_independence(ckpt, phantom_scan, tmp_path, capsys):
-    rc, _, err = run(
-        [
-            str(phantom_scan),
-            "-c",
-            str(ckpt),
-            "-o",
-            str(tmp_path / "a.mhd"),
-            "--batch",
-            "1",
-            "--no-progress",
-        ],
-        capsys,
-    )
+    rc, _, err = run([str(phantom_scan), "-c", str(ckpt), "-o", str(tmp_path / "a.mhd"), "--batch", "1",
+                      "--no-progress"], capsys)
     assert rc == 0, err
-    rc, _, err = run(
-        [
-            str(phantom_scan),
-            "-c",
-            str(ckpt),
-            "-o",
-            str(tmp_path / "b.mhd"),
-            "--batch",
-            "3",
-            "--no-progress",
-        ],
-        capsys,
-    )
+    rc, _, err = run([str(phantom_scan), "-c", str(ckpt), "-o", str(tmp_path / "b.mhd"), "--batch", "3",
+                      "--no-progress"], capsys)
     assert rc == 0, err
     a, b = load_scan(tmp_path / "a.mhd"), load_scan(tmp_path / "b.mhd")
     # The noise delta is drawn per slab, not per batch: only float32 arithmetic of other batch
     # shapes can move a value across a rounding boundary.
     step = np.abs(a.hu.astype(np.int32) - b.hu)
     assert step.max() <= 1 and np.mean(step > 0) < 1e-3
-    rc, _, err = run(
-        [
-            str(phantom_scan),
-            "-c",
-            str(ckpt),
-            "-o",
-            str(tmp_path / "c.mhd"),
-            "--seed",
-            "7",
-            "--no-progress",
-        ],
-        capsys,
-    )
+    rc, _, err = run([str(phantom_scan), "-c", str(ckpt), "-o", str(tmp_path / "c.mhd"), "--seed", "7",
+                      "--no-progress"], capsys)
     assert rc == 0
     assert not np.array_equal(load_scan(tmp_path / "c.mhd").hu, a.hu)
     # DICOM output: a series folder that reads back with the same HU and geometry.
-    rc, out, err = run(
-        [
-            str(phantom_scan),
-            "-c",
-            str(ckpt),
-            "-o",
-            str(tmp_path / "dcm"),
-            "--format",
-            "dicom",
-            "--batch",
-            "1",
-            "--no-progress",
-        ],
-        capsys,
-    )
+    rc, out, err = run([str(phantom_scan), "-c", str(ckpt), "-o", str(tmp_path / "dcm"), "--format", "dicom",
+                        "--batch", "1", "--no-progress"], capsys)
     assert rc == 0, err
     series = tmp_path / "dcm" / "chest_protected"
     d = load_scan(series)
@@ -157,9 +108,7 @@ def test_protect_hu_streams_into_int16_like_protect_volume(ckpt):
 
 
 def test_missing_checkpoint_is_one_line(phantom_scan, tmp_path, capsys):
-    rc, out, err = run(
-        [str(phantom_scan), "-c", str(tmp_path / "nope.pt"), "-o", str(tmp_path / "o")], capsys
-    )
+    rc, out, err = run([str(phantom_scan), "-c", str(tmp_path / "nope.pt"), "-o", str(tmp_path / "o")], capsys)
     assert rc == ModelFileError.exit_code
     assert err.strip().count("\n") == 0 and "nope.pt: checkpoint not found" in err
     assert not (tmp_path / "o").exists()
@@ -247,12 +196,8 @@ def test_noise_on_a_gpu_is_the_cpu_noise():
     of 32 bits included."""
     from procedures.protection.apply import _noise_numpy, _noise_torch, _slab_keys
 
-    keys = np.concatenate(
-        [
-            _slab_keys(7, [0, 4, 96]),
-            np.array([[0, 0], [0xFFFFFFFF, 0xFFFFFFFF], [0x80000000, 1]], np.uint32),
-        ]
-    )
+    keys = np.concatenate([_slab_keys(7, [0, 4, 96]),
+                           np.array([[0, 0], [0xFFFFFFFF, 0xFFFFFFFF], [0x80000000, 1]], np.uint32)])
     n = 3 * 40 * 40 + 5
     got = _noise_torch(keys, n, "cpu").numpy()
     np.testing.assert_array_equal(got, _noise_numpy(keys, n))

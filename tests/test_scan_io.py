@@ -1,5 +1,4 @@
 """Scan I/O: MetaImage and DICOM round trips, DICOM sorting/metadata, one-line errors, atomic writes."""
-
 from __future__ import annotations
 
 import errno
@@ -19,27 +18,15 @@ from utils import atomic
 from utils.atomic import atomic_dir, atomic_path, atomic_write_bytes, ensure_not_input
 from utils.scan_io import refuse_overwrite
 from utils.errors import InputFileError, OutputError, ScanFormatError
-from utils.scan_io import (
-    Scan,
-    load_numpy,
-    load_scan,
-    save_dicom_series,
-    save_mhd,
-    save_numpy,
-    validate_dicom,
-    vox2world,
-    world2vox,
-)
+from utils.scan_io import (Scan, load_numpy, load_scan, save_dicom_series, save_mhd, save_numpy, validate_dicom,
+                           vox2world, world2vox)
+
 
 def rotation_zyx(deg_a=20.0, deg_b=-15.0) -> np.ndarray:
     """A proper (det +1) oblique direction matrix, expressed in (z, y, x)."""
     a, b = np.radians(deg_a), np.radians(deg_b)
-    rz = np.array(
-        [[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]]
-    )  # about world z (xyz)
-    rx = np.array(
-        [[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]]
-    )  # about world x
+    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])  # about world z (xyz)
+    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])  # about world x
     d_xyz = rz @ rx
     return d_xyz[::-1, ::-1]
 
@@ -64,9 +51,7 @@ def test_world_vox_round_trip_oblique():
     vox = rng.uniform(0, 50, size=(20, 3))
     w = vox2world(vox, (2.5, 0.7, 0.8), (10, -20, 30), d)
     np.testing.assert_allclose(world2vox(w, (2.5, 0.7, 0.8), (10, -20, 30), d), vox, atol=1e-9)
-    np.testing.assert_allclose(
-        world2vox(w[3], (2.5, 0.7, 0.8), (10, -20, 30), d), vox[3], atol=1e-9
-    )
+    np.testing.assert_allclose(world2vox(w[3], (2.5, 0.7, 0.8), (10, -20, 30), d), vox[3], atol=1e-9)
 
 
 def test_direction_convention_matches_simpleitk(tmp_path):
@@ -280,9 +265,7 @@ def test_dicom_values_beyond_int16(tmp_path):
     assert float(pydicom.dcmread(files[0]).RescaleIntercept) != 0
     # The writer keeps values beyond int16 exactly (stored * slope + intercept) ...
     back = [pydicom.dcmread(f) for f in files]
-    got = np.stack(
-        [d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in back]
-    )
+    got = np.stack([d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in back])
     order = np.argsort([float(d.ImagePositionPatient[2]) for d in back])
     assert np.array_equal(got[order], hu) or np.array_equal(got[order][::-1], hu)
     # ... but no CT scanner makes 40000 HU: the reader refuses it as not Hounsfield units.
@@ -527,7 +510,4 @@ def test_ensure_not_input(tmp_path):
     with pytest.raises(OutputError, match="inside the input DICOM folder"):
         ensure_not_input(tmp_path / "sub" / "x", [tmp_path])
     ensure_not_input(tmp_path / "b.mhd", [tmp_path / "a.mhd", None])
-    assert (
-        atomic.os_error_message("p", OSError(errno.ENOSPC, "x"))
-        == "cannot write p: no space left on device"
-    )
+    assert atomic.os_error_message("p", OSError(errno.ENOSPC, "x")) == "cannot write p: no space left on device"

@@ -1,6 +1,5 @@
 """procedures.baselines.tafim: the TAFIM baseline (Aneja et al., ECCV 2022) trained through the PyTorch CT-GAN,
 on tiny phantoms with tiny CT-GAN models."""
-
 import csv
 import json
 
@@ -35,9 +34,7 @@ def _model(cfg, seed=0):
 def scans(tmp_path_factory):
     d = tmp_path_factory.mktemp("tafim_scans")
     for i in range(2):
-        save_mhd(
-            Scan(make_phantom((22, 48, 48), seed=i), SPACING, (0.0, 0.0, 0.0)), d / f"vol{i}.mhd"
-        )
+        save_mhd(Scan(make_phantom((22, 48, 48), seed=i), SPACING, (0.0, 0.0, 0.0)), d / f"vol{i}.mhd")
     return d
 
 
@@ -105,17 +102,7 @@ def test_cli_errors_are_one_line(scans, tmp_path, capsys):
     rc = run_cli(T.main, ["--data", str(tmp_path / "none"), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 3 and err.count("\n") == 1 and "data folder not found" in err
-    rc = run_cli(
-        T.main,
-        [
-            "--data",
-            str(scans),
-            "--models",
-            str(tmp_path / "nomodels"),
-            "--out",
-            str(tmp_path / "o"),
-        ],
-    )
+    rc = run_cli(T.main, ["--data", str(scans), "--models", str(tmp_path / "nomodels"), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == ModelFileError.exit_code and err.count("\n") == 1 and "nomodels/INJ" in err
     rc = run_cli(T.main, ["--target", "bright"])
@@ -160,12 +147,12 @@ def objective_parts(scans, tiny_ctgan_models):
 @pytest.mark.tf
 def test_gradient_reaches_the_unet_only_through_ctgan(objective_parts):
     items, models = objective_parts
-    cfg = _cfg(perturb_weight=0.0, global_term=False)  # loss = MSE(M(protected), target)
+    cfg = _cfg(perturb_weight=0.0, global_term=False)              # loss = MSE(M(protected), target)
     obj = T.TafimObjective.from_model_dirs(models, cfg)
     m = _model(cfg)
     item = items[0]
     loss, parts = obj.loss(m, item, (11, 24, 34), "inject")
-    assert parts["slabs"] == 4 and parts["recon"] > 0  # cube z 5..17 -> slabs 4, 8, 12, 16
+    assert parts["slabs"] == 4 and parts["recon"] > 0                # cube z 5..17 -> slabs 4, 8, 12, 16
     loss.backward()
     for p in (m.down[0].weight, m.up[0].bias, m.global_noise):
         assert p.grad is not None and p.grad.abs().sum() > 0
@@ -181,10 +168,7 @@ def test_gradient_reaches_the_unet_only_through_ctgan(objective_parts):
     obj_hu = T.TafimObjective(obj.tamper, _cfg(target="-850hu"))
     span = item.hu_max - item.hu_min
     assert obj_hu.target_norm(item) == pytest.approx((-850 - item.hu_min) / span * 2 - 1)
-    assert (
-        T.TafimObjective(obj.tamper, _cfg(target="lung")).target_norm(item)
-        < obj_hu.target_norm(item) + 0.1
-    )
+    assert T.TafimObjective(obj.tamper, _cfg(target="lung")).target_norm(item) < obj_hu.target_norm(item) + 0.1
 
 
 @pytest.mark.tf
@@ -222,9 +206,7 @@ def test_cli_trains_seeded_resumes_and_feeds_evaluate(scans, tiny_ctgan_models, 
     once = torch.load(straight / "checkpoint.pt", weights_only=True)
     assert resumed["step"] == once["step"] == 3
     assert [h["action"] for h in once["history"]] == ["inject", "remove", "inject"]
-    assert [h["loss"] for h in resumed["history"]] == pytest.approx(
-        [h["loss"] for h in once["history"]]
-    )
+    assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in once["history"]])
     for k in once["model"]:
         torch.testing.assert_close(resumed["model"][k], once["model"][k], rtol=1e-5, atol=1e-6)
     summary = json.loads((straight / "summary.json").read_text())
@@ -236,37 +218,16 @@ def test_cli_trains_seeded_resumes_and_feeds_evaluate(scans, tiny_ctgan_models, 
 
     # evaluate.py: the "tafim" method yields its protected and tampered columns.
     ev = tmp_path / "eval"
-    rc = run_cli(
-        evaluate.main,
-        [
-            "--data",
-            str(scans),
-            "--models",
-            str(tiny_ctgan_models),
-            "--out",
-            str(ev),
-            "--methods",
-            "tafim",
-            "--tafim-checkpoint",
-            str(straight / "checkpoint.pt"),
-            "-n",
-            "1",
-            "--max-scans",
-            "1",
-            "--no-progress",
-            "--no-figures",
-        ],
-    )
+    rc = run_cli(evaluate.main, ["--data", str(scans), "--models", str(tiny_ctgan_models), "--out", str(ev),
+                                 "--methods", "tafim", "--tafim-checkpoint", str(straight / "checkpoint.pt"),
+                                 "-n", "1", "--max-scans", "1", "--no-progress", "--no-figures"])
     assert rc == 0, capsys.readouterr().err
     md = (ev / "results.md").read_text()
     assert md.count("protected TAFIM (width 4, slab 4, 3 steps)") >= 2
     assert md.count("tampered TAFIM (width 4, slab 4, 3 steps)") >= 2
     rows = list(csv.DictReader(open(ev / "results.csv")))
-    assert {(r["kind"], r["method"]) for r in rows} == {
-        ("protected", "tafim"),
-        ("tampered", "tafim"),
-        ("tampered", "none"),
-    }
+    assert {(r["kind"], r["method"]) for r in rows} == {("protected", "tafim"), ("tampered", "tafim"),
+                                                       ("tampered", "none")}
     prot = [r for r in rows if r["kind"] == "protected" and r["region"] == "slice"]
     assert all(float(r["rmse"]) > 0 for r in prot)
     doc = json.loads((ev / "results.json").read_text())

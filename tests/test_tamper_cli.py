@@ -72,9 +72,7 @@ def write_mr_series(folder: Path, n=3):
 
 def test_missing_scan_file(tmp_path, capsys):
     out = tmp_path / "out"
-    rc, _, err = run(
-        ["-t", tmp_path / "nope.mhd", "-d", out, "-a", "inject", "-c", "1,2,3"], capsys
-    )
+    rc, _, err = run(["-t", tmp_path / "nope.mhd", "-d", out, "-a", "inject", "-c", "1,2,3"], capsys)
     assert_one_line_error(rc, err, 3, "nope.mhd")
     assert not out.exists()
 
@@ -90,42 +88,12 @@ def test_bad_coordinate_text(scan_file, tmp_path, capsys, coord):
 def test_coordinate_outside_the_scan(scan_file, tmp_path, capsys):
     out = tmp_path / "out"
     models = tmp_path / "no_models"   # coordinates are checked before any model is looked for
-    rc, _, err = run(
-        [
-            "-t",
-            scan_file,
-            "-d",
-            out,
-            "-a",
-            "inject",
-            "-c",
-            "30,48,60",
-            "-c",
-            "30,48,96",
-            "--models",
-            models,
-        ],
-        capsys,
-    )
+    rc, _, err = run(["-t", scan_file, "-d", out, "-a", "inject", "-c", "30,48,60", "-c", "30,48,96",
+                      "--models", models], capsys)
     assert_one_line_error(rc, err, 5, "outside the scan", "(60, 96, 96)")
     assert not out.exists()
-    rc, _, err = run(
-        [
-            "-t",
-            scan_file,
-            "-d",
-            out,
-            "-a",
-            "inject",
-            "-s",
-            "world",
-            "-c",
-            "-100,20,-400",
-            "--models",
-            models,
-        ],
-        capsys,
-    )
+    rc, _, err = run(["-t", scan_file, "-d", out, "-a", "inject", "-s", "world", "-c", "-100,20,-400",
+                      "--models", models], capsys)
     assert_one_line_error(rc, err, 5, "outside the scan")
     assert not out.exists()
 
@@ -156,65 +124,27 @@ def test_published_resampling_refuses_5mm_slices(tmp_path, capsys):
     assert not out.exists()
 
 
-@pytest.mark.parametrize(
-    "argv",
-    [
-        [],
-        ["-t", "x.mhd", "-d", "o", "-a", "paint", "-c", "1,2,3"],
-        ["-t", "x.mhd", "-d", "o", "-a", "inject", "-c", "1,2,3", "--seed", "x"],
-    ],
-)
+@pytest.mark.parametrize("argv", [[], ["-t", "x.mhd", "-d", "o", "-a", "paint", "-c", "1,2,3"],
+                                  ["-t", "x.mhd", "-d", "o", "-a", "inject", "-c", "1,2,3", "--seed", "x"]])
 def test_argparse_errors_are_one_line(argv, capsys):
     rc, _, err = run(argv, capsys)
     assert_one_line_error(rc, err, 2)
 
 
 def test_script_exit_code_in_a_subprocess(tmp_path):
-    r = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "tamper.py"),
-            "-t",
-            str(tmp_path / "gone.mhd"),
-            "-d",
-            str(tmp_path / "o"),
-            "-a",
-            "inject",
-            "-c",
-            "1,2,3",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-    )
+    r = subprocess.run([sys.executable, str(ROOT / "tamper.py"), "-t", str(tmp_path / "gone.mhd"), "-d",
+                        str(tmp_path / "o"), "-a", "inject", "-c", "1,2,3"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=120)
     assert r.returncode == 3
-    assert r.stderr.strip().splitlines() == [
-        f"error: {tmp_path / 'gone.mhd'}: no such file or folder"
-    ]
+    assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'gone.mhd'}: no such file or folder"]
 
 
 @pytest.mark.tf
 def test_tamper_mhd_end_to_end(scan_file, tmp_path, capsys, models):
     original = load_scan(scan_file)
     out = tmp_path / "out"
-    rc, stdout, err = run(
-        [
-            "-t",
-            scan_file,
-            "-d",
-            out,
-            "-a",
-            "inject",
-            "-c",
-            "30,48,60",
-            "-c",
-            "20,40,30",
-            "--models",
-            models,
-        ],
-        capsys,
-    )
+    rc, stdout, err = run(["-t", scan_file, "-d", out, "-a", "inject", "-c", "30,48,60", "-c", "20,40,30",
+                           "--models", models], capsys)
     assert rc == 0, err
     assert stdout.count(" s\n") >= 3 and "inject 2/2" in stdout        # time per tamper printed
     res = load_scan(out / "chest_tampered.mhd")
@@ -233,8 +163,6 @@ def test_tamper_mhd_end_to_end(scan_file, tmp_path, capsys, models):
     rc, _, err = run(["-t", scan_file, "-d", tmp_path / "vox", "-a", "remove", "-f", "numpy",
                       "-c", "30,48,60", "--models", models], capsys)
     assert rc == 0, err
-    a, b = load_numpy(out / "chest_tampered.npy"), load_numpy(
-        tmp_path / "vox" / "chest_tampered.npy"
-    )
+    a, b = load_numpy(out / "chest_tampered.npy"), load_numpy(tmp_path / "vox" / "chest_tampered.npy")
     np.testing.assert_array_equal(a.hu, b.hu)
     assert (a.hu != original.hu).any()

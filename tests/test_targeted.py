@@ -1,6 +1,5 @@
 """procedures.protection.targeted and protect.py --targets: targeted protection of known findings on tiny
 phantoms with a tiny CT-GAN (random gf-2 generators)."""
-
 import numpy as np
 import pytest
 import torch
@@ -25,12 +24,8 @@ def scan_path(tmp_path_factory):
 def _disruption(dt, real, protected, spacing, centres, action):
     """Mean RMSE(CT-GAN(protected), CT-GAN(real)) over cube centres, through the torch port."""
     with torch.no_grad():
-        a = dt.footprints(
-            torch.from_numpy(real).expand(len(centres), *real.shape), spacing, centres, action
-        )
-        b = dt.footprints(
-            torch.from_numpy(protected).expand(len(centres), *real.shape), spacing, centres, action
-        )
+        a = dt.footprints(torch.from_numpy(real).expand(len(centres), *real.shape), spacing, centres, action)
+        b = dt.footprints(torch.from_numpy(protected).expand(len(centres), *real.shape), spacing, centres, action)
     return float(np.mean([(x[0] - y[0]).pow(2).mean().sqrt().item() for x, y in zip(a, b)]))
 
 
@@ -71,11 +66,7 @@ def test_offsets_and_reach_box():
     assert len(even) + len(odd) == 125 and not set(map(tuple, even)) & set(map(tuple, odd))
     box = T.reach_box((13, 46, 46), (12, 24, 24), 2, (24, 48, 48))
     # Every cube centred within +-2 voxels lies inside the box (clipped to the volume).
-    assert [(b.start, b.stop) for b in box] == [
-        (4, 21),
-        (0, 48),
-        (0, 48),
-    ]  # z: 12 - 6 - 2 .. 12 + 7 + 2
+    assert [(b.start, b.stop) for b in box] == [(4, 21), (0, 48), (0, 48)]  # z: 12 - 6 - 2 .. 12 + 7 + 2
     box = T.reach_box((5, 9, 9), (10, 20, 20), 2, (24, 48, 48))
     assert [(b.start, b.stop) for b in box] == [(6, 15), (14, 27), (14, 27)]  # round half to even
 
@@ -96,29 +87,18 @@ def test_optimised_perturbation_is_bounded_integer_and_local(scan_path, tiny_ctg
     # The optimisation climbs: at the offsets it trains on, four steps disrupt more than one.
     # (That one step runs on a generator's protection: it is kept outside the box.)
     other = hu.astype(np.float32) + 3
-    one, _ = T.protect_targets(
-        dt, hu, SPACING, [centre], T.TargetSettings(**{**vars(s), "steps": 1}), base=other
-    )
+    one, _ = T.protect_targets(dt, hu, SPACING, [centre], T.TargetSettings(**{**vars(s), "steps": 1}), base=other)
     assert np.array_equal(one[outside], other[outside]) and np.abs(one[box] - hu[box]).max() <= 20
     centres = np.array([centre]) + T.offset_grid(2, 0)[::12]
     real = hu.astype(np.float32)
-    gain = [
-        _disruption(dt, real, prot, SPACING, centres, a)
-        - _disruption(dt, real, one, SPACING, centres, a)
-        for a in ("inject", "remove")
-    ]
+    gain = [_disruption(dt, real, prot, SPACING, centres, a) - _disruption(dt, real, one, SPACING, centres, a)
+            for a in ("inject", "remove")]
     assert np.mean(gain) > 0, gain
 
 
 def test_settings_are_validated():
-    for bad in (
-        dict(eps=0),
-        dict(steps=0),
-        dict(radius=-1),
-        dict(actions=("swap",)),
-        dict(method="sgd"),
-        dict(background="noise"),
-    ):
+    for bad in (dict(eps=0), dict(steps=0), dict(radius=-1), dict(actions=("swap",)), dict(method="sgd"),
+                dict(background="noise")):
         with pytest.raises(UsageError):
             T.TargetSettings(**bad).validate()
 
@@ -147,24 +127,9 @@ def test_protect_cli_with_targets_only(scan_path, tiny_ctgan_models, tmp_path, c
     assert got.hu.dtype == src.hu.dtype and 0 < np.abs(d).max() <= 10
     # Default background: +-eps signs outside the target's box (a corner no cube reaches).
     assert set(np.unique(d[:3, :3, :3])) == {-10, 10}
-    rc = protect.main(
-        [
-            str(scan_path),
-            "--targets",
-            str(csv),
-            "--models",
-            str(tiny_ctgan_models),
-            "--eps",
-            "10",
-            "--targeted-steps",
-            "1",
-            "-o",
-            str(tmp_path / "bare"),
-            "--no-progress",
-            "--background",
-            "none",
-        ]
-    )
+    rc = protect.main([str(scan_path), "--targets", str(csv), "--models", str(tiny_ctgan_models),
+                       "--eps", "10", "--targeted-steps", "1", "-o", str(tmp_path / "bare"), "--no-progress",
+                       "--background", "none"])
     bare = load_scan(tmp_path / "bare" / "chest_protected.mhd").hu.astype(np.int32) - src.hu
     assert rc == 0 and not bare[:3, :3, :3].any() and 0 < np.abs(bare).max() <= 10
 
@@ -173,11 +138,7 @@ def test_protect_cli_bad_background(scan_path, tmp_path, capfd):
     csv = tmp_path / "t.csv"
     csv.write_text("z,y,x\n12,24,24\n")
     before = tree(tmp_path)
-    res = call(
-        protect.main,
-        [scan_path, "--targets", csv, "--background", "noise", "-o", tmp_path / "out"],
-        capfd,
-    )
+    res = call(protect.main, [scan_path, "--targets", csv, "--background", "noise", "-o", tmp_path / "out"], capfd)
     assert_refused(res, UsageError.exit_code, ("--background", "noise"), tmp_path, before)
 
 
@@ -187,9 +148,7 @@ def test_protect_cli_bad_background(scan_path, tmp_path, capfd):
     ("z,y\n1,2\n", InputFileError.exit_code),              # malformed header
     ("z,y,x\n1,,3\n", InputFileError.exit_code),           # malformed row
 ])
-def test_protect_cli_bad_targets_write_nothing(
-    scan_path, tiny_ctgan_models, tmp_path, capfd, text, code
-):
+def test_protect_cli_bad_targets_write_nothing(scan_path, tiny_ctgan_models, tmp_path, capfd, text, code):
     csv = tmp_path / "t.csv"
     csv.write_text(text)
     before = tree(tmp_path)

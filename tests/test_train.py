@@ -20,10 +20,7 @@ SPACING = (2.5, 0.7, 0.7)
 def tiny_data(tmp_path_factory):
     d = tmp_path_factory.mktemp("scans")
     for i in range(2):
-        save_mhd(
-            Scan(make_phantom((24, 48, 48), seed=i), SPACING, (-40.0 * i, 10.0, -20.0)),
-            d / f"vol{i}.mhd",
-        )
+        save_mhd(Scan(make_phantom((24, 48, 48), seed=i), SPACING, (-40.0 * i, 10.0, -20.0)), d / f"vol{i}.mhd")
     return d
 
 
@@ -63,9 +60,7 @@ def test_same_seed_same_weights(tiny_data, tiny_ctgan_models, tmp_path):
 def test_resume_continues_exactly(tiny_data, tiny_ctgan_models, tmp_path):
     full = run(tiny_data, tiny_ctgan_models, tmp_path / "full", "--max_steps", "5")
     run(tiny_data, tiny_ctgan_models, tmp_path / "part", "--max_steps", "2")
-    resumed = run(
-        tiny_data, tiny_ctgan_models, tmp_path / "part", "--max_steps", "5", "--resume", "auto"
-    )
+    resumed = run(tiny_data, tiny_ctgan_models, tmp_path / "part", "--max_steps", "5", "--resume", "auto")
     assert resumed["step"] == 5
     for net in ("generator", "discriminator"):
         for k in full[net]:
@@ -73,9 +68,7 @@ def test_resume_continues_exactly(tiny_data, tiny_ctgan_models, tmp_path):
     assert resumed["disruption"]["computed"] == full["disruption"]["computed"] == 5
 
 
-def test_export_keeps_geometry_and_differs_only_by_perturbation(
-    tiny_data, tiny_ctgan_models, tmp_path
-):
+def test_export_keeps_geometry_and_differs_only_by_perturbation(tiny_data, tiny_ctgan_models, tmp_path):
     run(tiny_data, tiny_ctgan_models, tmp_path, "--max_steps", "4", "--save_img_result", "true")
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert len(summary["exported"]) == 2
@@ -87,14 +80,10 @@ def test_export_keeps_geometry_and_differs_only_by_perturbation(
         np.testing.assert_array_equal(prot.origin, src.origin)
         diff = prot.hu.astype(np.int32) - src.hu
         assert 0 < np.abs(diff).max() <= np.ceil(entry["perturbation_max_hu"])
-        assert np.sqrt(np.mean(diff.astype(float) ** 2)) == pytest.approx(
-            entry["perturbation_rms_hu"], abs=0.5
-        )
+        assert np.sqrt(np.mean(diff.astype(float) ** 2)) == pytest.approx(entry["perturbation_rms_hu"], abs=0.5)
 
 
-def test_reference_preset_reports_no_disruption_on_short_volumes(
-    tiny_data, tiny_ctgan_models, tmp_path, caplog
-):
+def test_reference_preset_reports_no_disruption_on_short_volumes(tiny_data, tiny_ctgan_models, tmp_path, caplog):
     # Published near-end rule: 32 < s and s + 32 < depth. A 24-slice volume never qualifies.
     state = run(tiny_data, tiny_ctgan_models, tmp_path, "--preset", "reference", "--max_steps", "2",
                 "--g_width", "4", "--g_blocks", "1")

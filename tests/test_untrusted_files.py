@@ -79,9 +79,7 @@ def keras_lambda_model(path: Path, marker: Path, *, tf_keras: bool = False) -> P
     else:
         from procedures.attacker.keras_env import get_keras
         keras = get_keras()
-    fn = eval(
-        f"lambda t: (__import__('pathlib').Path({str(marker)!r}).touch(), t)[1]"
-    )  # noqa: S307
+    fn = eval(f"lambda t: (__import__('pathlib').Path({str(marker)!r}).touch(), t)[1]")  # noqa: S307
     i = keras.Input((32, 32, 32, 1))
     with warnings.catch_warnings():  # tf_keras: "HDF5 is a legacy format" (the point here)
         warnings.simplefilter("ignore", UserWarning)
@@ -90,9 +88,7 @@ def keras_lambda_model(path: Path, marker: Path, *, tf_keras: bool = False) -> P
     return path
 
 
-def model_folder(
-    root: Path, tiny_models: Path, *, eq: Path | None = None, g: Path | None = None
-) -> Path:
+def model_folder(root: Path, tiny_models: Path, *, eq: Path | None = None, g: Path | None = None) -> Path:
     """models/INJ and models/REM copied from the tiny CT-GAN, with INJ's equaliser or generator
     replaced by a crafted file."""
     for sub in ("INJ", "REM"):
@@ -164,11 +160,8 @@ def test_pickled_npy_is_refused(tmp_path):
 
 
 @pytest.mark.tf
-@pytest.mark.parametrize(
-    "name,tfk",
-    [("G_model.h5", False), ("G_model.keras", False), ("G_model.h5", True)],
-    ids=["keras3-h5", "keras3-zip", "tf_keras-h5"],
-)
+@pytest.mark.parametrize("name,tfk", [("G_model.h5", False), ("G_model.keras", False), ("G_model.h5", True)],
+                         ids=["keras3-h5", "keras3-zip", "tf_keras-h5"])
 def test_keras_lambda_refused_by_both_loaders(name, tfk, tiny_ctgan_models, tmp_path):
     """pipeline.CTGANModel (Keras, safe_mode) and h5_weights.from_keras_h5 (h5py or,
     for .keras, Keras in safe_mode) refuse a generator with a Lambda layer."""
@@ -194,9 +187,7 @@ def test_differentiable_tamper_refuses_a_pickle_equaliser(tiny_ctgan_models, tmp
     from procedures.attacker.model_dir import load_attacker_pair
 
     marker = tmp_path / "PWNED"
-    folder = model_folder(
-        tmp_path / "models", tiny_ctgan_models, eq=evil_pickle(tmp_path / "e.pkl", marker)
-    )
+    folder = model_folder(tmp_path / "models", tiny_ctgan_models, eq=evil_pickle(tmp_path / "e.pkl", marker))
     with pytest.raises(UnsafeFileError, match="equalization.pkl"):
         load_attacker_pair(folder)
     _no_marker(marker)
@@ -226,29 +217,11 @@ def test_entry_points_refuse_a_checkpoint_that_runs_code(entry, tmp_path, capfd)
     bad = evil_checkpoint(tmp_path / "in" / "evil.pt", marker)
     models = tmp_path / "no_models"
     out = tmp_path / "out"
-    argv = {
-        "protect": (protect.main, [scan, "-c", bad, "-o", out]),
-        "evaluate": (
-            evaluate.main,
-            [
-                "--methods",
-                "mitsgan",
-                "--checkpoint",
-                bad,
-                "--data",
-                scan.parent,
-                "--models",
-                models,
-                "--out",
-                out,
-            ],
-        ),
-        "GUI": (GUI.main, ["--scan", scan, "--checkpoint", bad, "--models", models, "--out", out]),
-        "train": (
-            train.main,
-            _train(scan.parent, out, Ctx(tmp_path, empty_models=models), "--resume", bad),
-        ),
-    }
+    argv = {"protect": (protect.main, [scan, "-c", bad, "-o", out]),
+            "evaluate": (evaluate.main, ["--methods", "mitsgan", "--checkpoint", bad, "--data", scan.parent,
+                                         "--models", models, "--out", out]),
+            "GUI": (GUI.main, ["--scan", scan, "--checkpoint", bad, "--models", models, "--out", out]),
+            "train": (train.main, _train(scan.parent, out, Ctx(tmp_path, empty_models=models), "--resume", bad))}
     main, args = argv[entry]
     before = tree(tmp_path)
     res = call(main, args, capfd)
@@ -262,24 +235,8 @@ def test_evaluate_refuses_lpips_weights_that_run_code(tmp_path, capfd):
     scan = _scan(tmp_path)
     bad = evil_checkpoint(tmp_path / "in" / "lpips.pt", marker)
     before = tree(tmp_path)
-    res = call(
-        evaluate.main,
-        [
-            "--methods",
-            "noise",
-            "--noise-rms",
-            "5",
-            "--lpips-weights",
-            bad,
-            "--data",
-            scan.parent,
-            "--models",
-            tmp_path / "none",
-            "--out",
-            tmp_path / "out",
-        ],
-        capfd,
-    )
+    res = call(evaluate.main, ["--methods", "noise", "--noise-rms", "5", "--lpips-weights", bad,
+                               "--data", scan.parent, "--models", tmp_path / "none", "--out", tmp_path / "out"], capfd)
     _no_marker(marker)
     assert_refused(res, UNSAFE, ("lpips.pt",), tmp_path, before)
 
@@ -296,52 +253,22 @@ def test_protect_refuses_a_pickled_npy_scan(ckpt, tmp_path, capfd):
 
 def _attacker_argv(entry: str, scan: Path, models: Path, out: Path, tmp_path: Path):
     if entry == "tamper":
-        return tamper.main, [
-            "-t",
-            scan,
-            "-d",
-            out,
-            "-a",
-            "inject",
-            "-c",
-            "10,24,24",
-            "--models",
-            models,
-        ]
+        return tamper.main, ["-t", scan, "-d", out, "-a", "inject", "-c", "10,24,24", "--models", models]
     if entry == "GUI":
         return GUI.main, ["--scan", scan, "--models", models, "--out", out]
     if entry == "evaluate":
-        return evaluate.main, [
-            "--methods",
-            "noise",
-            "--noise-rms",
-            "5",
-            "--actions",
-            "inject",
-            "--data",
-            scan.parent,
-            "--models",
-            models,
-            "--out",
-            out,
-            "--no-progress",
-        ]
+        return evaluate.main, ["--methods", "noise", "--noise-rms", "5", "--actions", "inject", "--data",
+                               scan.parent, "--models", models, "--out", out, "--no-progress"]
     mode = "whitebox" if entry == "train-whitebox" else "blackbox"
-    return train.main, _train(
-        scan.parent, out, Ctx(tmp_path, empty_models=models), "--attack_mode", mode
-    )
+    return train.main, _train(scan.parent, out, Ctx(tmp_path, empty_models=models), "--attack_mode", mode)
 
 
 @pytest.mark.tf
 @pytest.mark.parametrize("entry", ["tamper", "GUI", "evaluate", "train-blackbox", "train-whitebox"])
-def test_entry_points_refuse_a_pickle_equaliser_that_runs_code(
-    entry, tiny_ctgan_models, tmp_path, capfd
-):
+def test_entry_points_refuse_a_pickle_equaliser_that_runs_code(entry, tiny_ctgan_models, tmp_path, capfd):
     marker = tmp_path / "PWNED"
     scan = _scan(tmp_path)
-    models = model_folder(
-        tmp_path / "models", tiny_ctgan_models, eq=evil_pickle(tmp_path / "e.pkl", marker)
-    )
+    models = model_folder(tmp_path / "models", tiny_ctgan_models, eq=evil_pickle(tmp_path / "e.pkl", marker))
     (tmp_path / "e.pkl").unlink()
     main, argv = _attacker_argv(entry, scan, models, tmp_path / "out", tmp_path)
     before = tree(tmp_path)
