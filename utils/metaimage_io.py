@@ -122,31 +122,40 @@ def _to_sitk_image(scan: Scan, arr: np.ndarray):
     return img
 
 
-def save_sitk(scan: Scan, path: str | os.PathLike) -> Path:
-    """Write `scan` as NRRD (.nrrd) or NIfTI (.nii, .nii.gz) by its suffix, atomically (written
-    under its final name in a temporary folder beside `path`, then renamed into place)."""
-    path = Path(path)
-    if not path.name.lower().endswith((".nrrd", ".nii", ".nii.gz")):
-        raise OutputError(f"{path}: a NRRD or NIfTI output must end in .nrrd, .nii or .nii.gz")
+def _write_sitk(scan: Scan, path: Path, extra: tuple[str, ...] = (), **kw) -> Path:
+    """Write `scan` with SimpleITK atomically: under its final name(s) in a temporary folder
+    beside `path` (so a MetaImage header names the final data file), then renamed into place,
+    the `extra` files (a header's data file) first."""
     check_writable(scan, path)
     refuse_overwrite(path, scan.source_path)
     img = _to_sitk_image(scan, disk_array(scan.hu))
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     except OSError as e:
         raise OutputError(os_error_message(path, e)) from None
     try:
         try:
             with c_output_captured():
-                _sitk().WriteImage(img, str(tmpdir / path.name))
+                _sitk().WriteImage(img, str(tmpdir / path.name), **kw)
         except RuntimeError as e:
-            raise OutputError(f"cannot write {path}: {sitk_message(e)}") from None
-        os.replace(tmpdir / path.name, path)
+            msg = sitk_message(e).replace(str(tmpdir / path.name), str(path))
+            raise OutputError(f"cannot write {path}: {msg}") from None
+        for name in (*extra, path.name):
+            os.replace(tmpdir / name, path.parent / name)
     except OSError as e:
         raise OutputError(os_error_message(path, e)) from None
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return path
+
+
+def save_sitk(scan: Scan, path: str | os.PathLike) -> Path:
+    """Write `scan` as NRRD (.nrrd) or NIfTI (.nii, .nii.gz) by its suffix, atomically."""
+    path = Path(path)
+    if not path.name.lower().endswith((".nrrd", ".nii", ".nii.gz")):
+        raise OutputError(f"{path}: a NRRD or NIfTI output must end in .nrrd, .nii or .nii.gz")
+    return _write_sitk(scan, path)
 
 
 def save_mhd(scan: Scan, path: str | os.PathLike, *, compress: bool = False) -> Path:
@@ -159,28 +168,5 @@ def save_mhd(scan: Scan, path: str | os.PathLike, *, compress: bool = False) -> 
     path = Path(path)
     if path.suffix.lower() != ".mhd":
         raise OutputError(f"{path}: a MetaImage output must end in .mhd")
-    check_writable(scan, path)
-    refuse_overwrite(path, scan.source_path)
-    img = _to_sitk_image(scan, disk_array(scan.hu))
-    sitk = _sitk()
     data_name = path.with_suffix(".zraw" if compress else ".raw").name
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    except OSError as e:
-        raise OutputError(os_error_message(path, e)) from None
-    try:
-        # Final names inside a temporary folder: the header then names the final data file.
-        try:
-            with c_output_captured():
-                sitk.WriteImage(img, str(tmpdir / path.name), useCompression=compress)
-        except RuntimeError as e:
-            msg = sitk_message(e).replace(str(tmpdir / path.name), str(path))
-            raise OutputError(f"cannot write {path}: {msg}") from None
-        os.replace(tmpdir / data_name, path.parent / data_name)
-        os.replace(tmpdir / path.name, path)
-    except OSError as e:
-        raise OutputError(os_error_message(path, e)) from None
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-    return path
+    return _write_sitk(scan, path, (data_name,), useCompression=compress)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from procedures.attacker.keras_env import get_keras
+from procedures.attacker.model_dir import load_keras_model
 from procedures.attacker.port import BN_NAMES, CONV_NAMES, CTGANGeneratorTorch
 from utils.errors import ModelFileError, UnsafeFileError
 
@@ -172,18 +173,7 @@ def from_keras_h5(path, device=None) -> CTGANGeneratorTorch:
     if not path.is_file():
         raise ModelFileError(f"{path}: generator file not found")
     if path.suffix == ".keras":
-        keras = get_keras()
-        try:
-            km = keras.saving.load_model(path, compile=False, safe_mode=True)
-        except Exception as e:  # noqa: BLE001 - any Keras failure is a model-file problem
-            msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            if "safe_mode" in str(e) or "Lambda" in str(e):
-                raise UnsafeFileError(
-                    f"{path}: refused, the model asks to run code ({msg})"
-                ) from None
-            raise ModelFileError(
-                f"{path}: cannot load Keras model ({type(e).__name__}: {msg})"
-            ) from None
+        km = load_keras_model(get_keras(), path)
         gf = int(km.layers[1].get_weights()[0].shape[-1])
         module = load_keras_generator_weights(CTGANGeneratorTorch(gf), km)
     else:

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from utils.errors import ModelFileError
+from utils.errors import ModelFileError, UnsafeFileError
 
 G_NAMES = ("G_model.h5", "G_model_inj.h5", "G_model_rem.h5")   # code vs README names
 EQ_NAMES = ("equalization.npz", "equalization.pkl")
@@ -92,3 +92,15 @@ def load_attacker_pair(models, device=None, actions=("inject", "remove"), **kw):
         models / SUBDIR["remove"] if "remove" in actions else None,
         device=device, resample="spline", clamp="straight_through", work_dtype=torch.float32,
         **kw)
+
+
+def load_keras_model(keras, path, what: str = "Keras model"):
+    """A Keras model file loaded in safe mode (no Lambda layers, no code): a file that asks to
+    run code is refused as unsafe, any other failure is a model-file error, each in one line."""
+    try:
+        return keras.models.load_model(str(path), compile=False, safe_mode=True)
+    except Exception as e:  # noqa: BLE001 - h5py/Keras raise many types; one line, no traceback
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        if "safe_mode" in str(e) or "Lambda" in str(e):
+            raise UnsafeFileError(f"{path}: refused, the model asks to run code ({msg})") from None
+        raise ModelFileError(f"{path}: cannot load the {what} ({type(e).__name__}: {msg})") from None

@@ -37,19 +37,12 @@ import numpy as np
 import scipy.ndimage
 
 from procedures.attacker.keras_env import get_keras
-from procedures.attacker.model_dir import SUBDIR, model_files
+from procedures.attacker.model_dir import SUBDIR, load_keras_model, model_files
 from procedures.attacker.touchups import (KERNEL_SIGMA, REF_SCALE, blend,  # noqa: F401 (re-export)
                                           kern01, noise_block_center, noise_from_block)
 from utils.cubes import cube_bounds, cut_cube, paste_cube
 from utils.equalizer import HistEqualizer
-from utils.errors import (
-    CoordinateError,
-    MitsError,
-    ModelFileError,
-    ScanFormatError,
-    UnsafeFileError,
-    UsageError,
-)
+from utils.errors import CoordinateError, MitsError, ModelFileError, ScanFormatError, UsageError
 from utils.resample import resample_exact, scale_published, scaled_shape
 from utils.scan import check_coord, check_min_size
 
@@ -172,17 +165,7 @@ class CTGANModel:
         return model
 
     def _load_keras(self, path):
-        try:
-            model = self.keras.models.load_model(str(path), compile=False, safe_mode=True)
-        except Exception as e:  # h5py/keras raise many types; one line, no traceback
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            if "safe_mode" in str(e) or "Lambda" in str(e):
-                raise UnsafeFileError(
-                    f"{path}: refused, the model asks to run code ({msg[:200]})"
-                ) from None
-            raise ModelFileError(
-                f"{path}: cannot load the Keras generator ({type(e).__name__}: {msg[:200]})"
-            ) from None
+        model = load_keras_model(self.keras, path, "Keras generator")
         shape_in = tuple(model.inputs[0].shape[1:]) if getattr(model, "inputs", None) else None
         if shape_in != (32, 32, 32, 1):
             raise ModelFileError(f"{path}: generator input is {shape_in}, expected (32, 32, 32, 1)")
