@@ -15,6 +15,7 @@ import GUI
 import protect
 import tamper
 import train
+import verify
 from helpers import Ctx, phantom_scan
 from helpers import train_argv as _train
 from utils.scan_io import save_dicom_series, save_mhd
@@ -66,7 +67,12 @@ def _evaluate(data, out, c, *extra):
             "--models", c.models, "--out", out, "--no-progress", "--no-figures", "--device", "cpu", *extra]
 
 
-FILE_ENTRIES = {"protect": (protect.main, _protect), "tamper": (tamper.main, _tamper), "GUI": (GUI.main, _gui)}
+def _verify(scan, out, c):
+    return [scan, "--key", c.key, "-o", out]
+
+
+FILE_ENTRIES = {"protect": (protect.main, _protect), "tamper": (tamper.main, _tamper), "GUI": (GUI.main, _gui),
+                "verify": (verify.main, _verify)}
 FOLDER_ENTRIES = {"train": (train.main, _train), "evaluate": (evaluate.main, _evaluate)}
 
 
@@ -77,6 +83,10 @@ def _ctx(request, tmp_path, entry) -> Ctx:
         c.ckpt = request.getfixturevalue("ckpt")
     if entry == "evaluate":
         c.models = request.getfixturevalue("held_ctgan_models")
+    if entry == "verify":
+        from utils.keyfile import make_key
+
+        c.key = make_key(tmp_path / "seal.key")
     return c
 
 

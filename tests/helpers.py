@@ -91,6 +91,7 @@ class Ctx:
     ckpt: Path | None = None
     models: Path | None = None
     empty_models: Path | None = None
+    key: Path | None = None  # verify.py: a seal key (made by _ctx)
 
 
 # argv for train.py: the smallest demo run, the CT-GAN folder of `c` (empty: no attacker).

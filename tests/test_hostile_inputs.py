@@ -291,7 +291,7 @@ def _run_hostile(entry, case, request, tmp_path, capfd, folder: bool):
     assert_refused(res, code, (bad.stem, inputs.name) if folder else (bad.stem,), tmp_path, before, entry)
 
 
-_CHEAP = ("tamper", "GUI")  # they read the scan before loading any model
+_CHEAP = ("tamper", "GUI", "verify")  # they read the scan before loading any model
 
 
 @pytest.mark.parametrize("entry,case", [pytest.param(e, c, id=f"{e}-{c}") for e in _CHEAP for c in HOSTILE])
@@ -804,7 +804,7 @@ def _planted_series(d: Path, keyword: str) -> Path:
 
 
 @pytest.mark.parametrize("keyword", _QUOTED)
-@pytest.mark.parametrize("entry", ["protect", "tamper", "GUI"])
+@pytest.mark.parametrize("entry", ["protect", "tamper", "GUI", "verify"])
 def test_errors_never_quote_dicom_header_values(entry, keyword, request, tmp_path, capfd):
     """Whatever the attribute, an error names it and the file, never its text."""
     c = _ctx(request, tmp_path, entry)
