@@ -109,8 +109,9 @@ class Viewer:
         from procedures.protection.seal import verify_volume  # lazy: only with --key
         from procedures.protection.seal_report import tamper_regions, voxel_map
         from utils.errors import BlockSizeError, NoSealError, WrongKeyError
+        from utils.stored import stored_as
 
-        hu = np.clip(np.round(self.current), -32768, 32767).astype(np.int16)
+        hu = stored_as(self.current, np.int16)
         try:
             v = verify_volume(hu, self.key)
         except NoSealError:

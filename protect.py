@@ -178,6 +178,7 @@ def _perturb(args, scan, G, cfg, dtype, device, centres) -> np.ndarray:
 def _seal(args, hu: np.ndarray, out: np.ndarray, cfg, key: bytes) -> np.ndarray:
     """Seal `out`; the total change from `hu` stays within the perturbation's bound."""
     from procedures.protection.seal import seal_volume
+    from utils.stored import stored_as
 
     bounds = [cfg.eps_hu] if cfg is not None and cfg.eps_hu > 0 else []
     bounds += [args.eps] if args.targets else []
@@ -187,7 +188,7 @@ def _seal(args, hu: np.ndarray, out: np.ndarray, cfg, key: bytes) -> np.ndarray:
         raise UsageError(f"--seal changes a voxel by 1 HU; the perturbation's bound {eps:g} HU "
                          f"is below that")
     if not np.issubdtype(out.dtype, np.integer):  # a float scan: the seal is on integer HU
-        out = np.clip(np.rint(out), -32768, 32767).astype(np.int16)
+        out = stored_as(out, np.int16)
         hu = np.rint(hu)
     return seal_volume(out, key, block=args.block_size,
                        reference=hu if eps is not None else None, eps=eps)

@@ -19,11 +19,7 @@ from procedures.protection.seal import Grid, changed_blocks, seal_volume, verify
 from scanDataset import VolumeItem
 from utils.errors import MitsError, WrongKeyError
 from utils.scan_io import load_scan, save_mhd
-
-
-def _stored(hu: np.ndarray) -> np.ndarray:
-    """tamper.py's output: the float result rounded and clipped to int16."""
-    return np.clip(np.round(hu), -32768, 32767).astype(np.int16)
+from utils.stored import stored_as
 
 
 def _round_trip(scan, hu: np.ndarray, tmp: Path, name: str) -> np.ndarray:
@@ -47,7 +43,7 @@ def tamper_row(manip, scan, sealed: np.ndarray, loc, key: bytes, block: int, tmp
     """One tamper: as tamper.py on the sealed scan, then verify.py's verdict against the truth."""
     manip.set_scan(dataclasses.replace(scan, hu=sealed))
     manip.tamper(np.asarray(loc.vox, np.float64), action=loc.action, isVox=True)
-    tampered = _round_trip(scan, _stored(manip.scan.hu), tmp, "tampered")
+    tampered = _round_trip(scan, stored_as(manip.scan.hu, np.int16), tmp, "tampered")
     t0 = time.perf_counter()
     try:
         v = verify_volume(tampered, key, workers=1)  # one process: the attacker holds the CPUs

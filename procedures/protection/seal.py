@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from utils.errors import BlockSizeError, NoSealError, ScanFormatError, UsageError, WrongKeyError
+from utils.stored import stored_as
 
 MAGIC = b"MSEA"
 VERSION = 1
@@ -295,7 +296,7 @@ def seal_volume(hu: np.ndarray, key: bytes, *, block: int = DEFAULT_BLOCK,
     if a.dtype != np.int16:
         if not np.issubdtype(a.dtype, np.integer) and not np.array_equal(a, np.round(a)):
             raise UsageError("the seal needs integer HU (round the scan first)")
-        a = np.clip(np.round(a), -32768, 32767).astype(np.int16)
+        a = stored_as(a, np.int16)
     grid = check_grid(a.shape, block, "scan to seal")
     e = None
     if reference is not None and eps is not None:
