@@ -17,6 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from utils.cli import cli_main
 from utils.errors import TAMPERED_EXIT, CliParser, UsageError, run_cli
 # lazy: procedures.protection.seal* (NumPy work, SciPy, matplotlib) and the scan readers are
 # imported inside main, so --help and argument errors answer at once.
@@ -45,11 +46,8 @@ def _make_key(path: str) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
+@cli_main(build_parser)
+def main(args) -> int:
     if args.make_key:
         if args.scan or args.key or args.out:
             raise UsageError("--make-key takes only the key file to write")

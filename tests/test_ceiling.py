@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,7 +29,9 @@ def hu():
 
 @pytest.fixture(scope="module")
 def dt(tiny_ctgan_models):
-    return C.load_seen_attacker(tiny_ctgan_models)
+    from procedures.attacker.model_dir import load_attacker_pair
+
+    return load_attacker_pair(tiny_ctgan_models, touchups="copy")
 
 
 def _settings(**kw):

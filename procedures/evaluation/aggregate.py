@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from utils.atomic import atomic_write_text
+from utils.cli import cli_main
 from utils.errors import CliParser, InputFileError, OutputError, UsageError, run_cli
 
 # Evaluation settings that must agree: the same tampers in every run.
@@ -149,16 +150,17 @@ def markdown(agg: dict, sources: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> CliParser:
     p = CliParser(prog="python -m procedures.evaluation.aggregate",
                   description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="+", help="results.json files of evaluate.py, one per run")
     p.add_argument("--out", default="", help="folder for aggregate.md and aggregate.json "
                                              "(default: print only)")
-    try:
-        args = p.parse_args(argv)
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
+    return p
+
+
+@cli_main(build_parser)
+def main(args) -> int:
     docs = [load_results(r) for r in args.results]
     check_same_evaluation(docs, args.results)
     agg = aggregate(docs)

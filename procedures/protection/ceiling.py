@@ -37,8 +37,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from procedures.attacker.model_dir import load_attacker_pair
 from procedures.evaluation.locations import EVAL_STREAM, lung_candidates
 from procedures.protection.targeted import pgd_step, rmse_hu
+from utils.cli import cli_main
 from utils.errors import CliParser, InputFileError, UsageError, run_cli
 
 # Entropy tags of the location streams (the evaluation's is EVAL_STREAM): training and the
@@ -181,14 +183,6 @@ def optimise_scan(dt, hu: np.ndarray, spacing, name: str, s: CeilingSettings, pr
     return opt.perturbation(), curve
 
 
-def load_seen_attacker(models, device=None):
-    """The seen CT-GAN pair as the differentiable attack with step 8 (spline resampling as the
-    Keras pipeline, straight-through clip, float32 work as the white-box loss)."""
-    from procedures.attacker.model_dir import load_attacker_pair  # lazy: torch/SciPy after --help
-
-    return load_attacker_pair(models, device, touchups="copy")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = CeilingSettings()
@@ -218,8 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+@cli_main(build_parser)
+def main(args) -> int:
     from tqdm import tqdm
 
     from scanDataset import ScanDataset
@@ -240,7 +234,7 @@ def main(argv=None) -> int:
         raise UsageError(f"--scans: {missing} not in {args.data}")
     todo = [i for i, n in enumerate(names) if not wanted or n in wanted]
     todo = todo[:args.max_scans] if args.max_scans else todo
-    dt = load_seen_attacker(args.models)
+    dt = load_attacker_pair(args.models, touchups="copy")  # the seen pair, step 8 in the graph
     out.mkdir(parents=True, exist_ok=True)
     for i in todo:
         item = data[i]
