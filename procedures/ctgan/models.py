@@ -16,32 +16,33 @@ from utils.equalizer import HistEqualizer
 CUBE = (32, 32, 32, 1)
 
 
+def _down(L, x, filters: int, name: str, bn: bool = True):
+    """The encoder block G and D share: strided Conv3D, LeakyReLU 0.2, BatchNorm (momentum 0.8)."""
+    x = L.Conv3D(filters, 4, strides=2, padding="same", name=f"{name}_conv")(x)
+    x = L.LeakyReLU(negative_slope=0.2, name=f"{name}_lrelu")(x)
+    if bn:
+        x = L.BatchNormalization(momentum=0.8, name=f"{name}_bn")(x)
+    return x
+
+
 def build_generator(keras, gf: int = 100, img_shape=CUBE):
     """U-Net: 5 strided Conv3D down (gf, 2gf, 4gf, 8gf, 8gf), 4 up blocks, tanh output."""
     L = keras.layers
 
-    def down(x, filters, name, bn=True):
-        x = L.Conv3D(filters, 4, strides=2, padding="same", name=f"{name}_conv")(x)
-        x = L.LeakyReLU(negative_slope=0.2, name=f"{name}_lrelu")(x)
-        if bn:
-            x = L.BatchNormalization(momentum=0.8, name=f"{name}_bn")(x)
-        return x
-
     def up(x, skip, filters, name):
         x = L.UpSampling3D(2, name=f"{name}_up")(x)
-        x = L.Conv3D(filters, 4, strides=1, padding="same", activation="relu", name=f"{name}_conv")(
-            x
-        )
+        x = L.Conv3D(filters, 4, strides=1, padding="same", activation="relu",
+                     name=f"{name}_conv")(x)
         x = L.Dropout(0.5, name=f"{name}_drop")(x)
         x = L.BatchNormalization(momentum=0.8, name=f"{name}_bn")(x)
         return L.Concatenate(name=f"{name}_cat")([x, skip])
 
     d0 = keras.Input(shape=img_shape, name="g_in")
-    d1 = down(d0, gf, "g_d1", bn=False)
-    d2 = down(d1, gf * 2, "g_d2")
-    d3 = down(d2, gf * 4, "g_d3")
-    d4 = down(d3, gf * 8, "g_d4")
-    d5 = down(d4, gf * 8, "g_d5")
+    d1 = _down(L, d0, gf, "g_d1", bn=False)
+    d2 = _down(L, d1, gf * 2, "g_d2")
+    d3 = _down(L, d2, gf * 4, "g_d3")
+    d4 = _down(L, d3, gf * 8, "g_d4")
+    d5 = _down(L, d4, gf * 8, "g_d5")
     u3 = up(d5, d4, gf * 8, "g_u3")
     u4 = up(u3, d3, gf * 4, "g_u4")
     u5 = up(u4, d2, gf * 2, "g_u5")
@@ -55,20 +56,13 @@ def build_discriminator(keras, df: int = 100, img_shape=CUBE):
     """PatchGAN on concat(image, condition): 4 strided Conv3D (df..8df) then 1 channel: 2x2x2."""
     L = keras.layers
 
-    def d_layer(x, filters, name, bn=True):
-        x = L.Conv3D(filters, 4, strides=2, padding="same", name=f"{name}_conv")(x)
-        x = L.LeakyReLU(negative_slope=0.2, name=f"{name}_lrelu")(x)
-        if bn:
-            x = L.BatchNormalization(momentum=0.8, name=f"{name}_bn")(x)
-        return x
-
     img_a = keras.Input(shape=img_shape, name="d_img")
     img_b = keras.Input(shape=img_shape, name="d_cond")
     x = L.Concatenate(axis=-1, name="d_cat")([img_a, img_b])
-    x = d_layer(x, df, "d_1", bn=False)
-    x = d_layer(x, df * 2, "d_2")
-    x = d_layer(x, df * 4, "d_3")
-    x = d_layer(x, df * 8, "d_4")
+    x = _down(L, x, df, "d_1", bn=False)
+    x = _down(L, x, df * 2, "d_2")
+    x = _down(L, x, df * 4, "d_3")
+    x = _down(L, x, df * 8, "d_4")
     validity = L.Conv3D(1, 4, strides=1, padding="same", name="d_out")(x)
     return keras.Model([img_a, img_b], validity, name="discriminator")
 
