@@ -109,7 +109,7 @@ def check_volume(hu: np.ndarray, path) -> None:
 def check_hu_range(hu: np.ndarray, path) -> None:
     """Values no CT scanner produces are refused: protecting them would silently turn a wrong
     voxel type or rescale into a 'protected' scan."""
-    if hu.size == 0:
+    if hu.dtype == np.int16 or hu.size == 0:  # int16 cannot leave the range: no pass over it
         return
     lo, hi = float(np.min(hu)), float(np.max(hu))
     if lo < HU_RANGE[0] or hi > HU_RANGE[1]:
