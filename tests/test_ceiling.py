@@ -109,3 +109,37 @@ def test_cli_writes_int8_perturbations_that_evaluate_reads(tmp_path, tiny_ctgan_
     with pytest.raises(InputFileError, match="exceeds"):
         ceiling_method(out, eps=10).protect(item)
     assert run_cli(C.main, base + ["--scans", "lung8.mhd"]) == 2          # not in the folder
+
+
+def test_vertex_keeps_every_voxel_at_eps_and_raises_disruption(dt, hu):
+    """The vertex optimiser never leaves the ball's vertices and still learns where it steps."""
+    opt = C.CeilingOptimiser(dt, hu, SPACING, "a.mhd",
+                             _settings(steps=6, lr=1.0, method="vertex", eps=8))
+    start = opt.perturbation().copy()
+    c = opt.curve_set[0]
+    opt.train_stream = itertools.repeat(c)
+
+    def at_c():
+        got = opt._tamper(None, [c])
+        ref = opt._tamper(opt.real, [c])
+        return float(np.mean([C.rmse_hu(a, b) for a, b in zip(got, ref)]))
+
+    before = at_c()
+    for t in range(6):
+        opt.step(t)
+        assert set(np.unique(opt.perturbation())) == {-8, 8}
+    d = opt.perturbation()
+    assert at_c() > before + 1.0
+    flipped = d != start
+    assert 0 < flipped.sum() < flipped.size                # some voxels flipped, not all
+    box = dt.window(SPACING, [c], hu.shape)
+    outside = np.ones(hu.shape, bool)
+    outside[box] = False
+    assert not flipped[outside].any()                      # only what the tampers read
+
+
+def test_unknown_method_is_a_usage_error():
+    from utils.errors import UsageError
+
+    with pytest.raises(UsageError, match="method"):
+        C.CeilingSettings(method="adam").validate()

@@ -11,8 +11,11 @@ touch-ups (procedures.attacker.port, touchups="copy": the whole scan goes throug
 the copied noise block is optimised as well) at fresh random in-lung locations every step, each
 tampered with both actions, by the seen CT-GAN pair only. The loss is the evaluation's
 disruption, RMSE(CT-GAN(real + d), CT-GAN(real)) in the 32 mm cube, averaged over the step's
-tampers; d follows L-inf sign-gradient ascent (procedures.protection.targeted.pgd_step) from
-random +-eps signs, so step 0 is the random-signs baseline. Only the voxels a step's tampers read
+tampers. Two optimisers, both from random +-eps signs, so step 0 is the random-signs baseline:
+`pgd`, L-inf sign-gradient ascent on d (procedures.protection.targeted.pgd_step), which may move
+voxels inside the ball; `vertex`, which keeps every voxel at exactly +-eps (d = eps * sign(w),
+straight-through) and accumulates the normalised gradient in a score w, so a voxel flips sign
+only when the gradients of the locations that read it agree over visits. Only the voxels a step's tampers read
 (their reference cubes and the copy-noise block) are touched, so a step costs the same on any
 scan size.
 
@@ -48,6 +51,7 @@ from utils.errors import CliParser, InputFileError, UsageError, run_cli
 CEILING_STREAM = 0x4345494C
 CURVE_STREAM = 0x43555256
 assert len({CEILING_STREAM, CURVE_STREAM, EVAL_STREAM}) == 3
+METHODS = ("pgd", "vertex")
 
 
 @dataclass
@@ -60,6 +64,7 @@ class CeilingSettings:
     seed: int = 0
     eval_every: int = 25             # held-out curve every K steps (and at the first and last)
     curve_locations: int = 4         # fixed held-out locations per scan for the curve
+    method: str = "pgd"              # "pgd" (inside the ball) or "vertex" (every voxel +-eps)
 
     def validate(self) -> "CeilingSettings":
         if not 0 < self.eps <= 127:
@@ -70,6 +75,9 @@ class CeilingSettings:
                              "must be >= 1")
         if not self.lr > 0:
             raise UsageError("ceiling: lr must be > 0")
+        if self.method not in METHODS:
+            raise UsageError(f"ceiling: method must be one of {', '.join(METHODS)}, "
+                             f"not {self.method!r}")
         if not self.actions or any(a not in ("inject", "remove") for a in self.actions):
             raise UsageError(f"ceiling: actions must be inject and/or remove, not {self.actions!r}")
         return self
@@ -98,7 +106,8 @@ class CeilingOptimiser:
         g = torch.Generator().manual_seed(
             int(np.random.default_rng([CEILING_STREAM, s.seed, tag, 1]).integers(2 ** 62)))
         signs = 2.0 * torch.randint(0, 2, self.dims, generator=g, dtype=torch.int8).float() - 1.0
-        self.w = signs * float(s.eps)                 # PGD from random +-eps signs
+        # pgd: w is d itself; vertex: w is a score of margin 1 whose sign picks +-eps
+        self.w = signs * (float(s.eps) if s.method == "pgd" else 1.0)
         self.train_stream = location_stream(hu, spacing, name, s.seed, CEILING_STREAM)
         curve = location_stream(hu, spacing, name, s.seed, CURVE_STREAM)
         self.curve_set = [next(curve) for _ in range(s.curve_locations)]
@@ -124,7 +133,7 @@ class CeilingOptimiser:
         with torch.no_grad():
             for c in centres:
                 box = self.dt.window(self.spacing, [c], self.dims)
-                win = vol[box] if vol is not None else self.real[box] + torch.round(self.w[box])
+                win = vol[box] if vol is not None else self.real[box] + self._d(self.w[box])
                 out += self._run(win, box, [c])
         return out
 
@@ -138,13 +147,36 @@ class CeilingOptimiser:
         with torch.no_grad():
             refs = self._run(self.real[box], box, centres)
         w = self.w[box].clone().requires_grad_(True)
-        feet = self._run(self.real[box] + straight_through_round(w), box, centres)
+        if self.s.method == "pgd":
+            d = straight_through_round(w)
+        else:  # +-eps in the forward pass, the gradient passed straight to the score
+            d = straight_through_round(w + (self._d(w) - w).detach())
+        feet = self._run(self.real[box] + d, box, centres)
         disruption = torch.stack([rmse_hu(f, r) for f, r in zip(feet, refs)]).mean()
         (-disruption).backward()
         with torch.no_grad():
-            pgd_step(w, w.grad, self.s.eps, self.s.lr, t, self.s.steps)
+            if self.s.method == "pgd":
+                pgd_step(w, w.grad, self.s.eps, self.s.lr, t, self.s.steps)
+            else:
+                self._vertex_step(w, w.grad, t)
             self.w[box] = w
         return float(disruption.detach())
+
+    def _d(self, w: torch.Tensor) -> torch.Tensor:
+        """The integer perturbation of a score / latent w (no gradient)."""
+        if self.s.method == "pgd":
+            return torch.round(w)
+        return torch.round(torch.where(w >= 0, self.s.eps, -self.s.eps))
+
+    def _vertex_step(self, w: torch.Tensor, grad: torch.Tensor, t: int) -> None:
+        """Ascent on the score: the gradient normalised to mean |g| = 1 over the voxels it
+        reaches, times lr (decaying linearly to a tenth); a voxel's score starts at +-1, so it
+        flips after about 1 / lr visits whose gradients agree against its sign."""
+        reached = grad != 0
+        if not bool(reached.any()):
+            return
+        scale = grad[reached].abs().mean()
+        w -= self.s.lr * (1.0 - 0.9 * t / self.s.steps) * grad / scale
 
     def heldout(self) -> float:
         """Mean disruption (HU) of the current d on the curve's fixed held-out set."""
@@ -153,7 +185,7 @@ class CeilingOptimiser:
 
     def perturbation(self) -> np.ndarray:
         """The integer perturbation d (int8, |d| <= eps)."""
-        return torch.round(self.w).to(torch.int8).numpy()
+        return self._d(self.w).to(torch.int8).numpy()
 
 
 def optimise_scan(dt, hu: np.ndarray, spacing, name: str, s: CeilingSettings, progress=None,
@@ -203,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curve-locations", type=int, default=d.curve_locations,
                    help=f"fixed held-out locations per scan for the curve "
                         f"(default {d.curve_locations})")
+    p.add_argument("--method", choices=METHODS, default=d.method,
+                   help="pgd: sign-gradient steps inside the ball; vertex: every voxel stays at "
+                        "exactly +-eps, flipped by accumulated gradients (default pgd)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-scans", type=int, default=0, help="only the first N scans (0 = all)")
     p.add_argument("--scans", default="",
@@ -221,7 +256,7 @@ def main(args) -> int:
 
     s = CeilingSettings(eps=args.eps, steps=args.steps, lr=args.lr, seed=args.seed,
                         locations_per_step=args.locations_per_step, eval_every=args.eval_every,
-                        curve_locations=args.curve_locations).validate()
+                        curve_locations=args.curve_locations, method=args.method).validate()
     if args.seed < 0 or args.max_scans < 0:
         raise UsageError("--seed and --max-scans must be >= 0")
     out = Path(args.out)
