@@ -143,3 +143,40 @@ def test_unknown_method_is_a_usage_error():
 
     with pytest.raises(UsageError, match="method"):
         C.CeilingSettings(method="adam").validate()
+
+
+@pytest.mark.parametrize("method", ["pgd", "vertex"])
+def test_init_continues_from_a_saved_perturbation(dt, hu, method):
+    rng = np.random.default_rng(0)
+    d0 = rng.choice(np.array([-6, 6], np.int8), size=hu.shape)
+    if method == "pgd":
+        d0[::3] = 2                                         # pgd keeps values inside the ball
+    opt = C.CeilingOptimiser(dt, hu, SPACING, "a.mhd", _settings(eps=6, method=method), init=d0)
+    np.testing.assert_array_equal(opt.perturbation(), d0)
+    opt.step(0)
+    d1 = opt.perturbation()
+    box = dt.window(SPACING, opt.seen, hu.shape)
+    outside = np.ones(hu.shape, bool)
+    outside[box] = False
+    np.testing.assert_array_equal(d1[outside], d0[outside])   # only the step's window moved
+    assert not np.array_equal(d1, d0)
+
+
+def test_cli_init_continues_and_refuses_its_own_output(tmp_path, tiny_ctgan_models, hu):
+    from procedures.benchmarking.benchmark import write_scan
+
+    data = tmp_path / "scans"
+    data.mkdir()
+    write_scan(hu, SPACING, data / "lung9.mhd")
+    first, second = tmp_path / "first", tmp_path / "second"
+    base = ["--data", str(data), "--models", str(tiny_ctgan_models), "--steps", "1",
+            "--curve-locations", "1", "--no-progress", "--method", "vertex"]
+    assert run_cli(C.main, base + ["--out", str(first)]) == 0
+    assert run_cli(C.main, base + ["--out", str(first), "--init", str(first)]) == 2
+    assert run_cli(C.main, base + ["--out", str(second), "--init", str(tmp_path)]) != 0  # no d
+    assert run_cli(C.main, base + ["--out", str(second), "--init", str(first),
+                                   "--seed", "1"]) == 0
+    report = json.loads((second / "lung9.json").read_text())
+    assert report["init"] == str(first)
+    flipped = np.load(second / "lung9.npy") != np.load(first / "lung9.npy")
+    assert 0 < flipped.mean() < 0.5                 # continued from the first d, not new signs

@@ -96,7 +96,8 @@ class CeilingOptimiser:
     """The perturbation of one scan and its optimisation through `dt`, a DifferentiableTamper
     with touchups="copy" (the seen pair)."""
 
-    def __init__(self, dt, hu: np.ndarray, spacing, name: str, s: CeilingSettings):
+    def __init__(self, dt, hu: np.ndarray, spacing, name: str, s: CeilingSettings,
+                 init: np.ndarray | None = None):
         if dt.touchups != "copy":
             raise UsageError("the ceiling optimises through the whole attack: touchups='copy'")
         self.dt, self.spacing, self.s = dt, tuple(float(v) for v in spacing), s.validate()
@@ -108,6 +109,9 @@ class CeilingOptimiser:
         signs = 2.0 * torch.randint(0, 2, self.dims, generator=g, dtype=torch.int8).float() - 1.0
         # pgd: w is d itself; vertex: w is a score of margin 1 whose sign picks +-eps
         self.w = signs * (float(s.eps) if s.method == "pgd" else 1.0)
+        if init is not None:  # continue from a saved d (vertex: its signs, margin 1 again)
+            d0 = torch.from_numpy(np.asarray(init, dtype=np.float32))
+            self.w = d0 if s.method == "pgd" else torch.where(d0 >= 0, 1.0, -1.0)
         self.train_stream = location_stream(hu, spacing, name, s.seed, CEILING_STREAM)
         curve = location_stream(hu, spacing, name, s.seed, CURVE_STREAM)
         self.curve_set = [next(curve) for _ in range(s.curve_locations)]
@@ -189,11 +193,12 @@ class CeilingOptimiser:
 
 
 def optimise_scan(dt, hu: np.ndarray, spacing, name: str, s: CeilingSettings, progress=None,
-                  on_point=None):
+                  on_point=None, init: np.ndarray | None = None):
     """Optimise one scan. Returns (d int8, curve dict: steps, train and held-out disruption).
     on_point(d, curve), when given, is called at every curve point (to save a run that may be
-    stopped before its last step)."""
-    opt = CeilingOptimiser(dt, hu, spacing, name, s)
+    stopped before its last step). `init`: start from this d instead of random signs (the
+    training locations are drawn anew from the same stream: use another --seed to continue)."""
+    opt = CeilingOptimiser(dt, hu, spacing, name, s, init=init)
     curve = {"step": [0], "heldout_hu": [opt.heldout()], "train_hu": [float("nan")]}
     recent: list[float] = []
     it = range(s.steps)
@@ -239,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pgd: sign-gradient steps inside the ball; vertex: every voxel stays at "
                         "exactly +-eps, flipped by accumulated gradients (default pgd)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", default="",
+                   help="start from the perturbations saved in this folder (a run's --out) "
+                        "instead of random signs; give another --seed for fresh locations")
     p.add_argument("--max-scans", type=int, default=0, help="only the first N scans (0 = all)")
     p.add_argument("--scans", default="",
                    help="only these scan file names, comma-separated (runs on several scans can "
@@ -261,6 +269,8 @@ def main(args) -> int:
         raise UsageError("--seed and --max-scans must be >= 0")
     out = Path(args.out)
     check_output_dir(out)
+    if args.init and Path(args.init).resolve() == out.resolve():
+        raise UsageError("--init must differ from --out (a run never overwrites its start)")
     data = ScanDataset(args.data, cache=False)
     names = [Path(p).name for p in data.paths]
     wanted = [n.strip() for n in args.scans.split(",") if n.strip()]
@@ -280,6 +290,7 @@ def main(args) -> int:
             with atomic_path(perturbation_path(out, name)) as tmp:
                 np.save(tmp, d)
             report = {"scan": name, "settings": {**asdict(s), "actions": list(s.actions)},
+                      "init": str(args.init) if args.init else None,
                       "models": str(args.models), "data": str(args.data),
                       "torch_threads": torch.get_num_threads(), **curve,
                       "cpu_s": time.process_time() - c0, "wall_s": time.perf_counter() - w0,
@@ -288,8 +299,11 @@ def main(args) -> int:
                               json.dumps(report, indent=1))
             return report
 
+        init = (load_perturbation(args.init, name, item.scan.hu.shape, s.eps) if args.init
+                else None)
         d, curve = optimise_scan(dt, item.scan.hu, item.scan.spacing, name, s,
-                                 progress=None if args.no_progress else tqdm, on_point=save)
+                                 progress=None if args.no_progress else tqdm, on_point=save,
+                                 init=init)
         report = save(d, curve)
         print(f"{name}: held-out disruption {curve['heldout_hu'][0]:.1f} HU (random signs, "
               f"step 0) -> {curve['heldout_hu'][-1]:.1f} HU after {s.steps} steps; "
