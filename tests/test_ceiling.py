@@ -180,3 +180,23 @@ def test_cli_init_continues_and_refuses_its_own_output(tmp_path, tiny_ctgan_mode
     assert report["init"] == str(first)
     flipped = np.load(second / "lung9.npy") != np.load(first / "lung9.npy")
     assert 0 < flipped.mean() < 0.5                 # continued from the first d, not new signs
+
+
+def test_curve_plot_chains_continued_runs(tmp_path):
+    from procedures.protection import ceiling_plot as P
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    nan = float("nan")
+    (a / "lung1.json").write_text(json.dumps(
+        {"scan": "lung1.mhd", "step": [0, 5, 10], "heldout_hu": [1, 2, 3],
+         "train_hu": [nan, 2, 3], "init": None}))
+    (b / "lung1.json").write_text(json.dumps(
+        {"scan": "lung1.mhd", "step": [0, 4], "heldout_hu": [3, 4], "train_hu": [nan, 4],
+         "init": str(a)}))
+    runs = P.read_runs([b, a])
+    assert [r["offset"] for r in runs["lung1.mhd"]] == [0, 10]
+    png = tmp_path / "curve.png"
+    assert run_cli(P.main, [str(a), str(b), "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert run_cli(P.main, [str(tmp_path), "--out", str(png)]) != 0       # no run there
