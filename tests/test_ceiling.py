@@ -35,7 +35,8 @@ def dt(tiny_ctgan_models):
 
 
 def _settings(**kw):
-    return C.CeilingSettings(**{"steps": 3, "eval_every": 2, "curve_locations": 2, **kw})
+    return C.CeilingSettings(**{"steps": 3, "eval_every": 2, "curve_locations": 2, "method": "pgd",
+                                **kw})
 
 
 def test_bound_integers_and_seeded_determinism(dt, hu):
