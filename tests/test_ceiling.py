@@ -34,6 +34,13 @@ def dt(tiny_ctgan_models):
     return load_attacker_pair(tiny_ctgan_models, touchups="copy")
 
 
+def _disruption_at(opt, c) -> float:
+    """Mean disruption (HU) of the optimiser's current d at centre c, both actions."""
+    got = opt._tamper(None, [c])
+    ref = opt._tamper(opt.real, [c])
+    return float(np.mean([C.rmse_hu(a, b) for a, b in zip(got, ref)]))
+
+
 def _settings(**kw):
     return C.CeilingSettings(**{"steps": 3, "eval_every": 2, "curve_locations": 2, "method": "pgd",
                                 **kw})
@@ -72,11 +79,7 @@ def test_disruption_on_the_training_attacker_increases(dt, hu):
     opt = C.CeilingOptimiser(dt, hu, SPACING, "a.mhd", _settings(steps=6, lr=0.3))
     c = opt.curve_set[0]
     opt.train_stream = itertools.repeat(c)
-
-    def at_c():
-        got = opt._tamper(None, [c])
-        ref = opt._tamper(opt.real, [c])
-        return float(np.mean([C.rmse_hu(a, b) for a, b in zip(got, ref)]))
+    at_c = lambda: _disruption_at(opt, c)  # noqa: E731
 
     before = at_c()
     during = [opt.step(t) for t in range(6)]
@@ -119,11 +122,7 @@ def test_vertex_keeps_every_voxel_at_eps_and_raises_disruption(dt, hu):
     start = opt.perturbation().copy()
     c = opt.curve_set[0]
     opt.train_stream = itertools.repeat(c)
-
-    def at_c():
-        got = opt._tamper(None, [c])
-        ref = opt._tamper(opt.real, [c])
-        return float(np.mean([C.rmse_hu(a, b) for a, b in zip(got, ref)]))
+    at_c = lambda: _disruption_at(opt, c)  # noqa: E731
 
     before = at_c()
     for t in range(6):
